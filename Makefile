@@ -1,0 +1,43 @@
+# nlbfarm: every target installs what it needs (run as root on Debian 12).
+VENV    := .venv
+PY      := $(VENV)/bin/python
+PYTEST  := $(VENV)/bin/pytest
+# Debian's interpreter: the nftables binding exists only as python3-nftables.
+SYSPY   := /usr/bin/python3
+PROTO_OUT := proto/farm_pb2.py proto/farm_pb2_grpc.py
+
+.PHONY: all deps venv proto test unit demo bench lab-down clean
+
+all: venv
+
+deps: $(VENV)/.deb-stamp
+$(VENV)/.deb-stamp: deploy/scripts/install-debian-deps.sh
+	bash deploy/scripts/install-debian-deps.sh
+	mkdir -p $(VENV) && touch $@
+
+venv: $(VENV)/.stamp $(PROTO_OUT)
+$(VENV)/.stamp: $(VENV)/.deb-stamp setup.cfg pyproject.toml
+	test -x $(PY) || $(SYSPY) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+proto: $(PROTO_OUT)
+$(PROTO_OUT): proto/farm.proto $(VENV)/.stamp
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto proto/farm.proto
+	# generated stubs import their sibling as a top-level module; make it package-relative
+	sed -i 's/^import farm_pb2 as/from . import farm_pb2 as/' proto/farm_pb2_grpc.py
+
+test: venv
+	$(PYTEST) -q
+
+unit: venv
+	$(PYTEST) -q tests/unit
+
+demo: venv
+	$(PY) -m nlbfarm.demo
+
+lab-down: venv
+	$(VENV)/bin/farmctl lab down
+
+clean:
+	rm -rf $(VENV) $(PROTO_OUT) .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,219 @@
+"""farmd configuration: a YAML file validated as a whole before anything runs.
+
+pydantic does the field checks so every error names its dotted field path;
+the cross-field timing rules (the safety argument depends on them) are
+checked here too. ``load_config`` either returns a complete, valid ``Config``
+or raises ``ConfigError`` listing every problem; it never returns half a config.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from nlbfarm.errors import ConfigError
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Strict):
+    id: str
+    interface: str = "eth0"
+    weight: int = Field(default=1, ge=0, le=1000)
+    # Addresses peers and operators may use to reach this node; informative.
+    addresses: tuple[str, ...] = ()
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not _ID_RE.match(v):
+            raise ValueError("must be 1-63 characters of letters, digits, '_', '.', '-' "
+                             "starting with a letter or digit")
+        return v
+
+    @field_validator("interface")
+    @classmethod
+    def _ifname(cls, v: str) -> str:
+        if not _IFNAME_RE.match(v):
+            raise ValueError("must be a Linux interface name (1-15 characters)")
+        return v
+
+
+class ClusterSection(_Strict):
+    name: str = "default"
+    vips: tuple[str, ...] = Field(min_length=1)
+    buckets: int = 4096
+    # "auto" derives a multicast MAC from the first VIP (03:bf:<IPv4 bytes>).
+    cluster_mac: str = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _ID_RE.match(v):
+            raise ValueError("must be 1-63 characters of letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("vips")
+    @classmethod
+    def _vips(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for item in v:
+            try:
+                addr = ipaddress.ip_address(item)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address") from None
+            if addr.version != 4:
+                raise ValueError(f"{item}: only IPv4 VIPs are supported in this version")
+            out.append(str(addr))
+        if len(set(out)) != len(out):
+            raise ValueError("contains the same VIP twice")
+        return tuple(out)
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets(cls, v: int) -> int:
+        if v < 64 or v > 65536 or v & (v - 1):
+            raise ValueError(f"must be a power of two from 64 to 65536, got {v}")
+        return v
+
+    @field_validator("cluster_mac")
+    @classmethod
+    def _mac(cls, v: str) -> str:
+        v = v.lower()
+        if v == "auto":
+            return v
+        if not _MAC_RE.match(v):
+            raise ValueError(f"{v!r} is not a MAC address like 03:bf:c6:12:00:64")
+        if not int(v[:2], 16) & 1:
+            raise ValueError(f"{v} is not a multicast MAC (the first octet must be odd)")
+        return v
+
+
+class EtcdSection(_Strict):
+    endpoints: tuple[str, ...] = Field(min_length=1)
+    prefix: str = "/nlbfarm"
+    timeout: float = Field(default=2.0, gt=0, le=30)
+    # How long a single etcd call may keep retrying before it is reported.
+    retry_deadline: float = Field(default=10.0, gt=0, le=600)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for ep in v:
+            host, sep, port = ep.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{ep!r} is not host:port")
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/") or v.endswith("/") and v != "/":
+            raise ValueError("must start with '/' and not end with '/'")
+        return v
+
+
+class TimingSection(_Strict):
+    # etcd 3.4 grants at least 1.5 x its election timeout (2 s by default).
+    lease_ttl: int = Field(default=3, ge=1, le=300)
+    # Whole seconds: the nftables JSON API takes element timeouts in seconds.
+    fence_timeout: int = Field(default=2, ge=1, le=299)
+    keepalive_interval: float = Field(default=0.5, gt=0, le=60)
+    # SIGTERM: how long to wait for peers to take over before leaving anyway.
+    leave_timeout: float = Field(default=10.0, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _safety(self) -> "TimingSection":
+        # The handover argument needs the kernel fence to close before etcd can
+        # expire the lease, with room for at least one keepalive in between.
+        if self.fence_timeout >= self.lease_ttl:
+            raise ValueError(f"fence_timeout ({self.fence_timeout} s) must be less than "
+                             f"lease_ttl ({self.lease_ttl} s)")
+        if self.keepalive_interval * 2 > self.lease_ttl - self.fence_timeout:
+            raise ValueError(f"keepalive_interval ({self.keepalive_interval} s) must be at most half of "
+                             f"lease_ttl - fence_timeout ({self.lease_ttl - self.fence_timeout} s)")
+        return self
+
+
+class StatusSection(_Strict):
+    # Loopback by default: the status API is for the operator on the node.
+    listen: str = "127.0.0.1:7400"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"{v!r} is not host:port")
+        return v
+
+
+class NftSection(_Strict):
+    table: str = "nlbfarm"
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z][A-Za-z0-9_]{0,31}$", v):
+            raise ValueError("must be a letter followed by up to 31 letters, digits or '_'")
+        return v
+
+
+class Config(_Strict):
+    node: NodeSection
+    cluster: ClusterSection
+    etcd: EtcdSection
+    timing: TimingSection = TimingSection()
+    status: StatusSection = StatusSection()
+    nft: NftSection = NftSection()
+
+    @property
+    def key_prefix(self) -> str:
+        """Where this cluster lives in etcd: <etcd.prefix>/<cluster.name>."""
+        return f"{self.etcd.prefix.rstrip('/')}/{self.cluster.name}"
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling against the configuration reference)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"  {where}: {msg}")
+    return f"invalid configuration in {source}:\n" + "\n".join(lines)
+
+
+def parse_config(data: object, source: str = "<config>") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration in {source}: the top level must be a mapping")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {p}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration {p} is not valid YAML: {exc}") from None
+    return parse_config(data, str(p))
