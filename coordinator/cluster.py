@@ -1,0 +1,221 @@
+"""What the nodes agree on through etcd: key layout, records and the snapshot.
+
+Key layout under ``<prefix>`` (``<etcd.prefix>/<cluster.name>``):
+
+``cluster``            {"seed": int, "buckets": int}; created once, never changed
+``members/<id>``       {"id", "weight", "state", "addresses", "version"}; bound to the node's lease
+``applied/<id>``       {"generation": int, "accepting": int}; bound to the node's lease
+``table``              {"generation": int, "buckets": int, "owners": {...}}; written by CAS
+
+``ClusterSnapshot`` is an immutable view built from a consistent cache of
+those keys. Malformed values are skipped with a warning naming the key, so a
+bad write by a tool or a newer agent version never crashes a node.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from nlbfarm.coordinator.table import decode_owners, encode_owners
+
+log = logging.getLogger(__name__)
+
+MEMBER_STATES = ("active", "leaving")
+
+
+def cluster_key(prefix: str) -> str:
+    return f"{prefix}/cluster"
+
+
+def member_key(prefix: str, node_id: str) -> str:
+    return f"{prefix}/members/{node_id}"
+
+
+def applied_key(prefix: str, node_id: str) -> str:
+    return f"{prefix}/applied/{node_id}"
+
+
+def table_key(prefix: str) -> str:
+    return f"{prefix}/table"
+
+
+@dataclass(frozen=True)
+class Member:
+    id: str
+    weight: int
+    state: str = "active"
+    addresses: tuple[str, ...] = ()
+    version: str = ""
+
+    def encode(self) -> bytes:
+        return json.dumps({"id": self.id, "weight": self.weight, "state": self.state,
+                           "addresses": list(self.addresses), "version": self.version},
+                          sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, node_id: str, raw: bytes) -> "Member":
+        d = _json_object(raw)
+        if d.get("id") != node_id:
+            raise ValueError(f"id {d.get('id')!r} does not match its key {node_id!r}")
+        weight = d.get("weight")
+        if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 1000:
+            raise ValueError(f"weight must be an integer from 0 to 1000, got {weight!r}")
+        state = d.get("state", "active")
+        if state not in MEMBER_STATES:
+            raise ValueError(f"state must be one of {', '.join(MEMBER_STATES)}, got {state!r}")
+        addresses = d.get("addresses", [])
+        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+            raise ValueError("addresses must be a list of strings")
+        version = d.get("version", "")
+        if not isinstance(version, str):
+            raise ValueError("version must be a string")
+        return cls(node_id, weight, state, tuple(addresses), version)
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    seed: int
+    buckets: int
+
+    def encode(self) -> bytes:
+        return json.dumps({"seed": self.seed, "buckets": self.buckets}, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "ClusterSettings":
+        d = _json_object(raw)
+        seed, buckets = d.get("seed"), d.get("buckets")
+        if not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
+            raise ValueError(f"seed must be a 32-bit unsigned integer, got {seed!r}")
+        if not isinstance(buckets, int) or buckets < 64 or buckets > 65536 or buckets & (buckets - 1):
+            raise ValueError(f"buckets must be a power of two from 64 to 65536, got {buckets!r}")
+        return cls(seed, buckets)
+
+
+@dataclass(frozen=True)
+class TableRecord:
+    generation: int
+    buckets: int
+    owners: tuple[str | None, ...]
+    mod_revision: int = 0
+
+    @staticmethod
+    def encode(generation: int, owners: list[str | None]) -> bytes:
+        return json.dumps({"generation": generation, "buckets": len(owners),
+                           "owners": encode_owners(owners)}, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes, mod_revision: int, expected_buckets: int | None) -> "TableRecord":
+        d = _json_object(raw)
+        gen, buckets = d.get("generation"), d.get("buckets")
+        if not isinstance(gen, int) or gen < 1:
+            raise ValueError(f"generation must be a positive integer, got {gen!r}")
+        if expected_buckets is not None and buckets != expected_buckets:
+            raise ValueError(f"has {buckets!r} buckets, the cluster has {expected_buckets}")
+        owners = decode_owners(d.get("owners"), buckets=buckets)
+        return cls(gen, buckets, tuple(owners), mod_revision)
+
+    def owned_by(self, node_id: str) -> frozenset[int]:
+        return frozenset(i for i, o in enumerate(self.owners) if o == node_id)
+
+
+@dataclass(frozen=True)
+class Applied:
+    generation: int
+    accepting: int = 0
+
+    def encode(self) -> bytes:
+        return json.dumps({"generation": self.generation, "accepting": self.accepting}).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Applied":
+        d = _json_object(raw)
+        gen, acc = d.get("generation"), d.get("accepting", 0)
+        if not isinstance(gen, int) or gen < 0:
+            raise ValueError(f"generation must be a non-negative integer, got {gen!r}")
+        if not isinstance(acc, int) or acc < 0:
+            raise ValueError(f"accepting must be a non-negative integer, got {acc!r}")
+        return cls(gen, acc)
+
+
+def _json_object(raw: bytes) -> dict:
+    try:
+        d = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(d, dict):
+        raise ValueError("not a JSON object")
+    return d
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """One consistent view of the cluster at an etcd revision. Never mutated."""
+
+    revision: int
+    settings: ClusterSettings | None
+    members: Mapping[str, Member]
+    table: TableRecord | None
+    applied: Mapping[str, Applied]
+    warnings: tuple[str, ...] = field(default=())
+    # mod_revision of the table key even when its value is malformed, so a
+    # writer can replace a bad table by compare-and-swap (0: no key).
+    table_revision: int = 0
+
+    def candidates(self) -> dict[str, int]:
+        """The members that should hold buckets, with their weights."""
+        return {m.id: m.weight for m in self.members.values() if m.state == "active"}
+
+    def live(self) -> frozenset[str]:
+        """Nodes holding a live lease: they may still accept traffic."""
+        return frozenset(self.members) | frozenset(self.applied)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        if self.table:
+            for o in self.table.owners:
+                if o is not None:
+                    out[o] = out.get(o, 0) + 1
+        return out
+
+
+def build_snapshot(prefix: str, items: Mapping[str, tuple[bytes, int]], revision: int) -> ClusterSnapshot:
+    """Parse every key under ``prefix``; ``items`` maps key -> (value, mod_revision)."""
+    warnings: list[str] = []
+    settings = None
+    members: dict[str, Member] = {}
+    applied: dict[str, Applied] = {}
+    table_raw = None
+
+    def bad(key: str, exc: Exception) -> None:
+        warnings.append(f"ignoring malformed value key={key} reason={exc}")
+
+    for key, (value, mod_rev) in sorted(items.items()):
+        rel = key[len(prefix) + 1:] if key.startswith(prefix + "/") else None
+        if rel is None:
+            continue
+        try:
+            if rel == "cluster":
+                settings = ClusterSettings.decode(value)
+            elif rel == "table":
+                table_raw = (key, value, mod_rev)
+            elif rel.startswith("members/"):
+                nid = rel.removeprefix("members/")
+                members[nid] = Member.decode(nid, value)
+            elif rel.startswith("applied/"):
+                applied[rel.removeprefix("applied/")] = Applied.decode(value)
+        except ValueError as exc:
+            bad(key, exc)
+    table = None
+    table_revision = 0
+    if table_raw is not None:
+        key, value, mod_rev = table_raw
+        table_revision = mod_rev
+        try:
+            table = TableRecord.decode(value, mod_rev, settings.buckets if settings else None)
+        except ValueError as exc:
+            bad(key, exc)
+    return ClusterSnapshot(revision, settings, MappingProxyType(members), table,
+                           MappingProxyType(applied), tuple(warnings), table_revision)

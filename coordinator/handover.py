@@ -1,0 +1,117 @@
+"""Handover: when a node may start accepting a bucket, and when the table must change.
+
+Both decisions are pure functions of a ``ClusterSnapshot`` (and, for the
+accept plan, of what this node's kernel accepts right now), so every node
+reaches the same answer from the same view and tests can pin them exactly.
+
+Why no bucket ever accepts new connections on two nodes at once
+----------------------------------------------------------------
+Notation: T_g is the table of generation g; A_X is the set of buckets node X's
+kernel accepts; a_X is the generation X has published in ``applied/<X>``.
+
+Invariant I: whenever X has published a_X = g, A_X is a subset of T_g's
+buckets for X, and X adds a bucket b to A_X only through rule R below.
+
+1. Releasing comes first. When X sees a new table g it applies
+   A_X := A_X ∩ T_g⁻¹(X) in one nftables transaction, and only after the kernel
+   confirmed it, publishes a_X = g. Buckets it keeps are carried over; buckets
+   it lost are gone from the kernel before anyone can read a_X = g (I holds).
+2. Rule R: X adds a bucket b it did not accept before only if T_g[b] = X for its
+   current table g and every other live node Y (a member or applied key exists,
+   that is, Y holds a live lease) has published a_Y = g exactly.
+   Then Y does not accept b: by I, A_Y ⊆ T_g⁻¹(Y), and T_g[b] = X ≠ Y.
+   Y cannot start accepting b later without going through R itself at some
+   generation g' > g with T_g'[b] = Y, which needs a_X = g'. X only publishes
+   g' after releasing b (step 1). So at no instant do both accept b.
+   A peer that published a generation *newer* than g also blocks R: X's view is
+   stale and X waits for the newer table instead of trusting the old one.
+3. A node with no live lease accepts nothing: its kernel fence (a set element
+   with a timeout, refreshed only while keepalives succeed) closes strictly
+   before etcd can expire its lease, because the agent refreshes the fence only
+   when ``now - last_successful_keepalive_sent < lease_ttl - fence_timeout``.
+   The element then expires at most ``fence_timeout`` later, which is before
+   ``last_keepalive + lease_ttl``, the earliest moment etcd drops the lease.
+   So ignoring nodes without a lease in R is safe.
+
+Because every node writes the same ``rebalance()`` result by compare-and-swap,
+at most one table exists per generation, and T_g is well defined.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nlbfarm.coordinator.cluster import ClusterSnapshot
+from nlbfarm.coordinator.table import counts, moved, rebalance
+
+
+@dataclass(frozen=True)
+class TableUpdate:
+    generation: int
+    owners: list
+    moved: int
+    expected_revision: int
+    reason: str
+
+
+def plan_table(snap: ClusterSnapshot) -> TableUpdate | None:
+    """The table the cluster should have, or None if the current one is right.
+
+    Needs the cluster settings (B). Every node computes the same update from
+    the same snapshot; the CAS on ``expected_revision`` lets exactly one win.
+    """
+    if snap.settings is None:
+        return None
+    b = snap.settings.buckets
+    previous = list(snap.table.owners) if snap.table else None
+    candidates = snap.candidates()
+    if previous is None and not candidates:
+        return None
+    new = rebalance(previous, candidates, b)
+    if previous is not None and new == previous:
+        return None
+    old_counts = counts(previous) if previous else {}
+    joined = sorted(set(candidates) - set(old_counts))
+    left = sorted(set(old_counts) - set(candidates))
+    parts = []
+    if joined:
+        parts.append("joined=" + ",".join(joined))
+    if left:
+        parts.append("left=" + ",".join(left))
+    if not parts:
+        parts.append("weights or shares changed" if previous else "first table")
+    last_gen = max([snap.table.generation if snap.table else 0]
+                   + [a.generation for a in snap.applied.values()])
+    return TableUpdate(generation=last_gen + 1, owners=new,
+                       moved=moved(previous, new) if previous else sum(1 for o in new if o),
+                       expected_revision=snap.table_revision, reason=" ".join(parts))
+
+
+@dataclass(frozen=True)
+class AcceptPlan:
+    generation: int                   # table generation the plan is for (0: no table yet)
+    target: frozenset[int]            # what the table gives this node
+    accepting: frozenset[int]         # what the kernel may accept now
+    waiting_for: tuple[str, ...] = ()  # peers whose apply gates the new buckets
+
+    @property
+    def complete(self) -> bool:
+        return self.accepting == self.target
+
+    @property
+    def pending(self) -> int:
+        return len(self.target - self.accepting)
+
+
+def plan_accept(me: str, snap: ClusterSnapshot, accepting: frozenset[int]) -> AcceptPlan:
+    """Which buckets this node may accept now (steps 1 and 2 of the argument above)."""
+    if snap.table is None:
+        return AcceptPlan(0, frozenset(), frozenset())
+    g = snap.table.generation
+    target = snap.table.owned_by(me)
+    keep = accepting & target
+    if keep == target:
+        return AcceptPlan(g, target, keep)
+    waiting = tuple(sorted(
+        peer for peer in snap.live() - {me}
+        if (a := snap.applied.get(peer)) is None or a.generation != g))
+    return AcceptPlan(g, target, target if not waiting else keep, waiting)

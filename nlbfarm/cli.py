@@ -1,0 +1,190 @@
+"""farmctl: the operator CLI.
+
+Exit codes: 0 healthy / done, 1 the farm answered but is not healthy,
+2 bad arguments or the node could not be reached, 3 a lab operation failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from nlbfarm.errors import FarmError, LabError
+
+EXIT_OK, EXIT_UNHEALTHY, EXIT_ERROR, EXIT_LAB = 0, 1, 2, 3
+
+
+def _reexec_in_netns(netns: str, argv: list[str]) -> None:
+    """Run this same command inside a network namespace (setns before any thread exists)."""
+    from nlbfarm.node import iplib
+    if netns not in iplib.list_netns():
+        print(f"farmctl: network namespace {netns!r} does not exist", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+    os.execvp("ip", ["ip", "netns", "exec", netns, sys.executable, "-m", "nlbfarm.cli", *argv])
+
+
+def _strip_netns(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--netns":
+            skip = True
+            continue
+        if a.startswith("--netns="):
+            continue
+        out.append(a)
+    return out
+
+
+def fetch_status(target: str, timeout: float) -> dict:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from nlbfarm.proto import farm_pb2, farm_pb2_grpc
+    with grpc.insecure_channel(target) as ch:
+        stub = farm_pb2_grpc.FarmStub(ch)
+        try:
+            resp = stub.GetStatus(farm_pb2.GetStatusRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise FarmError(f"cannot get status from {target}: {exc.code().name}: {exc.details()}") from None
+    return MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def status_healthy(st: dict) -> bool:
+    return (st.get("fence_open") and st.get("etcd_state") == "connected"
+            and int(st.get("applied_generation", 0)) == int(st.get("generation", 0)) > 0
+            and int(st.get("accepting_buckets", 0)) == int(st.get("owned_buckets", 0)))
+
+
+def render_status(st: dict) -> str:
+    b = int(st.get("bucket_count", 0)) or 1
+    lines = [
+        f"node {st['node_id']}  cluster {st['cluster']}  table generation {st.get('generation', 0)}  "
+        f"buckets {b}",
+        f"local: applied generation {st.get('applied_generation', 0)}, accepting "
+        f"{st.get('accepting_buckets', 0)} of {st.get('owned_buckets', 0)} owned buckets, "
+        f"fence {'open' if st.get('fence_open') else 'CLOSED'}, etcd {st.get('etcd_state')}",
+        f"last cycle: {st.get('last_cycle', '')}",
+        "",
+        f"{'MEMBER':<12} {'STATE':<8} {'WEIGHT':>6} {'BUCKETS':>8} {'SHARE':>7} {'APPLIED':>8}  ADDRESSES",
+    ]
+    for m in st.get("members", []):
+        n = int(m.get("buckets", 0))
+        lines.append(f"{m['id']:<12} {m.get('state', ''):<8} {int(m.get('weight', 0)):>6} {n:>8} "
+                     f"{100 * n / b:>6.1f}% {int(m.get('applied_generation', 0)):>8}  "
+                     f"{','.join(m.get('addresses', []))}")
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    st = fetch_status(args.target, args.timeout)
+    healthy = bool(status_healthy(st))
+    if args.json:
+        st["healthy"] = healthy
+        print(json.dumps(st, indent=2))
+    else:
+        print(render_status(st))
+        print(f"\nhealth: {'ok' if healthy else 'NOT healthy'}")
+    return EXIT_OK if healthy else EXIT_UNHEALTHY
+
+
+def _lab(args):
+    from nlbfarm.lab import Lab
+    quiet = getattr(args, "json", False)
+    return Lab(prefix=args.prefix, progress=(lambda m: None) if quiet else
+               (lambda m: print(f"lab: {m}", file=sys.stderr, flush=True)))
+
+
+def cmd_lab_up(args) -> int:
+    lab = _lab(args)
+    st = lab.up(nodes=args.nodes)
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print(render_lab_status(st))
+    return EXIT_OK
+
+
+def render_lab_status(st: dict) -> str:
+    lines = [f"lab {st['prefix']}: VIP {st['vip']}  app {st['url']}  subnet {st['subnet']}",
+             f"etcd {st['etcd']['endpoint']} in {st['etcd']['netns']} "
+             f"({'running' if st['etcd']['running'] else 'STOPPED'})", "",
+             f"{'HOST':<8} {'NETNS':<14} {'ADDRESS':<14} AGENT (gRPC)"]
+    for name, h in st["hosts"].items():
+        a = st["agents"].get(name)
+        agent = ""
+        if a:
+            agent = (f"{a['grpc']} {'running' if a['agent_running'] else 'STOPPED'}, app "
+                     f"{'running' if a['app_running'] else 'STOPPED'}")
+        lines.append(f"{name:<8} {h['netns']:<14} {h['address'] or '-':<14} {agent}")
+    lines.append(f"\nquery a node: farmctl status --netns {st['prefix']}-n1")
+    return "\n".join(lines)
+
+
+def cmd_lab_status(args) -> int:
+    lab = _lab(args)
+    st = lab.status()
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print(render_lab_status(st))
+    ok = st["etcd"]["running"] and all(a["agent_running"] and a["app_running"] for a in st["agents"].values())
+    return EXIT_OK if ok else EXIT_UNHEALTHY
+
+
+def cmd_lab_down(args) -> int:
+    lab = _lab(args)
+    removed = lab.down()
+    print(f"lab {args.prefix}: removed {len(removed)} namespaces" + (f" ({' '.join(removed)})" if removed else ""))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="farmctl", description="operate an nlbfarm farm")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    st = sub.add_parser("status", help="members, table generation and buckets per node, from one node")
+    st.add_argument("--target", default="127.0.0.1:7400", help="the agent's gRPC address (default %(default)s)")
+    st.add_argument("--netns", help="run the query inside this network namespace (lab nodes)")
+    st.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the agent")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=cmd_status)
+
+    lab = sub.add_parser("lab", help="a farm in network namespaces on this machine")
+    lsub = lab.add_subparsers(dest="labcmd", required=True, metavar="LABCOMMAND")
+    up = lsub.add_parser("up", help="create the lab and start etcd, agents and apps")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--prefix", default="nlbf", help="namespace name prefix (default %(default)s)")
+    up.add_argument("--json", action="store_true")
+    up.set_defaults(func=cmd_lab_up)
+    ls = lsub.add_parser("status", help="hosts, addresses, agents of a running lab")
+    ls.add_argument("--prefix", default="nlbf")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_lab_status)
+    dn = lsub.add_parser("down", help="remove the lab, including leftovers of a crashed run")
+    dn.add_argument("--prefix", default="nlbf")
+    dn.set_defaults(func=cmd_lab_down)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if getattr(args, "netns", None):
+        _reexec_in_netns(args.netns, _strip_netns(argv))
+    try:
+        return args.func(args)
+    except LabError as exc:
+        print(f"farmctl: {exc}", file=sys.stderr)
+        return EXIT_LAB
+    except FarmError as exc:
+        print(f"farmctl: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""A whole farm on one machine: network namespaces on one bridge.
+
+Hosts (network namespaces): ``<prefix>-lan`` holds the bridge (the switch),
+``<prefix>-etcd`` runs etcd, ``<prefix>-client`` is the client, and
+``<prefix>-n1``... are the nodes, each running farmd and the lab HTTP app.
+Addresses come from 198.18.0.0/24 (RFC 2544's benchmarking range); the root
+namespace gets no address or route into the lab, so lab traffic cannot leave
+the machine. ``farmctl lab``, the demo and the lab tests all use this module.
+
+Processes are started detached (their own session) so ``farmctl lab up`` can
+return; their pids and everything else ``lab status`` reports live in
+``/run/nlbfarm/lab/<prefix>/lab.json``. ``down()`` works without that file:
+it kills every process inside the lab's namespaces and deletes them, which is
+what cleans up after a crashed run.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from nlbfarm.coordinator.cluster import ClusterSnapshot, build_snapshot
+from nlbfarm.errors import LabError
+from nlbfarm.node import iplib
+
+STATE_ROOT = Path(os.environ.get("NLBFARM_LAB_DIR", "/run/nlbfarm/lab"))
+SUBNET = "198.18.0"          # /24, RFC 2544 benchmarking range
+VIP = f"{SUBNET}.100"
+ETCD_ADDR = f"{SUBNET}.2"
+CLIENT_ADDR = f"{SUBNET}.3"
+GRPC_LISTEN = "127.0.0.1:7400"
+APP_PORT = 80
+CLUSTER_NAME = "lab"
+ETCD_PREFIX = "/nlbfarm"
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+
+
+def node_addr(i: int) -> str:
+    return f"{SUBNET}.{10 + i}"
+
+
+@dataclass
+class LabTiming:
+    lease_ttl: int = 3
+    fence_timeout: int = 1
+    keepalive_interval: float = 0.25
+    leave_timeout: float = 10.0
+
+
+@dataclass
+class Lab:
+    prefix: str = "nlbf"
+    state_root: Path = STATE_ROOT
+    python: str = sys.executable
+    timing: LabTiming = field(default_factory=LabTiming)
+    buckets: int = 4096
+    progress: Callable[[str], None] = lambda msg: None
+
+    def __post_init__(self):
+        if not _PREFIX_RE.match(self.prefix):
+            raise LabError(f"lab prefix {self.prefix!r} must be 1-8 lowercase letters or digits, "
+                           "starting with a letter (it becomes part of interface names)")
+        self.dir = Path(self.state_root) / self.prefix
+
+    # ---- names -------------------------------------------------------------
+
+    def ns(self, host: str) -> str:
+        return f"{self.prefix}-{host}"
+
+    def _state_file(self) -> Path:
+        return self.dir / "lab.json"
+
+    def load_state(self) -> dict:
+        try:
+            return json.loads(self._state_file().read_text())
+        except FileNotFoundError:
+            raise LabError(f"no lab {self.prefix!r} is up (no {self._state_file()}); "
+                           f"start one with: farmctl lab up --prefix {self.prefix}") from None
+
+    def _save_state(self, st: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps(st, indent=2))
+        tmp.replace(self._state_file())
+
+    def node_names(self) -> list[str]:
+        return list(self.load_state()["nodes"])
+
+    # ---- process helpers ---------------------------------------------------
+
+    def run(self, host: str, argv: list[str], timeout: float = 30, check: bool = True,
+            **kw) -> subprocess.CompletedProcess:
+        cp = subprocess.run(["ip", "netns", "exec", self.ns(host), *argv], capture_output=True,
+                            text=True, timeout=timeout, **kw)
+        if check and cp.returncode != 0:
+            raise LabError(f"{' '.join(argv)} in {self.ns(host)} failed rc={cp.returncode}: "
+                           f"{(cp.stderr or cp.stdout).strip()[-500:]}")
+        return cp
+
+    def spawn(self, host: str, argv: list[str], logname: str) -> int:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        logf = open(self.dir / logname, "ab")
+        # `ip netns exec` execs the command, so the pid is the command's own.
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns(host), *argv], stdin=subprocess.DEVNULL,
+                             stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        logf.close()
+        return p.pid
+
+    @staticmethod
+    def _alive(pid: int | None) -> bool:
+        if not pid:
+            return False
+        try:
+            # A zombie (exited, not yet reaped by us) counts as dead.
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return False
+
+    def _signal(self, pid: int | None, sig: int, wait: float = 5.0) -> bool:
+        if not self._alive(pid):
+            return False
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return False
+        deadline = time.monotonic() + wait
+        while self._alive(pid) and time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.02)
+        return True
+
+    # ---- up / down -------------------------------------------------------
+
+    def lab_namespaces(self) -> list[str]:
+        pat = re.compile(rf"^{re.escape(self.prefix)}-(lan|etcd|client|n\d+)$")
+        return sorted(n for n in iplib.list_netns() if pat.match(n))
+
+    def down(self) -> list[str]:
+        """Remove everything of this lab, including what a crashed run left behind."""
+        removed = []
+        namespaces = self.lab_namespaces()
+        for ns in namespaces:
+            cp = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in (int(p) for p in cp.stdout.split() if p.isdigit()):
+                self._signal(pid, signal.SIGKILL, wait=3)
+        for ns in namespaces:
+            if iplib.delete_netns(ns):
+                removed.append(ns)
+        if self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return removed
+
+    def up(self, nodes: int = 3, wait: float = 60.0) -> dict:
+        if not 1 <= nodes <= 64:
+            raise LabError(f"--nodes must be from 1 to 64, got {nodes}")
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (network namespaces and nftables)")
+        for tool in ("etcd", "nft", "ip"):
+            if shutil.which(tool) is None:
+                raise LabError(f"{tool} is not installed; run `make venv` (it installs the Debian packages)")
+        leftovers = self.down()
+        if leftovers:
+            self.progress(f"removed leftovers of an earlier lab: {' '.join(leftovers)}")
+        names = [f"n{i}" for i in range(1, nodes + 1)]
+        try:
+            self._build_network(names)
+            st = {"prefix": self.prefix, "vip": VIP, "url": f"http://{VIP}:{APP_PORT}/",
+                  "subnet": f"{SUBNET}.0/24", "cluster": CLUSTER_NAME, "nodes": names,
+                  "etcd": {"endpoint": f"{ETCD_ADDR}:2379", "netns": self.ns("etcd"), "pid": None},
+                  "pids": {}, "dir": str(self.dir)}
+            self._save_state(st)
+            self.start_etcd()
+            for n in names:
+                self.start_node(n)
+            self.progress(f"waiting for {nodes} nodes to converge")
+            self.wait_converged(names, timeout=wait)
+        except BaseException:
+            self.down()
+            raise
+        self.progress(f"lab {self.prefix} is up: VIP {VIP}, {nodes} nodes")
+        return self.status()
+
+    def _build_network(self, names: list[str]) -> None:
+        lan = self.ns("lan")
+        self.progress(f"creating namespaces {self.prefix}-{{lan,etcd,client,{','.join(names)}}}")
+        iplib.ensure_netns(lan)
+        iplib.set_link_up("lo", lan)
+        iplib.ensure_bridge("br0", lan)
+        iplib.set_link_up("br0", lan)
+        hosts = [("etcd", ETCD_ADDR), ("client", CLIENT_ADDR)] + [
+            (n, node_addr(i)) for i, n in enumerate(names, 1)]
+        for host, addr in hosts:
+            ns = self.ns(host)
+            iplib.ensure_netns(ns)
+            iplib.set_link_up("lo", ns)
+            port = f"p-{host}"
+            iplib.ensure_veth_pair(port, "eth0", netns=lan, peer_netns=ns)
+            iplib.set_master(port, "br0", lan)
+            iplib.set_link_up(port, lan)
+            iplib.add_address("eth0", f"{addr}/24", ns)
+            iplib.set_link_up("eth0", ns)
+
+    # ---- processes -------------------------------------------------------
+
+    def start_etcd(self) -> None:
+        st = self.load_state()
+        data = self.dir / "etcd-data"
+        self.progress(f"starting etcd in {self.ns('etcd')} on {ETCD_ADDR}:2379")
+        pid = self.spawn("etcd", [
+            "etcd", "--name", "lab", "--data-dir", str(data),
+            "--listen-client-urls", f"http://{ETCD_ADDR}:2379,http://127.0.0.1:2379",
+            "--advertise-client-urls", f"http://{ETCD_ADDR}:2379",
+            "--listen-peer-urls", "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+            "--initial-cluster", "lab=http://127.0.0.1:2380",
+            "--log-level", "warn"], "etcd.log")
+        st["etcd"]["pid"] = pid
+        self._save_state(st)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            cp = self.run("etcd", ["etcdctl", "--endpoints", "127.0.0.1:2379", "endpoint", "health"],
+                          check=False, timeout=10)
+            if cp.returncode == 0:
+                return
+            if not self._alive(pid):
+                break
+            time.sleep(0.2)
+        raise LabError(f"etcd did not become healthy; see {self.dir / 'etcd.log'}")
+
+    def node_config(self, name: str) -> dict:
+        i = int(name[1:])
+        t = self.timing
+        return {
+            "node": {"id": name, "interface": "eth0", "weight": 1, "addresses": [node_addr(i)]},
+            "cluster": {"name": CLUSTER_NAME, "vips": [VIP], "buckets": self.buckets},
+            "etcd": {"endpoints": [f"{ETCD_ADDR}:2379"], "prefix": ETCD_PREFIX, "timeout": 1.0},
+            "timing": {"lease_ttl": t.lease_ttl, "fence_timeout": t.fence_timeout,
+                       "keepalive_interval": t.keepalive_interval, "leave_timeout": t.leave_timeout},
+            "status": {"listen": GRPC_LISTEN},
+        }
+
+    def config_path(self, name: str) -> Path:
+        return self.dir / f"{name}.yaml"
+
+    def accept_log(self, name: str) -> Path:
+        return self.dir / f"{name}.accept.log"
+
+    def start_app(self, name: str) -> None:
+        st = self.load_state()
+        pid = self.spawn(name, [self.python, "-m", "nlbfarm.node.app", "--name", name,
+                                "--listen", f"0.0.0.0:{APP_PORT}", "--accept-log", str(self.accept_log(name))],
+                         f"{name}.app.log")
+        st["pids"].setdefault(name, {})["app"] = pid
+        self._save_state(st)
+
+    def start_agent(self, name: str) -> None:
+        st = self.load_state()
+        path = self.config_path(name)
+        path.write_text(yaml.safe_dump(self.node_config(name), sort_keys=False))
+        pid = self.spawn(name, [self.python, "-m", "nlbfarm.node.agent", "--config", str(path)],
+                         f"{name}.agent.log")
+        st["pids"].setdefault(name, {})["agent"] = pid
+        self._save_state(st)
+
+    def start_node(self, name: str) -> None:
+        self.progress(f"starting {name}: app on :{APP_PORT} and farmd")
+        self.start_app(name)
+        self.start_agent(name)
+
+    def pid(self, name: str, what: str) -> int | None:
+        return self.load_state()["pids"].get(name, {}).get(what)
+
+    def kill(self, name: str, what: str = "agent", sig: int = signal.SIGKILL, wait: float = 15.0) -> bool:
+        return self._signal(self.pid(name, what), sig, wait)
+
+    def kill_node(self, name: str) -> None:
+        """kill -9 of agent and app, as a crashed server would."""
+        self.kill(name, "agent")
+        self.kill(name, "app")
+
+    def alive(self, name: str, what: str = "agent") -> bool:
+        return self._alive(self.pid(name, what))
+
+    # ---- observation -------------------------------------------------------
+
+    def snapshot(self) -> ClusterSnapshot:
+        """The cluster as stored in etcd, read with etcdctl inside the etcd namespace."""
+        cp = self.run("etcd", ["etcdctl", "--endpoints", "127.0.0.1:2379", "get", "--prefix",
+                               f"{ETCD_PREFIX}/{CLUSTER_NAME}/", "-w", "json"], timeout=10)
+        d = json.loads(cp.stdout)
+        items = {base64.b64decode(kv["key"]).decode(): (base64.b64decode(kv.get("value", "")),
+                                                       int(kv["mod_revision"]))
+                 for kv in d.get("kvs", [])}
+        return build_snapshot(f"{ETCD_PREFIX}/{CLUSTER_NAME}", items, int(d["header"]["revision"]))
+
+    @staticmethod
+    def converged(snap: ClusterSnapshot, names: list[str]) -> bool:
+        """Table holds exactly ``names`` and every one of them accepts its whole share."""
+        if snap.table is None or set(snap.candidates()) != set(names):
+            return False
+        counts = snap.counts()
+        if set(counts) != set(names):
+            return False
+        g = snap.table.generation
+        return all((a := snap.applied.get(n)) is not None and a.generation == g
+                   and a.accepting == counts[n] for n in names)
+
+    def wait_converged(self, names: list[str], timeout: float = 30.0) -> ClusterSnapshot:
+        deadline = time.monotonic() + timeout
+        snap = None
+        while time.monotonic() < deadline:
+            try:
+                snap = self.snapshot()
+                if self.converged(snap, names):
+                    return snap
+            except (LabError, ValueError, subprocess.TimeoutExpired):
+                pass
+            time.sleep(0.1)
+        raise LabError(f"lab did not converge on {names} within {timeout:.0f}s; last view: "
+                       f"{snap.counts() if snap else 'none'} (logs in {self.dir})")
+
+    def status(self) -> dict:
+        st = self.load_state()
+        hosts = {"lan": {"netns": self.ns("lan"), "address": None},
+                 "etcd": {"netns": self.ns("etcd"), "address": ETCD_ADDR},
+                 "client": {"netns": self.ns("client"), "address": CLIENT_ADDR}}
+        agents = {}
+        for n in st["nodes"]:
+            i = int(n[1:])
+            hosts[n] = {"netns": self.ns(n), "address": node_addr(i)}
+            agents[n] = {"netns": self.ns(n), "grpc": GRPC_LISTEN,
+                         "agent_running": self.alive(n, "agent"), "app_running": self.alive(n, "app"),
+                         "config": str(self.config_path(n))}
+        return {"prefix": self.prefix, "vip": st["vip"], "url": st["url"], "subnet": st["subnet"],
+                "etcd": {"endpoint": st["etcd"]["endpoint"], "netns": self.ns("etcd"),
+                         "running": self._alive(st["etcd"]["pid"])},
+                "hosts": hosts, "agents": agents, "dir": st["dir"]}
+
+    def client_cmd(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.ns("client"), *argv]
+
+    def loadclient_argv(self, count: int, duration: float, out: Path, workers: int = 4,
+                        interval: float = 0.0, timeout: float = 1.0) -> list[str]:
+        return self.client_cmd([self.python, "-m", "nlbfarm.loadclient", "--vip", VIP, "--port", str(APP_PORT),
+                                "--count", str(count), "--duration", str(duration), "--workers", str(workers),
+                                "--interval", str(interval), "--timeout", str(timeout), "--out", str(out)])

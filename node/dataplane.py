@@ -1,0 +1,251 @@
+"""The node's kernel data plane: nftables rules built as JSON, applied atomically.
+
+Shape of what a node programs (two tables, both owned by nlbfarm only):
+
+* ``arp <table>``: every ARP packet the node sends with a VIP as sender IP
+  gets the cluster MAC as sender hardware address, so clients map the VIP to
+  the cluster MAC and their frames reach every node.
+* ``inet <table>``: a prerouting chain at priority -300 (before conntrack at
+  -200) sends VIP packets to ``vip_in``, which marks them for local delivery,
+  drops everything while the fence is closed, accepts only the buckets this
+  node may serve (``jhash(client addr . client port) mod B`` with the
+  cluster-wide seed) and drops the rest. Foreign buckets never reach conntrack.
+
+The fence is a set element with a kernel timeout. The agent refreshes it while
+its etcd session is healthy; if the agent dies the element expires and the
+node drops all VIP traffic on its own, before its lease can expire.
+
+``build_*`` functions are pure and golden-tested. ``DataPlane.apply`` sends one
+transaction (old ruleset or new, never a mix) and records the new spec only
+after the kernel accepted it.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+from nlbfarm.errors import DataPlaneError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TABLE = "nlbfarm"
+PRIO_RAW = -300  # before conntrack (-200): foreign packets cost no conntrack entry
+
+
+@dataclass(frozen=True)
+class DataPlaneSpec:
+    """Everything the kernel rules depend on; equal specs render equal rules."""
+
+    interface: str
+    vips: tuple[str, ...]
+    cluster_mac: str
+    buckets: int
+    seed: int
+    # Inclusive bucket ranges this node accepts new and existing flows for.
+    accepting: tuple[tuple[int, int], ...] = ()
+    fence_open: bool = False
+    fence_timeout: int = 2
+    table: str = DEFAULT_TABLE
+
+    def with_accepting(self, ranges: Iterable[tuple[int, int]]) -> "DataPlaneSpec":
+        return replace(self, accepting=tuple(tuple(r) for r in ranges))
+
+
+def cluster_mac_for(vip: str) -> str:
+    """The multicast cluster MAC for a VIP, as Windows NLB derives it: 03:bf + the IPv4 bytes.
+
+    Bit 0 of the first octet makes it multicast (every NIC that joined it
+    accepts, switches flood it), bit 1 marks it locally administered.
+    """
+    packed = ipaddress.IPv4Address(vip).packed
+    return "03:bf:" + ":".join(f"{b:02x}" for b in packed)
+
+
+def _payload(proto: str, fld: str) -> dict:
+    return {"payload": {"protocol": proto, "field": fld}}
+
+
+def _set_or_value(values: list):
+    return values[0] if len(values) == 1 else {"set": list(values)}
+
+
+def bucket_hash_expr(buckets: int, seed: int) -> dict:
+    """jhash over (client address . client port) mod B, the same on every node."""
+    return {
+        "jhash": {
+            "mod": buckets,
+            "seed": seed,
+            "expr": {"concat": [_payload("ip", "saddr"), _payload("th", "sport")]},
+        }
+    }
+
+
+def _range_elems(ranges: Iterable[tuple[int, int]]) -> list:
+    return [lo if lo == hi else {"range": [lo, hi]} for lo, hi in ranges]
+
+
+def _replace_table(family: str, name: str) -> list[dict]:
+    # "add" makes the following "delete" safe on a first run; all three run in
+    # the same transaction, so packets see the old table or the new one.
+    t = {"family": family, "name": name}
+    return [{"add": {"table": dict(t)}}, {"delete": {"table": dict(t)}}, {"add": {"table": dict(t)}}]
+
+
+def build_arp_table(spec: DataPlaneSpec) -> list[dict]:
+    fam, tbl = "arp", spec.table
+    return _replace_table(fam, tbl) + [
+        {"add": {"chain": {"family": fam, "table": tbl, "name": "out", "type": "filter",
+                           "hook": "output", "prio": 0, "policy": "accept"}}},
+        # Requests as well as replies: a request sent from the VIP would teach
+        # the client this node's own MAC and pin all traffic to it.
+        {"add": {"rule": {"family": fam, "table": tbl, "chain": "out", "expr": [
+            {"match": {"op": "==", "left": _payload("arp", "saddr ip"),
+                       "right": _set_or_value(list(spec.vips))}},
+            {"mangle": {"key": _payload("arp", "saddr ether"), "value": spec.cluster_mac}},
+        ]}}},
+    ]
+
+
+def fence_element(spec: DataPlaneSpec) -> dict:
+    return {"element": {"family": "inet", "table": spec.table, "name": "fence",
+                        "elem": [{"elem": {"val": spec.interface, "timeout": spec.fence_timeout}}]}}
+
+
+def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
+    fam, tbl = "inet", spec.table
+
+    def rule(chain: str, *expr: dict) -> dict:
+        return {"add": {"rule": {"family": fam, "table": tbl, "chain": chain, "expr": list(expr)}}}
+
+    cmds = _replace_table(fam, tbl) + [
+        {"add": {"set": {"family": fam, "table": tbl, "name": "fence", "type": "ifname",
+                         "flags": ["timeout"]}}},
+    ]
+    if spec.fence_open:
+        cmds.append({"add": fence_element(spec)})
+    cmds += [
+        {"add": {"chain": {"family": fam, "table": tbl, "name": "prerouting", "type": "filter",
+                           "hook": "prerouting", "prio": PRIO_RAW, "policy": "accept"}}},
+        {"add": {"chain": {"family": fam, "table": tbl, "name": "vip_in"}}},
+        rule("prerouting",
+             {"match": {"op": "==", "left": _payload("ip", "daddr"),
+                        "right": _set_or_value(list(spec.vips))}},
+             {"jump": {"target": "vip_in"}}),
+        # Frames addressed to the multicast cluster MAC arrive as
+        # PACKET_MULTICAST, which TCP refuses; they are ours to deliver.
+        rule("vip_in", {"mangle": {"key": {"meta": {"key": "pkttype"}}, "value": "host"}}),
+        rule("vip_in",
+             {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "@fence"}},
+             {"counter": None}, {"drop": None}),
+    ]
+    if spec.accepting:
+        cmds.append(rule(
+            "vip_in",
+            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}},
+            {"match": {"op": "==", "left": bucket_hash_expr(spec.buckets, spec.seed),
+                       "right": {"set": _range_elems(spec.accepting)}}},
+            {"counter": None}, {"accept": None}))
+    cmds.append(rule("vip_in", {"counter": None}, {"drop": None}))
+    return cmds
+
+
+def build_ruleset(spec: DataPlaneSpec) -> list[dict]:
+    """The whole nlbfarm ruleset for one node, as one list of JSON commands."""
+    return build_arp_table(spec) + build_inet_table(spec)
+
+
+def build_fence_refresh(spec: DataPlaneSpec) -> list[dict]:
+    # Re-adding an existing element keeps its old expiry; delete + add resets
+    # it. The leading add makes the delete valid if the element already expired.
+    e = fence_element(spec)
+    return [{"add": e}, {"delete": fence_element(spec)}, {"add": fence_element(spec)}]
+
+
+def build_teardown(table: str = DEFAULT_TABLE) -> list[dict]:
+    cmds = []
+    for fam in ("inet", "arp"):
+        t = {"family": fam, "name": table}
+        cmds += [{"add": {"table": dict(t)}}, {"delete": {"table": dict(t)}}]
+    return cmds
+
+
+@dataclass
+class DataPlane:
+    """Applies specs to the kernel of the current network namespace.
+
+    Thread-safe: the reconcile loop is the only caller in the agent, but the
+    lock keeps libnftables' context from being shared mid-call.
+    """
+
+    current: DataPlaneSpec | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _nft: object = field(default=None, repr=False)
+
+    def _ctx(self):
+        if self._nft is None:
+            try:
+                import nftables  # Debian's python3-nftables
+            except ImportError as exc:  # pragma: no cover - depends on the host
+                raise DataPlaneError(
+                    "the nftables Python binding is missing: install Debian's python3-nftables "
+                    "and use a venv created with --system-site-packages") from exc
+            nft = nftables.Nftables()
+            nft.set_json_output(True)
+            nft.set_handle_output(False)
+            self._nft = nft
+        return self._nft
+
+    def run(self, cmds: list[dict], what: str) -> None:
+        with self._lock:
+            rc, _out, err = self._ctx().json_cmd({"nftables": cmds})
+        if rc != 0:
+            raise DataPlaneError(f"nftables refused {what}: {err.strip() or 'rc=%d' % rc}")
+
+    def apply(self, spec: DataPlaneSpec) -> bool:
+        """Replace the whole ruleset in one transaction. Returns False if nothing changed."""
+        if spec == self.current:
+            return False
+        self.run(build_ruleset(spec), "ruleset replace")
+        self.current = spec
+        return True
+
+    def refresh_fence(self) -> None:
+        spec = self.current
+        if spec is None or not spec.fence_open:
+            return
+        self.run(build_fence_refresh(spec), "fence refresh")
+
+    def teardown(self, table: str | None = None) -> None:
+        name = table or (self.current.table if self.current else DEFAULT_TABLE)
+        self.run(build_teardown(name), "teardown")
+        self.current = None
+
+    def counters(self) -> dict[str, int]:
+        """Packets accepted and dropped by the VIP chain, for status and tests."""
+        spec = self.current
+        if spec is None:
+            return {}
+        with self._lock:
+            rc, out, err = self._ctx().json_cmd(
+                {"nftables": [{"list": {"chain": {"family": "inet", "table": spec.table, "name": "vip_in"}}}]})
+        if rc != 0:
+            raise DataPlaneError(f"nftables could not list counters: {err.strip()}")
+        result = {"accepted_packets": 0, "dropped_packets": 0, "fenced_packets": 0}
+        for item in out["nftables"] if isinstance(out, dict) else []:
+            r = item.get("rule")
+            if not r:
+                continue
+            exprs = r.get("expr", [])
+            ctr = next((e["counter"] for e in exprs if "counter" in e), None)
+            if not ctr:
+                continue
+            if any("accept" in e for e in exprs):
+                result["accepted_packets"] += ctr["packets"]
+            elif any("match" in e and e["match"].get("right") == "@fence" for e in exprs):
+                result["fenced_packets"] += ctr["packets"]
+            else:
+                result["dropped_packets"] += ctr["packets"]
+        return result

@@ -1,0 +1,46 @@
+"""The VIP on the node's LAN interface: address, cluster MAC membership, announcements.
+
+Ordering (the caller's contract, kept by the agent): ``up()`` runs only after
+the ARP rewrite rules are in the kernel, and ``down()`` runs before they go,
+so no ARP packet ever leaves with the VIP and this node's own MAC.
+"""
+from __future__ import annotations
+
+import logging
+
+from nlbfarm.node import iplib
+
+log = logging.getLogger(__name__)
+
+
+class Vip:
+    def __init__(self, interface: str, vips: tuple[str, ...], cluster_mac: str, netns: str | None = None):
+        self.interface = interface
+        self.vips = tuple(vips)
+        self.cluster_mac = cluster_mac
+        self.netns = netns
+
+    def up(self) -> None:
+        # Requests this node sends must not carry the VIP as sender address:
+        # arp_announce=2 picks the interface's primary address instead (the
+        # nft rewrite covers the rest).
+        iplib.set_sysctl(self.netns, f"net.ipv4.conf.{self.interface}.arp_announce", "2")
+        if iplib.add_multicast_mac(self.interface, self.cluster_mac, netns=self.netns):
+            log.info("joined cluster mac=%s dev=%s", self.cluster_mac, self.interface)
+        for vip in self.vips:
+            if iplib.add_address(self.interface, f"{vip}/32", netns=self.netns):
+                log.info("vip added address=%s dev=%s", vip, self.interface)
+            # Neighbours that cached another MAC for the VIP learn the cluster MAC now.
+            iplib.send_gratuitous_arp(self.interface, vip, self.cluster_mac, netns=self.netns, count=2)
+
+    def down(self) -> None:
+        for vip in self.vips:
+            try:
+                if iplib.delete_address(self.interface, f"{vip}/32", netns=self.netns):
+                    log.info("vip removed address=%s dev=%s", vip, self.interface)
+            except iplib.NotFound:
+                pass
+        try:
+            iplib.delete_multicast_mac(self.interface, self.cluster_mac, netns=self.netns)
+        except iplib.NotFound:
+            pass
