@@ -1,0 +1,782 @@
+"""The coordination store: a small key/value + lease + watch interface over etcd.
+
+Every piece of shared state in nlbfarm (node leases, the bucket table) goes
+through :class:`Store`. The interface is deliberately small, in the spirit of
+Patroni's DCS abstraction: the rest of the code depends on the contract below,
+not on etcd or on python-etcd3.
+
+Contract (every implementation must honour it)
+==============================================
+
+Data model
+    Keys are ``str`` (UTF-8 in etcd), values are ``bytes``; encoding values
+    (JSON, ...) is the caller's job. Every change gets a store-wide,
+    strictly increasing *revision*; :class:`KV.mod_revision` is the revision of
+    the last change to that key. Reads are linearizable (never stale).
+
+Leases
+    :meth:`Store.grant_lease` returns a :class:`Lease` whose ``ttl`` is the TTL
+    the server actually granted, which may be *longer* than requested (etcd 3.4
+    enforces a minimum of ceil(1.5 x election timeout), 2 s with defaults).
+    Keys written with ``lease_id`` are deleted by the server when the lease
+    expires or is revoked. Writing with a lease that no longer exists raises
+    :class:`LeaseExpired`; so does :meth:`Store.refresh_lease`. Revoking is
+    idempotent.
+
+Writes
+    ``create`` writes only if the key does not exist (one atomic transaction);
+    it never modifies an existing key. ``compare_and_swap`` writes only if the
+    key's ``mod_revision`` still equals the expected one (0 = must not exist).
+    Both return ``False`` -- not an exception -- when the condition does not
+    hold. ``put`` overwrites unconditionally and returns the new revision.
+
+Errors
+    Connection-level failures (endpoint down, timeout, leader election) are
+    retried with capped exponential backoff, rotating through the endpoints,
+    until ``retry_deadline`` has passed; then the call raises
+    :class:`~nlbfarm.errors.StoreUnavailable`, whose message names every
+    endpoint and the last error. A call therefore returns or raises within
+    about ``retry_deadline + timeout`` seconds. Any other failure raises
+    :class:`~nlbfarm.errors.StoreError` (or :class:`LeaseExpired`) at once.
+    Nothing outside the :mod:`nlbfarm.errors` tree escapes.
+
+    Retries make ``grant_lease``, ``put`` and ``delete`` at-least-once (a
+    retried grant may leave an orphan lease that simply expires; a retried
+    delete whose first attempt was applied reports ``False``). ``create`` and
+    ``compare_and_swap`` stay exactly-once; when a retry finds the key already
+    holding exactly the value and lease this call wrote (our first attempt was
+    applied but its reply was lost), they report ``True``.
+
+Watches
+    :meth:`Store.watch_prefix` delivers changes under a prefix to a callback,
+    from a dedicated thread, one call at a time:
+
+    * Events arrive in revision order. After the first delivery, every change
+      with a higher revision is delivered at least once, across any number of
+      connection losses, etcd restarts and endpoint switches: the watch
+      resumes from the last delivered revision + 1. It never gives up; it
+      stops only when its handle is cancelled or the store is closed.
+    * If the history needed to resume has been compacted (or
+      ``start_revision`` is older than the compaction point), the watch
+      re-lists the prefix and delivers one ``"resync"`` event whose
+      ``snapshot`` is the complete current content and whose ``mod_revision``
+      is the revision of that read; the consumer must replace its cache with
+      it. Events then continue from that revision + 1.
+    * With ``start_revision=None`` (or 0) the first delivery is a
+      ``"resync"`` with the current content (a list-then-watch without a
+      gap); with a ``start_revision`` the first deliveries are the changes
+      from that revision on (pass ``get_prefix()[1] + 1`` to continue after
+      a read).
+    * A callback that raises is logged and skipped; the event is not
+      redelivered. A slow callback delays later events, it does not lose them.
+
+Thread safety
+    A store may be used from any number of threads at once.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Mapping
+
+import nlbfarm  # noqa: F401  -- must precede etcd3: selects the protobuf implementation
+
+import grpc
+import tenacity
+
+with warnings.catch_warnings():
+    # etcd3 0.12's generated protobuf modules use descriptor APIs that
+    # protobuf >= 4 deprecates: hundreds of warnings, once, at import.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import etcd3
+    import etcd3.exceptions as etcd3_exc
+    from etcd3 import etcdrpc
+    from etcd3.etcdrpc import kv_pb2
+
+from nlbfarm.errors import ConfigError, StoreError, StoreUnavailable
+
+__all__ = [
+    "KV",
+    "Lease",
+    "LeaseExpired",
+    "WatchEvent",
+    "WatchHandle",
+    "Store",
+    "EtcdStore",
+    "retrying",
+    "is_connection_error",
+]
+
+log = logging.getLogger(__name__)
+
+
+class LeaseExpired(StoreError):
+    """The lease no longer exists (expired or revoked); keys bound to it are gone."""
+
+
+@dataclass(frozen=True)
+class KV:
+    """One key as read from the store. ``lease`` is 0 when not lease-bound."""
+
+    key: str
+    value: bytes
+    mod_revision: int
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A granted lease. ``ttl`` is what the server granted (may exceed the request)."""
+
+    id: int
+    ttl: int
+
+
+WatchKind = Literal["put", "delete", "resync"]
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One change delivered by :meth:`Store.watch_prefix`.
+
+    ``put``:    ``key``/``value``/``lease`` are the new content.
+    ``delete``: ``value`` is ``b""``; ``mod_revision`` is the deletion revision.
+    ``resync``: ``key`` is the watched prefix; ``snapshot`` holds the complete
+                current content under it and ``mod_revision`` the revision it
+                was read at. Replace the cache with it.
+    """
+
+    kind: WatchKind
+    key: str
+    value: bytes
+    mod_revision: int
+    lease: int = 0
+    snapshot: Mapping[str, KV] | None = field(default=None, compare=False)
+
+
+class WatchHandle(abc.ABC):
+    """Returned by :meth:`Store.watch_prefix`."""
+
+    @abc.abstractmethod
+    def cancel(self) -> None:
+        """Stop the watch. Idempotent. No callback starts after this returns,
+        except when called from inside the callback itself."""
+
+
+class Store(abc.ABC):
+    """Coordination store contract; see the module docstring for the guarantees."""
+
+    @abc.abstractmethod
+    def grant_lease(self, ttl: int) -> Lease:
+        """Grant a lease of at least ``ttl`` seconds; returns the granted lease."""
+
+    @abc.abstractmethod
+    def refresh_lease(self, lease_id: int) -> int:
+        """Renew the lease to its full TTL; returns that TTL in seconds.
+
+        Raises :class:`LeaseExpired` if the lease no longer exists."""
+
+    @abc.abstractmethod
+    def revoke_lease(self, lease_id: int) -> None:
+        """Revoke the lease, deleting its keys. Idempotent (no error if gone)."""
+
+    @abc.abstractmethod
+    def create(self, key: str, value: bytes, lease_id: int | None = None) -> bool:
+        """Write ``key`` only if it does not exist. ``False`` if it exists
+        (its value and lease are left untouched)."""
+
+    @abc.abstractmethod
+    def put(self, key: str, value: bytes, lease_id: int | None = None) -> int:
+        """Write ``key`` unconditionally; returns the new revision."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> KV | None:
+        """The key's current content, or ``None`` if it does not exist."""
+
+    @abc.abstractmethod
+    def get_prefix(self, prefix: str) -> tuple[dict[str, KV], int]:
+        """All keys under ``prefix`` and the store revision they were read at."""
+
+    @abc.abstractmethod
+    def compare_and_swap(
+        self, key: str, value: bytes, expected_mod_revision: int, lease_id: int | None = None
+    ) -> bool:
+        """Write ``key`` only if its mod_revision equals ``expected_mod_revision``
+        (0: only if it does not exist). ``False`` if it did not match."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> bool:
+        """Delete ``key``; ``True`` if it existed."""
+
+    @abc.abstractmethod
+    def watch_prefix(
+        self,
+        prefix: str,
+        on_event: Callable[[WatchEvent], None],
+        start_revision: int | None = None,
+    ) -> WatchHandle:
+        """Deliver every change under ``prefix`` to ``on_event`` (see module doc)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Cancel all watches and release connections. Idempotent."""
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------
+# Retry policy
+# --------------------------------------------------------------------------
+
+_RETRY_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,  # endpoint down, no leader, leader changed
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,  # channel closed by an endpoint rotation
+    }
+)
+
+BACKOFF_INITIAL_S = 0.05
+BACKOFF_MAX_S = 1.0
+
+# gRPC channel options: detect half-open connections (keepalive within etcd's
+# default 5 s minimum ping interval) and never sit in a long reconnect backoff.
+_GRPC_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+
+class _StaleClient(Exception):
+    """An attempt failed on a client that another thread had already replaced."""
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True for failures worth retrying on (possibly) another endpoint."""
+    if isinstance(
+        exc,
+        (
+            etcd3_exc.ConnectionFailedError,
+            etcd3_exc.ConnectionTimeoutError,
+            etcd3_exc.WatchTimedOut,
+            _StaleClient,
+        ),
+    ):
+        return True
+    return isinstance(exc, grpc.RpcError) and _rpc_code(exc) in _RETRY_CODES
+
+
+def retrying(deadline_s: float, retry_on: Callable[[BaseException], bool] = is_connection_error):
+    """The one retry policy for unary store calls.
+
+    Retries while ``retry_on(exc)``, with jittered exponential backoff from
+    ``BACKOFF_INITIAL_S`` capped at ``BACKOFF_MAX_S``, and gives up before a
+    sleep would cross ``deadline_s``; the last exception is then re-raised.
+    Usage: ``retrying(10.0)(fn, *args)``.
+    """
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(retry_on),
+        stop=tenacity.stop_before_delay(deadline_s),
+        wait=tenacity.wait_exponential_jitter(
+            multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S, jitter=BACKOFF_INITIAL_S
+        ),
+        reraise=True,
+    )
+
+
+def _rpc_code(exc: BaseException):
+    try:
+        return exc.code()  # type: ignore[attr-defined]
+    except Exception:
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    """One line naming the real cause (etcd3 hides gRPC details in __context__)."""
+    if isinstance(exc, _StaleClient) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    inner = exc if isinstance(exc, grpc.RpcError) else exc.__context__
+    if isinstance(inner, grpc.RpcError):
+        try:
+            detail = f"{inner.code().name}: {inner.details()}"
+        except Exception:
+            detail = None
+        if detail:
+            return detail if inner is exc else f"{type(exc).__name__}: {detail}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _is_lease_not_found(exc: BaseException) -> bool:
+    if not isinstance(exc, grpc.RpcError) or _rpc_code(exc) != grpc.StatusCode.NOT_FOUND:
+        return False
+    try:
+        return "lease not found" in (exc.details() or "")
+    except Exception:
+        return False
+
+
+def _parse_endpoint(endpoint: str) -> tuple[str, int]:
+    ep = endpoint.strip()
+    for scheme in ("http://", "https://"):
+        if ep.startswith(scheme):
+            ep = ep[len(scheme):]
+    ep = ep.rstrip("/")
+    host, sep, port = ep.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"invalid etcd endpoint {endpoint!r}: expected host:port")
+    return host, int(port)
+
+
+def _prefix_range_end(prefix: str) -> bytes:
+    """The exclusive end of the key range under ``prefix`` (etcd's convention)."""
+    raw = bytearray(prefix.encode())
+    while raw and raw[-1] == 0xFF:
+        raw.pop()
+    if not raw:
+        return b"\0"  # every key from prefix on
+    raw[-1] += 1
+    return bytes(raw)
+
+
+def _kv(pb_kv) -> KV:
+    return KV(
+        key=pb_kv.key.decode(),
+        value=bytes(pb_kv.value),
+        mod_revision=pb_kv.mod_revision,
+        lease=pb_kv.lease,
+    )
+
+
+# --------------------------------------------------------------------------
+# etcd implementation
+# --------------------------------------------------------------------------
+
+
+class EtcdStore(Store):
+    """:class:`Store` on etcd v3 through python-etcd3 0.12.
+
+    ``endpoints`` are ``"host:port"`` strings of one etcd cluster, tried in
+    order: a connection failure moves every user of the store (unary calls and
+    watches) to the next one, wrapping around. ``timeout`` bounds each RPC
+    attempt; ``retry_deadline`` bounds the retries of one call.
+    """
+
+    def __init__(self, endpoints: list[str], timeout: float = 2.0, retry_deadline: float = 10.0):
+        if isinstance(endpoints, str):
+            endpoints = [endpoints]
+        if not endpoints:
+            raise ConfigError("no etcd endpoints given")
+        self._endpoints = [_parse_endpoint(ep) for ep in endpoints]
+        self.endpoints = [f"{h}:{p}" for h, p in self._endpoints]
+        self.timeout = timeout
+        self.retry_deadline = retry_deadline
+        self._lock = threading.Lock()
+        self._closed = False
+        self._index = 0
+        self._client = self._connect(0)
+        self._watches: set[_PrefixWatch] = set()
+
+    # -- connection management ----------------------------------------------
+
+    def _connect(self, index: int):
+        host, port = self._endpoints[index]
+        return etcd3.client(host, port, timeout=self.timeout, grpc_options=_GRPC_OPTIONS)
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint currently in use."""
+        return self.endpoints[self._index]
+
+    def _current(self):
+        with self._lock:
+            if self._closed:
+                raise StoreError("etcd store is closed")
+            return self._client, self.endpoints[self._index]
+
+    def _rotate(self, failed_client) -> None:
+        """Move to the next endpoint, unless another thread already did."""
+        with self._lock:
+            if self._closed or self._client is not failed_client:
+                return
+            old_ep = self.endpoints[self._index]
+            self._index = (self._index + 1) % len(self._endpoints)
+            self._client = self._connect(self._index)
+            new_ep = self.endpoints[self._index]
+        log.debug("etcd reconnect from=%s to=%s", old_ep, new_ep)
+        failed_client.close()
+
+    def _call(self, op: str, fn: Callable):
+        """Run ``fn(client, is_retry)`` under the retry policy on the current
+        endpoint's client; map every failure into the nlbfarm.errors tree."""
+        started = time.monotonic()
+        attempts = 0
+
+        def attempt():
+            nonlocal attempts
+            attempts += 1
+            client, endpoint = self._current()
+            try:
+                return fn(client, attempts > 1)
+            except Exception as exc:
+                if is_connection_error(exc):
+                    log.debug("etcd call failed op=%s endpoint=%s attempt=%d reason=%s",
+                              op, endpoint, attempts, _describe(exc))
+                    self._rotate(client)
+                    raise
+                with self._lock:
+                    stale = self._client is not client and not self._closed
+                if stale:  # e.g. "Cannot invoke RPC on closed channel!"
+                    raise _StaleClient(str(exc)) from exc
+                raise
+
+        try:
+            return retrying(self.retry_deadline)(attempt)
+        except StoreError:  # store closed
+            raise
+        except Exception as exc:
+            if is_connection_error(exc):
+                raise StoreUnavailable(
+                    f"etcd unreachable: op={op} endpoints={','.join(self.endpoints)} "
+                    f"attempts={attempts} elapsed={time.monotonic() - started:.1f}s "
+                    f"last_error={_describe(exc)}"
+                ) from exc
+            if _is_lease_not_found(exc):
+                raise LeaseExpired(f"etcd lease not found (expired or revoked): op={op}") from exc
+            raise StoreError(f"etcd call failed: op={op} endpoint={self.endpoint} error={_describe(exc)}") from exc
+
+    # -- leases ----------------------------------------------------------------
+
+    def grant_lease(self, ttl: int) -> Lease:
+        if int(ttl) <= 0:
+            raise ValueError(f"lease ttl must be positive, got {ttl}")
+        lease = self._call(f"grant_lease ttl={ttl}", lambda c, retry: c.lease(int(ttl)))
+        return Lease(id=lease.id, ttl=lease.ttl)
+
+    def refresh_lease(self, lease_id: int) -> int:
+        def fn(c, retry):
+            responses = list(c.refresh_lease(lease_id))
+            return responses[-1].TTL if responses else 0
+
+        ttl = self._call(f"refresh_lease lease={lease_id:x}", fn)
+        if ttl <= 0:
+            raise LeaseExpired(f"etcd lease {lease_id:x} expired or was revoked")
+        return ttl
+
+    def revoke_lease(self, lease_id: int) -> None:
+        def fn(c, retry):
+            try:
+                c.revoke_lease(lease_id)
+            except grpc.RpcError as exc:
+                if not _is_lease_not_found(exc):
+                    raise
+
+        self._call(f"revoke_lease lease={lease_id:x}", fn)
+
+    # -- keys --------------------------------------------------------------------
+
+    def create(self, key: str, value: bytes, lease_id: int | None = None) -> bool:
+        value = bytes(value)
+
+        def fn(c, retry):
+            ok, responses = c.transaction(
+                compare=[c.transactions.version(key) == 0],
+                success=[c.transactions.put(key, value, lease_id)],
+                failure=[c.transactions.get(key)],
+            )
+            if ok:
+                return True
+            # An earlier attempt may have been applied with its reply lost.
+            return retry and _holds(responses, value, lease_id)
+
+        return self._call(f"create key={key}", fn)
+
+    def put(self, key: str, value: bytes, lease_id: int | None = None) -> int:
+        resp = self._call(f"put key={key}", lambda c, retry: c.put(key, bytes(value), lease_id))
+        return resp.header.revision
+
+    def get(self, key: str) -> KV | None:
+        resp = self._call(f"get key={key}", lambda c, retry: c.get_response(key))
+        return _kv(resp.kvs[0]) if resp.kvs else None
+
+    def get_prefix(self, prefix: str) -> tuple[dict[str, KV], int]:
+        if not prefix:
+            raise ValueError("prefix must not be empty")
+        resp = self._call(
+            f"get_prefix prefix={prefix}",
+            lambda c, retry: c.get_range_response(prefix, _prefix_range_end(prefix)),
+        )
+        return {kv.key: kv for kv in map(_kv, resp.kvs)}, resp.header.revision
+
+    def compare_and_swap(
+        self, key: str, value: bytes, expected_mod_revision: int, lease_id: int | None = None
+    ) -> bool:
+        value = bytes(value)
+        if expected_mod_revision == 0:
+            compare = lambda c: c.transactions.version(key) == 0  # noqa: E731
+        else:
+            compare = lambda c: c.transactions.mod(key) == expected_mod_revision  # noqa: E731
+
+        def fn(c, retry):
+            ok, responses = c.transaction(
+                compare=[compare(c)],
+                success=[c.transactions.put(key, value, lease_id)],
+                failure=[c.transactions.get(key)],
+            )
+            if ok:
+                return True
+            return retry and _holds(responses, value, lease_id, newer_than=expected_mod_revision)
+
+        return self._call(f"compare_and_swap key={key} expected={expected_mod_revision}", fn)
+
+    def delete(self, key: str) -> bool:
+        return self._call(f"delete key={key}", lambda c, retry: c.delete(key))
+
+    # -- watches -------------------------------------------------------------
+
+    def watch_prefix(
+        self,
+        prefix: str,
+        on_event: Callable[[WatchEvent], None],
+        start_revision: int | None = None,
+    ) -> WatchHandle:
+        if not prefix:
+            raise ValueError("prefix must not be empty")
+        watch = _PrefixWatch(self, prefix, on_event, start_revision)
+        with self._lock:
+            if self._closed:
+                raise StoreError("etcd store is closed")
+            self._watches.add(watch)
+        watch.start()
+        return watch
+
+    def _forget(self, watch: "_PrefixWatch") -> None:
+        with self._lock:
+            self._watches.discard(watch)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            watches = list(self._watches)
+        for w in watches:
+            w.cancel()
+        with self._lock:
+            self._closed = True
+            client = self._client
+        client.close()
+
+
+def _holds(responses, value: bytes, lease_id: int | None, newer_than: int = 0) -> bool:
+    """Whether the txn failure-branch get shows exactly our write."""
+    if not responses or not responses[0]:
+        return False
+    cur_value, meta = responses[0][0]
+    return (
+        cur_value == value
+        and meta.lease_id == (lease_id or 0)
+        and meta.mod_revision > newer_than
+    )
+
+
+class _Compacted(Exception):
+    def __init__(self, compact_revision: int):
+        super().__init__(f"revision compacted at {compact_revision}")
+        self.compact_revision = compact_revision
+
+
+class _PrefixWatch(WatchHandle):
+    """One prefix watch: its own thread and its own gRPC Watch stream.
+
+    python-etcd3's ``Watcher`` is not used: after a stream error it drops all
+    callbacks, and while etcd is down its thread re-opens streams in a busy
+    loop. Here the stream is driven directly through the client's channel.
+    """
+
+    def __init__(self, store: EtcdStore, prefix: str, on_event, start_revision: int | None):
+        self._store = store
+        self.prefix = prefix
+        self._range_end = _prefix_range_end(prefix)
+        self._on_event = on_event
+        # Revision the next (re)created stream starts at; None = list first.
+        self._next_rev: int | None = start_revision if start_revision else None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._call = None
+        self._established = False  # the current stream got its "created" reply
+        self._lost_since: float | None = None  # start of the current outage
+        self._thread = threading.Thread(
+            target=self._run, name=f"etcd-watch {prefix}", daemon=True
+        )
+
+    @property
+    def last_revision(self) -> int:
+        """The last revision known to be delivered (0 before the first delivery)."""
+        return (self._next_rev or 1) - 1
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self._stop.set()
+        with self._lock:
+            call = self._call
+        if call is not None:
+            call.cancel()
+        if threading.current_thread() is not self._thread and self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+            if self._thread.is_alive():
+                log.warning("watch thread did not stop prefix=%s", self.prefix)
+        self._store._forget(self)
+
+    # -- the thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = BACKOFF_INITIAL_S
+        while not self._stop.is_set():
+            try:
+                client, endpoint = self._store._current()
+            except StoreError:
+                break  # store closed
+            self._established = False
+            try:
+                if self._next_rev is None:
+                    self._resync(client)
+                self._stream(client, endpoint)
+                break  # returns only once cancelled
+            except _Compacted as exc:
+                log.warning(
+                    "watch compacted prefix=%s last_revision=%d compact_revision=%d action=resync",
+                    self.prefix, self.last_revision, exc.compact_revision,
+                )
+                self._next_rev = None
+                continue
+            except Exception as exc:
+                if self._stop.is_set():
+                    break
+                if self._established:
+                    delay = BACKOFF_INITIAL_S
+                if self._lost_since is None:
+                    self._lost_since = time.monotonic()
+                    log.warning(
+                        "watch lost prefix=%s endpoint=%s last_revision=%d reason=%s",
+                        self.prefix, endpoint, self.last_revision, _describe(exc),
+                    )
+                else:
+                    log.debug(
+                        "watch retry failed prefix=%s endpoint=%s last_revision=%d reason=%s",
+                        self.prefix, endpoint, self.last_revision, _describe(exc),
+                    )
+                if is_connection_error(exc):
+                    self._store._rotate(client)
+            # Always pause, so a stream that keeps failing right after
+            # creation cannot spin.
+            if self._stop.wait(delay):
+                break
+            delay = min(delay * 2, BACKOFF_MAX_S)
+        log.debug("watch stopped prefix=%s last_revision=%d", self.prefix, self.last_revision)
+
+    def _resync(self, client) -> None:
+        resp = client.get_range_response(self.prefix, self._range_end)
+        snapshot = {kv.key: kv for kv in map(_kv, resp.kvs)}
+        rev = resp.header.revision
+        log.info("watch resync prefix=%s revision=%d keys=%d", self.prefix, rev, len(snapshot))
+        self._deliver(
+            WatchEvent(kind="resync", key=self.prefix, value=b"", mod_revision=rev, snapshot=snapshot)
+        )
+        self._next_rev = rev + 1
+
+    def _stream(self, client, endpoint: str) -> None:
+        """Run one Watch stream until it fails (raises) or is cancelled (returns)."""
+        request = etcdrpc.WatchRequest(
+            create_request=etcdrpc.WatchCreateRequest(
+                key=self.prefix.encode(),
+                range_end=self._range_end,
+                start_revision=self._next_rev,
+                progress_notify=True,
+            )
+        )
+        done = threading.Event()
+
+        def requests():
+            yield request
+            done.wait()  # keep the request side open until this stream ends
+
+        call = etcdrpc.WatchStub(client.channel).Watch(requests(), metadata=client.metadata)
+        with self._lock:
+            self._call = call
+        if self._stop.is_set():
+            call.cancel()
+        try:
+            for rs in call:
+                if rs.compact_revision:
+                    raise _Compacted(rs.compact_revision)
+                if rs.canceled:
+                    raise StoreError(f"watch canceled by etcd: {rs.cancel_reason or 'no reason given'}")
+                if rs.created:
+                    self._established = True
+                    if self._lost_since is not None:
+                        log.info(
+                            "watch resumed prefix=%s endpoint=%s from_revision=%d down_for=%.1fs",
+                            self.prefix, endpoint, self._next_rev,
+                            time.monotonic() - self._lost_since,
+                        )
+                        self._lost_since = None
+                    else:
+                        log.debug("watch started prefix=%s endpoint=%s from_revision=%s",
+                                  self.prefix, endpoint, self._next_rev)
+                if rs.events:
+                    for ev in rs.events:
+                        if self._stop.is_set():
+                            return
+                        self._deliver(_event(ev))
+                    self._next_rev = rs.events[-1].kv.mod_revision + 1
+                elif not rs.created and self._next_rev is not None:
+                    # Progress notification: nothing under the prefix changed
+                    # up to header.revision.
+                    self._next_rev = max(self._next_rev, rs.header.revision + 1)
+            raise StoreError("watch stream ended by etcd")
+        except grpc.RpcError:
+            if self._stop.is_set():
+                return
+            raise
+        finally:
+            done.set()
+            call.cancel()
+            with self._lock:
+                self._call = None
+
+    def _deliver(self, event: WatchEvent) -> None:
+        if self._stop.is_set():
+            return
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception(
+                "watch callback failed prefix=%s kind=%s key=%s revision=%d",
+                self.prefix, event.kind, event.key, event.mod_revision,
+            )
+
+
+def _event(ev) -> WatchEvent:
+    kv = ev.kv
+    if ev.type == kv_pb2.Event.DELETE:
+        return WatchEvent(kind="delete", key=kv.key.decode(), value=b"", mod_revision=kv.mod_revision)
+    return WatchEvent(
+        kind="put",
+        key=kv.key.decode(),
+        value=bytes(kv.value),
+        mod_revision=kv.mod_revision,
+        lease=kv.lease,
+    )
