@@ -72,13 +72,13 @@ def plan_table(snap: ClusterSnapshot) -> TableUpdate | None:
     old_counts = counts(previous) if previous else {}
     joined = sorted(set(candidates) - set(old_counts))
     left = sorted(set(old_counts) - set(candidates))
-    parts = []
-    if joined:
+    parts = [] if previous else ["first table"]
+    if joined and previous:
         parts.append("joined=" + ",".join(joined))
     if left:
         parts.append("left=" + ",".join(left))
     if not parts:
-        parts.append("weights or shares changed" if previous else "first table")
+        parts.append("weights or shares changed")
     last_gen = max([snap.table.generation if snap.table else 0]
                    + [a.generation for a in snap.applied.values()])
     return TableUpdate(generation=last_gen + 1, owners=new,

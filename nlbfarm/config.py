@@ -127,7 +127,7 @@ class TimingSection(_Strict):
     # etcd 3.4 grants at least 1.5 x its election timeout (2 s by default).
     lease_ttl: int = Field(default=3, ge=1, le=300)
     # Whole seconds: the nftables JSON API takes element timeouts in seconds.
-    fence_timeout: int = Field(default=2, ge=1, le=299)
+    fence_timeout: int = Field(default=1, ge=1, le=299)
     keepalive_interval: float = Field(default=0.5, gt=0, le=60)
     # SIGTERM: how long to wait for peers to take over before leaving anyway.
     leave_timeout: float = Field(default=10.0, ge=0, le=3600)

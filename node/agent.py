@@ -30,7 +30,8 @@ from nlbfarm.coordinator.cluster import (
 from nlbfarm.coordinator.handover import AcceptPlan, plan_accept, plan_table
 from nlbfarm.coordinator.store import EtcdStore, LeaseExpired, Store
 from nlbfarm.coordinator.table import bucket_ranges
-from nlbfarm.errors import ConfigError, DataPlaneError, DuplicateMember, FarmError, StoreError
+from nlbfarm.errors import (
+    ConfigError, DataPlaneError, DuplicateMember, FarmError, StoreError, StoreUnavailable)
 from nlbfarm.logs import setup_logging
 from nlbfarm.node.dataplane import DataPlane, DataPlaneSpec, cluster_mac_for
 from nlbfarm.node.vip import Vip
@@ -190,9 +191,20 @@ class Agent:
 
     def start(self) -> None:
         """Everything up to a running loop. Raises FarmError before any change if it cannot run."""
-        self._wait_for_etcd()
-        self.settings = self._ensure_settings()
-        self._register()
+        delay = 0.5
+        while True:
+            self._wait_for_etcd()
+            if self.stopping.is_set():
+                return
+            try:
+                self.settings = self._ensure_settings()
+                self._register()
+                break
+            except StoreUnavailable as exc:
+                # etcd went away between the probe and registration: same policy as at start.
+                log.warning("etcd unreachable during registration retry_in=%.1fs reason=%s", delay, exc)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 10.0)
         base = self._base_spec(fence_open=True)
         # Order matters: the ARP rewrite must be in force before the VIP exists,
         # or a client could learn this node's own MAC for the VIP.
@@ -416,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     try:
         agent.start()
-        if agent.stopping.is_set():
+        if agent.lease_id is None:  # stopped before registering: nothing to undo
+            log.info("stopped node=%s before joining", agent.me)
             return 0
         server = serve_status(agent, cfg.status.listen)
         log.info("running node=%s vips=%s status=%s", agent.me, ",".join(cfg.cluster.vips),

@@ -1,0 +1,75 @@
+"""Reading what a lab run recorded: the client's connections and every node's accept log.
+
+Used by the demo and the lab tests to prove "each connection was accepted by
+exactly one node" from the two independent records.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+# Ports are reused, sometimes within milliseconds (the server closes first, so
+# the client's port is free at once). An accept belongs to the attempt with the
+# same port that was in flight at that moment: the latest one started before
+# the accept, and not yet finished. Client and nodes read the same clock in a
+# lab, and the client reads it before it even binds, so the lower bound is exact.
+CLOCK_SLACK_S = 0.005
+
+
+@dataclass(frozen=True)
+class Accept:
+    t: float
+    ip: str
+    port: int
+    node: str
+
+
+def read_results(path: str | Path) -> list[dict]:
+    out = []
+    p = Path(path)
+    if not p.exists():
+        return out
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a kill: not a completed record
+    return sorted(out, key=lambda r: r["t"])
+
+
+def read_accepts(paths: dict[str, Path], client_ip: str) -> list[Accept]:
+    out = []
+    for node, path in paths.items():
+        if not Path(path).exists():
+            continue
+        for line in Path(path).read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1] == client_ip:
+                out.append(Accept(float(parts[0]), parts[1], int(parts[2]), node))
+    return out
+
+
+def match_accepts(results: list[dict], accepts: list[Accept]) -> list[list[str]]:
+    """For each client result (in order), the nodes whose accept log shows that connection."""
+    by_port: dict[int, list[int]] = defaultdict(list)
+    for i, r in enumerate(results):
+        by_port[r["port"]].append(i)
+    matched: list[list[str]] = [[] for _ in results]
+    for a in accepts:
+        candidates = [i for i in by_port.get(a.port, ())
+                      if results[i]["t"] <= a.t
+                      <= results[i]["t"] + results[i]["ms"] / 1000 + CLOCK_SLACK_S]
+        if candidates:
+            best = max(candidates, key=lambda i: results[i]["t"])
+            matched[best].append(a.node)
+    return matched
+
+
+def shares(results: list[dict], t0: float = 0.0, t1: float = float("inf")) -> dict[str, int]:
+    return dict(Counter(r["node"] for r in results if r["node"] and t0 <= r["t"] < t1))
+
+
+def failures(results: list[dict], t0: float = 0.0, t1: float = float("inf")) -> list[dict]:
+    return [r for r in results if r["error"] and t0 <= r["t"] < t1]

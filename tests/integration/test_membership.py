@@ -1,0 +1,163 @@
+"""Membership and the bucket table through a real etcd."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from nlbfarm.config import parse_config
+from nlbfarm.coordinator.cluster import build_snapshot, table_key
+from nlbfarm.coordinator.handover import plan_table
+from nlbfarm.coordinator.store import EtcdStore
+from nlbfarm.coordinator.table import counts
+from nlbfarm.errors import ConfigError, DuplicateMember
+from nlbfarm.node.agent import Agent
+
+pytestmark = pytest.mark.integration
+
+
+def config(endpoint, cluster, node="n1", buckets=256, weight=1):
+    return parse_config({
+        "node": {"id": node, "weight": weight, "addresses": ["198.18.0.11"]},
+        "cluster": {"name": cluster, "vips": ["198.18.0.100"], "buckets": buckets},
+        "etcd": {"endpoints": [endpoint], "timeout": 2.0, "retry_deadline": 5.0},
+    })
+
+
+@pytest.fixture
+def cluster():
+    return f"c{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def agents():
+    made = []
+    yield made
+    for a in made:
+        if a.lease_id is not None:
+            a.store.revoke_lease(a.lease_id)
+        a.store.close()
+
+
+def registered(agents, cfg):
+    a = Agent(cfg)  # data plane and VIP stay untouched: only the etcd steps run here
+    agents.append(a)
+    a._wait_for_etcd()
+    a.settings = a._ensure_settings()
+    a._register()
+    return a
+
+
+def test_member_record_is_lease_bound_and_complete(etcd_server, cluster, agents):
+    a = registered(agents, config(etcd_server.endpoint, cluster))
+    kv = a.store.get(f"/nlbfarm/{cluster}/members/n1")
+    assert kv.lease == a.lease_id
+    assert json.loads(kv.value) == {"id": "n1", "weight": 1, "state": "active",
+                                    "addresses": ["198.18.0.11"], "version": "0.1.0"}
+
+
+def test_duplicate_node_id_is_refused_and_first_is_undisturbed(etcd_server, cluster, agents):
+    first = registered(agents, config(etcd_server.endpoint, cluster))
+    key = f"/nlbfarm/{cluster}/members/n1"
+    before = first.store.get(key)
+    with pytest.raises(DuplicateMember, match=r"node id 'n1' is already registered .* refusing to start"):
+        registered(agents, config(etcd_server.endpoint, cluster, weight=5))
+    after = first.store.get(key)
+    assert after == before  # same value, revision and lease
+    first.store.refresh_lease(first.lease_id)  # the first node's lease is still fine
+
+
+def test_node_id_is_free_again_after_the_lease_is_revoked(etcd_server, cluster, agents):
+    first = registered(agents, config(etcd_server.endpoint, cluster))
+    first.store.revoke_lease(first.lease_id)
+    first.lease_id = None
+    second = registered(agents, config(etcd_server.endpoint, cluster))
+    assert second.store.get(f"/nlbfarm/{cluster}/members/n1").lease == second.lease_id
+
+
+def test_bucket_count_must_match_the_cluster(etcd_server, cluster, agents):
+    registered(agents, config(etcd_server.endpoint, cluster, node="n1", buckets=256))
+    with pytest.raises(ConfigError, match="cluster.buckets is 512 but cluster .* uses 256"):
+        registered(agents, config(etcd_server.endpoint, cluster, node="n2", buckets=512))
+
+
+def test_seed_is_shared_cluster_wide(etcd_server, cluster, agents):
+    a = registered(agents, config(etcd_server.endpoint, cluster, node="n1"))
+    b = registered(agents, config(etcd_server.endpoint, cluster, node="n2"))
+    assert a.settings == b.settings
+
+
+def test_racing_table_writers_end_with_one_table(etcd_server, cluster):
+    """Several writers compute rebalance() from what they read and CAS it; all agree at the end."""
+    prefix = f"/nlbfarm/{cluster}"
+    stores = [EtcdStore([etcd_server.endpoint]) for _ in range(4)]
+    admin = stores[0]
+    admin.put(f"{prefix}/cluster", json.dumps({"seed": 1, "buckets": 256}).encode())
+    writes = {"ok": 0, "lost": 0}
+    lock = threading.Lock()
+
+    def writer(store, rounds):
+        for _ in range(rounds):
+            items, rev = store.get_prefix(prefix)
+            snap = build_snapshot(prefix, {k: (kv.value, kv.mod_revision) for k, kv in items.items()}, rev)
+            up = plan_table(snap)
+            if up is None:
+                continue
+            from nlbfarm.coordinator.cluster import TableRecord
+            ok = store.compare_and_swap(table_key(prefix), TableRecord.encode(up.generation, up.owners),
+                                        up.expected_revision)
+            with lock:
+                writes["ok" if ok else "lost"] += 1
+
+    try:
+        for step, members in enumerate([["a", "b"], ["a", "b", "c"], ["b", "c"], ["b", "c", "d", "e"]]):
+            for k in list(admin.get_prefix(f"{prefix}/members/")[0]):
+                admin.delete(k)
+            for m in members:
+                admin.put(f"{prefix}/members/{m}", json.dumps({"id": m, "weight": 1}).encode())
+            threads = [threading.Thread(target=writer, args=(s, 5)) for s in stores]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            items, rev = admin.get_prefix(prefix)
+            snap = build_snapshot(prefix, {k: (kv.value, kv.mod_revision) for k, kv in items.items()}, rev)
+            assert plan_table(snap) is None, f"step {step}: writers left a table that is not final"
+            assert set(counts(list(snap.table.owners))) == set(members)
+            assert snap.table.generation == step + 1, "one table generation per membership change"
+        assert writes["ok"] == 4
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_farmd_retries_with_backoff_while_etcd_is_unreachable(tmp_path):
+    """farmd at start with no etcd: clear retry logs, nothing applied, clean exit on SIGTERM."""
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "farmd.yaml"
+    cfg.write_text(f"node: {{id: n1}}\ncluster: {{vips: [198.18.0.100]}}\n"
+                   f"etcd: {{endpoints: ['127.0.0.1:{port}'], timeout: 0.5, retry_deadline: 1}}\n")
+    ns = f"farmd-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "nlbfarm.node.agent",
+                              "--config", str(cfg)], stderr=subprocess.PIPE, text=True)
+        time.sleep(4)
+        p.send_signal(signal.SIGTERM)
+        _out, err = p.communicate(timeout=20)
+        assert p.returncode == 0, err
+        assert "etcd unreachable" in err and f"127.0.0.1:{port}" in err and "retry_in=" in err
+        tables = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "tables"], capture_output=True,
+                                text=True).stdout
+        assert "nlbfarm" not in tables
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])

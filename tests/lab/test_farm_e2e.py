@@ -1,0 +1,165 @@
+"""The farm end to end: real namespaces, real etcd, real agents and apps, a real TCP client.
+
+One lab (prefix "tfarm") serves the module; each test leaves it with all three
+nodes running. ``Lab.up`` first removes whatever a crashed earlier run left.
+"""
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from nlbfarm.analysis import failures, match_accepts, read_accepts, read_results, shares
+from nlbfarm.lab import CLIENT_ADDR, Lab
+from nlbfarm.node import iplib
+
+NODES = ["n1", "n2", "n3"]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    lab = Lab(prefix="tfarm", state_root=tmp_path_factory.mktemp("labstate"))
+    try:
+        lab.up(nodes=3, wait=60)
+        yield lab
+    finally:
+        lab.down()
+    assert not lab.lab_namespaces()
+
+
+def run_load(lab, out, count, duration, workers=4, interval=0.0, timeout=3.0):
+    return subprocess.Popen(lab.loadclient_argv(count, duration, out, workers=workers, interval=interval,
+                                                timeout=timeout), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def accept_logs(lab):
+    return {n: lab.accept_log(n) for n in NODES}
+
+
+def assert_exactly_once(lab, results):
+    """Every successful connection was accepted by exactly one node, the one that answered;
+    no connection, failed or not, was accepted by two nodes."""
+    accepts = read_accepts(accept_logs(lab), CLIENT_ADDR)
+    matched = match_accepts(results, accepts)
+    for r, nodes in zip(results, matched):
+        same_port = [a for a in accepts if a.port == r["port"]]
+        assert len(nodes) <= 1, f"connection {r} accepted by {nodes}; accepts on that port: {same_port}"
+        if r["node"]:
+            assert nodes == [r["node"]], \
+                f"connection {r} answered by {r['node']} but accept logs say {nodes}; on that port: {same_port}"
+
+
+def fence_open(lab, node) -> bool:
+    cp = lab.run(node, ["nft", "-j", "list", "set", "inet", "nlbfarm", "fence"], check=False)
+    if cp.returncode != 0:
+        return False
+    return bool(json.loads(cp.stdout)["nftables"][1]["set"].get("elem"))
+
+
+def test_every_connection_answered_by_exactly_one_node_with_fair_shares(lab, tmp_path):
+    out = tmp_path / "steady.jsonl"
+    p = run_load(lab, out, count=900, duration=60)
+    assert p.wait(90) == 0
+    results = read_results(out)
+    assert len(results) == 900
+    assert failures(results) == []
+    assert_exactly_once(lab, results)
+    fair = len(results) / 3
+    got = shares(results)
+    assert set(got) == set(NODES)
+    for n in NODES:
+        assert abs(got[n] - fair) <= 0.25 * fair, f"{n} served {got[n]}, fair is {fair:.0f}: {got}"
+
+
+def test_agent_kill_closes_fence_before_ttl_then_survivors_take_over_and_node_rejoins(lab, tmp_path):
+    ttl = lab.timing.lease_ttl
+    out = tmp_path / "kill.jsonl"
+    load = run_load(lab, out, count=4000, duration=30, workers=6, interval=0.02)
+    try:
+        time.sleep(3)
+        assert fence_open(lab, "n2")
+        t_kill = time.time()
+        lab.kill("n2", "agent")           # kill -9 of the agent; the app keeps running
+        t_fence = None
+        while time.time() < t_kill + ttl + 1:
+            if not fence_open(lab, "n2"):
+                t_fence = time.time()
+                break
+            time.sleep(0.05)
+        assert t_fence is not None and t_fence - t_kill < ttl, \
+            f"fence of n2 still open {time.time() - t_kill:.2f}s after the kill (lease TTL {ttl}s)"
+        snap = lab.wait_converged(["n1", "n3"], timeout=ttl + 5)
+        assert set(snap.counts()) == {"n1", "n3"} and sum(snap.counts().values()) == lab.buckets
+        t_takeover = time.time()
+        time.sleep(max(0.0, t_kill + ttl + 8 - time.time()))
+        lab.start_agent("n2")
+        snap = lab.wait_converged(NODES, timeout=20)
+        t_rejoin = time.time()
+        fair = lab.buckets / 3
+        assert all(abs(c - fair) <= 1 for c in snap.counts().values()), snap.counts()
+        assert load.wait(60) == 0
+    finally:
+        if load.poll() is None:
+            load.kill()
+    results = read_results(out)
+    assert len(results) >= 600
+    assert_exactly_once(lab, results)
+    late = [r for r in failures(results, t0=t_kill + ttl + 2)]
+    assert late == [], f"{len(late)} connections failed later than TTL + 2 s after the kill: {late[:3]}"
+    assert t_takeover - t_kill < ttl + 5
+    after = shares(results, t0=t_rejoin + 1)
+    assert "n2" in after, f"n2 served nothing after rejoining: {after}"
+
+
+def test_sigterm_hands_over_and_removes_everything(lab, tmp_path):
+    out = tmp_path / "term.jsonl"
+    load = run_load(lab, out, count=3000, duration=20, workers=4, interval=0.02)
+    try:
+        time.sleep(2)
+        t_term = time.time()
+        pid = lab.pid("n3", "agent")
+        lab.kill("n3", "agent", sig=signal.SIGTERM, wait=lab.timing.leave_timeout + 5)
+        assert not lab.alive("n3", "agent"), "farmd did not exit after SIGTERM"
+        t_gone = time.time()
+        snap = lab.snapshot()
+        # Lease revoked: no waiting for the TTL.
+        assert "n3" not in snap.members and "n3" not in snap.applied
+        assert set(snap.counts()) == {"n1", "n2"}
+        assert "198.18.0.100/32" not in iplib.addresses("eth0", lab.ns("n3"))
+        tables = lab.run("n3", ["nft", "list", "tables"]).stdout
+        assert "nlbfarm" not in tables
+        log = (lab.dir / "n3.agent.log").read_text()
+        assert "leaving node=n3" in log and "stopped node=n3" in log
+        assert load.wait(60) == 0
+    finally:
+        if load.poll() is None:
+            load.kill()
+        lab.start_agent("n3")
+        lab.wait_converged(NODES, timeout=20)
+    results = read_results(out)
+    assert_exactly_once(lab, results)
+    assert failures(results, t0=t_gone) == []
+    assert shares(results, t0=t_gone + 0.5).keys() <= {"n1", "n2"} | {"n3"}
+
+
+def test_malformed_etcd_values_are_ignored_with_a_warning(lab, tmp_path):
+    garbage = {"/nlbfarm/lab/members/zz": "{not json", "/nlbfarm/lab/applied/n1x": "[1,2]",
+               "/nlbfarm/lab/members/yy": '{"id": "yy", "weight": "heavy"}'}
+    etcdctl = ["etcdctl", "--endpoints", "127.0.0.1:2379"]
+    try:
+        for k, v in garbage.items():
+            lab.run("etcd", etcdctl + ["put", k, v])
+        out = tmp_path / "garbage.jsonl"
+        assert run_load(lab, out, count=300, duration=30).wait(60) == 0
+        results = read_results(out)
+        assert failures(results) == [] and set(shares(results)) == set(NODES)
+        assert all(lab.alive(n) for n in NODES)
+        log = (lab.dir / "n1.agent.log").read_text()
+        assert "ignoring malformed value key=/nlbfarm/lab/members/zz reason=not valid JSON" in log
+        assert "key=/nlbfarm/lab/members/yy reason=weight must be an integer" in log
+    finally:
+        for k in garbage:
+            lab.run("etcd", etcdctl + ["del", k], check=False)
+    lab.wait_converged(NODES, timeout=10)

@@ -1,0 +1,98 @@
+"""Config validation: every error names its field; nothing half-valid gets through."""
+import textwrap
+
+import pytest
+
+from nlbfarm.config import load_config, parse_config
+from nlbfarm.errors import ConfigError
+
+GOOD = {
+    "node": {"id": "n1", "interface": "eth0"},
+    "cluster": {"vips": ["198.18.0.100"]},
+    "etcd": {"endpoints": ["127.0.0.1:2379"]},
+}
+
+
+def merged(**sections):
+    d = {k: dict(v) for k, v in GOOD.items()}
+    for sec, vals in sections.items():
+        d.setdefault(sec, {}).update(vals)
+    return d
+
+
+def test_minimal_config_gets_sane_defaults():
+    cfg = parse_config(GOOD)
+    assert cfg.cluster.buckets == 4096
+    assert cfg.timing.lease_ttl == 3 and cfg.timing.fence_timeout == 1
+    assert cfg.status.listen == "127.0.0.1:7400"  # loopback by default
+    assert cfg.key_prefix == "/nlbfarm/default"
+    assert cfg.nft.table == "nlbfarm"
+
+
+@pytest.mark.parametrize("sections, field, words", [
+    ({"timing": {"lease_ttl": 3, "fence_timeout": 3}}, "timing", "must be less than lease_ttl"),
+    ({"timing": {"lease_ttl": 3, "fence_timeout": 2, "keepalive_interval": 0.8}}, "timing",
+     "keepalive_interval (0.8 s) must be at most half"),
+    ({"cluster": {"buckets": 1000}}, "cluster.buckets", "power of two from 64 to 65536, got 1000"),
+    ({"cluster": {"buckets": 32}}, "cluster.buckets", "power of two"),
+    ({"cluster": {"buckets": 131072}}, "cluster.buckets", "power of two"),
+    ({"cluster": {"vips": ["300.1.1.1"]}}, "cluster.vips", "is not an IP address"),
+    ({"cluster": {"vips": []}}, "cluster.vips", "at least 1"),
+    ({"cluster": {"vips": ["198.18.0.1", "198.18.0.1"]}}, "cluster.vips", "same VIP twice"),
+    ({"cluster": {"cluster_mac": "02:00:00:00:00:01"}}, "cluster.cluster_mac", "not a multicast MAC"),
+    ({"cluster": {"cluster_mac": "zz"}}, "cluster.cluster_mac", "not a MAC address"),
+    ({"node": {"id": "bad id!"}}, "node.id", "must be 1-63 characters"),
+    ({"node": {"interface": "a-very-long-interface-name"}}, "node.interface", "interface name"),
+    ({"node": {"weight": -1}}, "node.weight", "greater than or equal to 0"),
+    ({"etcd": {"endpoints": ["localhost"]}}, "etcd.endpoints", "is not host:port"),
+    ({"etcd": {"prefix": "nlbfarm"}}, "etcd.prefix", "must start with '/'"),
+    ({"status": {"listen": "nowhere"}}, "status.listen", "is not host:port"),
+    ({"node": {"wieght": 2}}, "node.wieght", "unknown field"),
+])
+def test_errors_name_the_field_and_the_problem(sections, field, words):
+    with pytest.raises(ConfigError) as ei:
+        parse_config(merged(**sections), "farmd.yaml")
+    msg = str(ei.value)
+    assert "farmd.yaml" in msg
+    assert f"  {field}" in msg, msg
+    assert words in msg, msg
+
+
+def test_missing_sections_are_reported_together():
+    with pytest.raises(ConfigError) as ei:
+        parse_config({"node": {"id": "n1"}})
+    msg = str(ei.value)
+    assert "cluster: required field is missing" in msg
+    assert "etcd: required field is missing" in msg
+
+
+def test_top_level_must_be_mapping():
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        parse_config(["x"])
+
+
+def test_load_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text(textwrap.dedent("""
+        node: {id: n1}
+        cluster: {name: web, vips: [198.18.0.100]}
+        etcd: {endpoints: ["10.0.0.1:2379", "10.0.0.2:2379"]}
+    """))
+    cfg = load_config(good)
+    assert cfg.key_prefix == "/nlbfarm/web" and len(cfg.etcd.endpoints) == 2
+
+
+def test_farmd_check_exits_nonzero_and_changes_nothing(tmp_path, capsys):
+    from nlbfarm.node.agent import main
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node: {id: n1}\ncluster: {vips: [198.18.0.100]}\netcd: {endpoints: ['x:1']}\n"
+                   "timing: {lease_ttl: 2, fence_timeout: 2}\n")
+    assert main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "timing: fence_timeout (2 s) must be less than lease_ttl (2 s)" in err
