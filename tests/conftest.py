@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -154,3 +155,23 @@ def etcd_server(_etcd_session: EtcdServer) -> EtcdServer:
     """A running etcd; its ``endpoint`` is ``"127.0.0.1:<port>"``."""
     _etcd_session.start()  # no-op unless an earlier test left it stopped
     return _etcd_session
+
+
+
+# Namespaces only these tests create. A crashed earlier run may have left some;
+# they are removed before the session so they can neither collide nor pile up.
+_STALE = r"^(nft-[0-9a-f]{8}|iplt-[0-9a-f]+.*|farmd-[0-9a-f]{6}|tfarm-.*)$"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_stale_test_namespaces():
+    if os.geteuid() == 0 and shutil.which("ip"):
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+        for line in names:
+            name = line.split(" ")[0]
+            if name and re.match(_STALE, name):
+                for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                                          text=True).stdout.split():
+                    subprocess.run(["kill", "-9", pid])
+                subprocess.run(["ip", "netns", "del", name])
+    yield

@@ -23,3 +23,4 @@ def netns():
         yield name
     finally:
         iplib.delete_netns(name)
+

@@ -58,7 +58,18 @@ def fence_open(lab, node) -> bool:
     return bool(json.loads(cp.stdout)["nftables"][1]["set"].get("elem"))
 
 
+def conntrack_entries(lab, node) -> int:
+    cp = lab.run(node, ["conntrack", "-L", "-p", "tcp", "--orig-dst", "198.18.0.100"], check=False)
+    return sum(1 for line in cp.stdout.splitlines() if "dport=80" in line)
+
+
 def test_every_connection_answered_by_exactly_one_node_with_fair_shares(lab, tmp_path):
+    # Another tool's table that uses conntrack, as on many real servers: it turns
+    # connection tracking on in the node, and farmd must leave it alone.
+    for n in NODES:
+        lab.run(n, ["nft", "add table inet othertool; "
+                           "add chain inet othertool in { type filter hook input priority 0; }; "
+                           "add rule inet othertool in ct state new counter"])
     out = tmp_path / "steady.jsonl"
     p = run_load(lab, out, count=900, duration=60)
     assert p.wait(90) == 0
@@ -71,6 +82,10 @@ def test_every_connection_answered_by_exactly_one_node_with_fair_shares(lab, tmp
     assert set(got) == set(NODES)
     for n in NODES:
         assert abs(got[n] - fair) <= 0.25 * fair, f"{n} served {got[n]}, fair is {fair:.0f}: {got}"
+        # Foreign buckets are dropped before conntrack: a node tracks only its own share.
+        tracked = conntrack_entries(lab, n)
+        assert 0 < tracked <= got[n], f"{n} tracks {tracked} connections but served {got[n]}"
+        assert "table inet othertool" in lab.run(n, ["nft", "list", "tables"]).stdout
 
 
 def test_agent_kill_closes_fence_before_ttl_then_survivors_take_over_and_node_rejoins(lab, tmp_path):
