@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,6 +19,13 @@ from nlbfarm.errors import ConfigError
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+def _host_port(v: str, min_port: int = 1) -> str:
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not min_port <= int(port) < 65536:
+        raise ValueError(f"{v!r} is not host:port")
+    return v
 
 
 class _Strict(BaseModel):
@@ -110,9 +116,7 @@ class EtcdSection(_Strict):
     @classmethod
     def _endpoints(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for ep in v:
-            host, sep, port = ep.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"{ep!r} is not host:port")
+            _host_port(ep)
         return v
 
     @field_validator("prefix")
@@ -152,10 +156,7 @@ class StatusSection(_Strict):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ValueError(f"{v!r} is not host:port")
-        return v
+        return _host_port(v, min_port=0)  # port 0: pick a free port (tests)
 
 
 class NftSection(_Strict):

@@ -222,30 +222,3 @@ class DataPlane:
         name = table or (self.current.table if self.current else DEFAULT_TABLE)
         self.run(build_teardown(name), "teardown")
         self.current = None
-
-    def counters(self) -> dict[str, int]:
-        """Packets accepted and dropped by the VIP chain, for status and tests."""
-        spec = self.current
-        if spec is None:
-            return {}
-        with self._lock:
-            rc, out, err = self._ctx().json_cmd(
-                {"nftables": [{"list": {"chain": {"family": "inet", "table": spec.table, "name": "vip_in"}}}]})
-        if rc != 0:
-            raise DataPlaneError(f"nftables could not list counters: {err.strip()}")
-        result = {"accepted_packets": 0, "dropped_packets": 0, "fenced_packets": 0}
-        for item in out["nftables"] if isinstance(out, dict) else []:
-            r = item.get("rule")
-            if not r:
-                continue
-            exprs = r.get("expr", [])
-            ctr = next((e["counter"] for e in exprs if "counter" in e), None)
-            if not ctr:
-                continue
-            if any("accept" in e for e in exprs):
-                result["accepted_packets"] += ctr["packets"]
-            elif any("match" in e and e["match"].get("right") == "@fence" for e in exprs):
-                result["fenced_packets"] += ctr["packets"]
-            else:
-                result["dropped_packets"] += ctr["packets"]
-        return result

@@ -4,7 +4,7 @@ import subprocess
 import sys
 import time
 
-from nlbfarm.node.dataplane import DataPlaneSpec, cluster_mac_for
+from nlbfarm.node.dataplane import cluster_mac_for
 
 SPEC = dict(interface="eth0", vips=["198.18.0.100"], cluster_mac=cluster_mac_for("198.18.0.100"),
             buckets=4096, seed=305441741, accepting=[[0, 1364], [4000, 4000]], fence_open=True, fence_timeout=1)
@@ -22,19 +22,17 @@ def nft(ns, *args):
                           timeout=10)
 
 
-APPLY = """
-import json, sys
-from nlbfarm.node.dataplane import DataPlane, DataPlaneSpec
-d = json.loads(sys.argv[1]) if len(sys.argv) > 1 else None
-"""
+def spec_code(spec: dict) -> str:
+    """Python source that builds ``spec`` and an empty DataPlane ``dp`` inside the namespace."""
+    return ("import json\nfrom nlbfarm.node.dataplane import DataPlane, DataPlaneSpec\n"
+            "from nlbfarm.errors import DataPlaneError\n"
+            f"d = json.loads({json.dumps(json.dumps(spec))})\n"
+            "d['vips'] = tuple(d['vips']); d['accepting'] = tuple(tuple(r) for r in d['accepting'])\n"
+            "dp = DataPlane(); spec = DataPlaneSpec(**d)\n")
 
 
 def apply_spec(ns, spec: dict, then: str = ""):
-    code = ("import json\nfrom nlbfarm.node.dataplane import DataPlane, DataPlaneSpec\n"
-            f"d = json.loads({json.dumps(json.dumps(spec))})\n"
-            "d['vips'] = tuple(d['vips']); d['accepting'] = tuple(tuple(r) for r in d['accepting'])\n"
-            "dp = DataPlane(); spec = DataPlaneSpec(**d); print(dp.apply(spec), dp.apply(spec))\n" + then)
-    return in_ns(ns, code)
+    return in_ns(ns, spec_code(spec) + "print(dp.apply(spec), dp.apply(spec))\n" + then)
 
 
 def test_ruleset_loads_and_is_idempotent(netns):
@@ -71,12 +69,7 @@ def test_teardown_removes_only_our_tables(netns):
 def test_refused_transaction_leaves_previous_rules(netns):
     apply_spec(netns, SPEC)
     bad = dict(SPEC, interface="x" * 40)  # an ifname longer than the kernel accepts
-    code = ("import json\nfrom nlbfarm.node.dataplane import DataPlane, DataPlaneSpec\n"
-            "from nlbfarm.errors import DataPlaneError\n"
-            f"d = json.loads({json.dumps(json.dumps(bad))})\n"
-            "d['vips'] = tuple(d['vips']); d['accepting'] = tuple(tuple(r) for r in d['accepting'])\n"
-            "dp = DataPlane()\n"
-            "try:\n    dp.apply(DataPlaneSpec(**d)); print('applied')\n"
-            "except DataPlaneError as e:\n    print('refused', dp.current is None)\n")
+    code = spec_code(bad) + ("try:\n    dp.apply(spec); print('applied')\n"
+                             "except DataPlaneError as e:\n    print('refused', dp.current is None)\n")
     assert in_ns(netns, code).split() == ["refused", "True"]
     assert "seed 0x1234abcd { 0-1364, 4000 }" in nft(netns, "list", "ruleset").stdout

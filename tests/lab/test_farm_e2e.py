@@ -134,10 +134,10 @@ def test_sigterm_hands_over_and_removes_everything(lab, tmp_path):
     try:
         time.sleep(2)
         t_term = time.time()
-        pid = lab.pid("n3", "agent")
         lab.kill("n3", "agent", sig=signal.SIGTERM, wait=lab.timing.leave_timeout + 5)
         assert not lab.alive("n3", "agent"), "farmd did not exit after SIGTERM"
         t_gone = time.time()
+        assert t_gone - t_term < lab.timing.leave_timeout, "the leave waited for its timeout"
         snap = lab.snapshot()
         # Lease revoked: no waiting for the TTL.
         assert "n3" not in snap.members and "n3" not in snap.applied
