@@ -72,10 +72,16 @@ class Demo:
         say(f"t={time.time() - t_start:5.1f}s gen={gen:<3d} conns/s={len(new):4d} failed={failed:3d} | "
             + " | ".join(cells))
 
-    def wait_phase(self, until: float, out: Path, t_start: float, last: list[int]) -> None:
+    def wait_phase(self, until: float, out: Path, t_start: float, last: list[int], check=None) -> None:
+        """Print one live line per second until ``until``; poll ``check`` every 0.1 s in between."""
+        next_line = time.time() + 1.0
         while time.time() < until:
-            time.sleep(min(1.0, max(0.0, until - time.time())))
-            self.live_line(out, t_start, last)
+            time.sleep(0.1)
+            if check is not None:
+                check()
+            if time.time() >= next_line or time.time() >= until:
+                self.live_line(out, t_start, last)
+                next_line += 1.0
 
     def run(self) -> dict:
         lab = self.lab
@@ -97,16 +103,20 @@ class Demo:
                                 f"its lease expires after {lab.timing.lease_ttl}s")
             lab.kill_node(VICTIM)
             t_rebalanced = None
-            while time.time() < t_kill + self.down_s:
-                self.wait_phase(time.time() + 1, out, t_start, last)
-                if t_rebalanced is None:
-                    try:
-                        if lab.converged(lab.snapshot(), ["n1", "n3"]):
-                            t_rebalanced = time.time()
-                            say(f"    rebalanced: n1 and n3 hold all buckets, "
-                                f"{t_rebalanced - t_kill:.1f}s after the kill")
-                    except FarmError:
-                        pass
+
+            def rebalanced() -> None:
+                nonlocal t_rebalanced
+                if t_rebalanced is not None:
+                    return
+                try:
+                    if lab.converged(lab.snapshot(), ["n1", "n3"]):
+                        t_rebalanced = time.time()
+                        say(f"    rebalanced: n1 and n3 hold all buckets, "
+                            f"{t_rebalanced - t_kill:.1f}s after the kill")
+                except FarmError:
+                    pass
+
+            self.wait_phase(t_kill + self.down_s, out, t_start, last, check=rebalanced)
 
             t_restart = self.event(f"restarting {VICTIM} (app and agent): it rejoins and gets its share back")
             lab.start_node(VICTIM)

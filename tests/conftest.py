@@ -160,7 +160,7 @@ def etcd_server(_etcd_session: EtcdServer) -> EtcdServer:
 
 # Namespaces only these tests create. A crashed earlier run may have left some;
 # they are removed before the session so they can neither collide nor pile up.
-_STALE = r"^(nft-[0-9a-f]{8}|iplt-[0-9a-f]+.*|farmd-[0-9a-f]{6}|tfarm-.*)$"
+_STALE = r"^(nft-[0-9a-f]{8}|iplt-[0-9a-f]+.*|farmd-[0-9a-f]{6}|(tfarm|tcli|tdemo)-.*)$"
 
 
 @pytest.fixture(scope="session", autouse=True)
