@@ -49,11 +49,14 @@ class Member:
     state: str = "active"
     addresses: tuple[str, ...] = ()
     version: str = ""
+    # Random per agent process: lets an agent recognise its own registration
+    # (a create whose reply was lost) without mistaking a real duplicate for it.
+    instance: str = ""
 
     def encode(self) -> bytes:
         return json.dumps({"id": self.id, "weight": self.weight, "state": self.state,
-                           "addresses": list(self.addresses), "version": self.version},
-                          sort_keys=True).encode()
+                           "addresses": list(self.addresses), "version": self.version,
+                           "instance": self.instance}, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, node_id: str, raw: bytes) -> "Member":
@@ -69,10 +72,10 @@ class Member:
         addresses = d.get("addresses", [])
         if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
             raise ValueError("addresses must be a list of strings")
-        version = d.get("version", "")
-        if not isinstance(version, str):
-            raise ValueError("version must be a string")
-        return cls(node_id, weight, state, tuple(addresses), version)
+        version, instance = d.get("version", ""), d.get("instance", "")
+        if not isinstance(version, str) or not isinstance(instance, str):
+            raise ValueError("version and instance must be strings")
+        return cls(node_id, weight, state, tuple(addresses), version, instance)
 
 
 @dataclass(frozen=True)

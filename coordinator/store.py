@@ -176,13 +176,15 @@ class Store(abc.ABC):
         """Grant a lease of at least ``ttl`` seconds; returns the granted lease."""
 
     @abc.abstractmethod
-    def refresh_lease(self, lease_id: int) -> int:
+    def refresh_lease(self, lease_id: int, deadline: float | None = None) -> int:
         """Renew the lease to its full TTL; returns that TTL in seconds.
 
+        ``deadline`` overrides the store's retry deadline for this call (a
+        keepalive wants to fail fast and try again on its next tick).
         Raises :class:`LeaseExpired` if the lease no longer exists."""
 
     @abc.abstractmethod
-    def revoke_lease(self, lease_id: int) -> None:
+    def revoke_lease(self, lease_id: int, deadline: float | None = None) -> None:
         """Revoke the lease, deleting its keys. Idempotent (no error if gone)."""
 
     @abc.abstractmethod
@@ -417,7 +419,7 @@ class EtcdStore(Store):
         log.debug("etcd reconnect from=%s to=%s", old_ep, new_ep)
         failed_client.close()
 
-    def _call(self, op: str, fn: Callable):
+    def _call(self, op: str, fn: Callable, deadline: float | None = None):
         """Run ``fn(client, is_retry)`` under the retry policy on the current
         endpoint's client; map every failure into the nlbfarm.errors tree."""
         started = time.monotonic()
@@ -442,7 +444,7 @@ class EtcdStore(Store):
                 raise
 
         try:
-            return retrying(self.retry_deadline)(attempt)
+            return retrying(self.retry_deadline if deadline is None else deadline)(attempt)
         except StoreError:  # store closed
             raise
         except Exception as exc:
@@ -464,17 +466,17 @@ class EtcdStore(Store):
         lease = self._call(f"grant_lease ttl={ttl}", lambda c, retry: c.lease(int(ttl)))
         return Lease(id=lease.id, ttl=lease.ttl)
 
-    def refresh_lease(self, lease_id: int) -> int:
+    def refresh_lease(self, lease_id: int, deadline: float | None = None) -> int:
         def fn(c, retry):
             responses = list(c.refresh_lease(lease_id))
             return responses[-1].TTL if responses else 0
 
-        ttl = self._call(f"refresh_lease lease={lease_id:x}", fn)
+        ttl = self._call(f"refresh_lease lease={lease_id:x}", fn, deadline)
         if ttl <= 0:
             raise LeaseExpired(f"etcd lease {lease_id:x} expired or was revoked")
         return ttl
 
-    def revoke_lease(self, lease_id: int) -> None:
+    def revoke_lease(self, lease_id: int, deadline: float | None = None) -> None:
         def fn(c, retry):
             try:
                 c.revoke_lease(lease_id)
@@ -482,7 +484,7 @@ class EtcdStore(Store):
                 if not _is_lease_not_found(exc):
                     raise
 
-        self._call(f"revoke_lease lease={lease_id:x}", fn)
+        self._call(f"revoke_lease lease={lease_id:x}", fn, deadline)
 
     # -- keys --------------------------------------------------------------------
 

@@ -108,7 +108,7 @@ class ClusterSection(_Strict):
 class EtcdSection(_Strict):
     endpoints: tuple[str, ...] = Field(min_length=1)
     prefix: str = "/nlbfarm"
-    timeout: float = Field(default=2.0, gt=0, le=30)
+    timeout: float = Field(default=1.0, gt=0, le=30)
     # How long a single etcd call may keep retrying before it is reported.
     retry_deadline: float = Field(default=10.0, gt=0, le=600)
 
@@ -146,6 +146,10 @@ class TimingSection(_Strict):
         if self.keepalive_interval * 2 > self.lease_ttl - self.fence_timeout:
             raise ValueError(f"keepalive_interval ({self.keepalive_interval} s) must be at most half of "
                              f"lease_ttl - fence_timeout ({self.lease_ttl - self.fence_timeout} s)")
+        # The keepalive thread also extends the fence: two ticks must fit in it.
+        if self.keepalive_interval * 2 > self.fence_timeout:
+            raise ValueError(f"keepalive_interval ({self.keepalive_interval} s) must be at most half of "
+                             f"fence_timeout ({self.fence_timeout} s)")
         return self
 
 
@@ -177,6 +181,16 @@ class Config(_Strict):
     timing: TimingSection = TimingSection()
     status: StatusSection = StatusSection()
     nft: NftSection = NftSection()
+
+    @model_validator(mode="after")
+    def _etcd_timeout_fits(self) -> "Config":
+        # One keepalive attempt must not outlast the window in which the fence
+        # may still be extended, or a slow etcd would close a healthy node.
+        window = self.timing.lease_ttl - self.timing.fence_timeout
+        if self.etcd.timeout * 2 > window:
+            raise ValueError(f"etcd.timeout ({self.etcd.timeout} s) must be at most half of "
+                             f"timing.lease_ttl - timing.fence_timeout ({window} s)")
+        return self
 
     @property
     def key_prefix(self) -> str:

@@ -101,8 +101,13 @@ class Lab:
 
     def run(self, host: str, argv: list[str], timeout: float = 30, check: bool = True,
             **kw) -> subprocess.CompletedProcess:
-        cp = subprocess.run(["ip", "netns", "exec", self.ns(host), *argv], capture_output=True,
-                            text=True, timeout=timeout, **kw)
+        try:
+            cp = subprocess.run(["ip", "netns", "exec", self.ns(host), *argv], capture_output=True,
+                                text=True, timeout=timeout, **kw)
+        except subprocess.TimeoutExpired:
+            raise LabError(f"{' '.join(argv)} in {self.ns(host)} did not finish within {timeout:.0f}s") from None
+        except OSError as exc:
+            raise LabError(f"cannot run {argv[0]} in {self.ns(host)}: {exc.strerror}") from None
         if check and cp.returncode != 0:
             raise LabError(f"{' '.join(argv)} in {self.ns(host)} failed rc={cp.returncode}: "
                            f"{(cp.stderr or cp.stdout).strip()[-500:]}")
@@ -150,8 +155,11 @@ class Lab:
         pat = re.compile(rf"^{re.escape(self.prefix)}-(lan|etcd|client|n\d+)$")
         return sorted(n for n in iplib.list_netns() if pat.match(n))
 
-    def down(self) -> list[str]:
-        """Remove everything of this lab, including what a crashed run left behind."""
+    def down(self, keep_logs: bool = False) -> list[str]:
+        """Remove everything of this lab, including what a crashed run left behind.
+
+        ``keep_logs`` leaves the state directory (logs, configs) for a post-mortem.
+        """
         removed = []
         namespaces = self.lab_namespaces()
         for ns in namespaces:
@@ -161,7 +169,7 @@ class Lab:
         for ns in namespaces:
             if iplib.delete_netns(ns):
                 removed.append(ns)
-        if self.dir.exists():
+        if self.dir.exists() and not keep_logs:
             shutil.rmtree(self.dir, ignore_errors=True)
         return removed
 
@@ -190,7 +198,7 @@ class Lab:
             self.progress(f"waiting for {nodes} nodes to converge")
             self.wait_converged(names, timeout=wait)
         except BaseException:
-            self.down()
+            self.down(keep_logs=True)  # the error message points at these logs
             raise
         self.progress(f"lab {self.prefix} is up: VIP {VIP}, {nodes} nodes")
         return self.status()
@@ -328,7 +336,7 @@ class Lab:
                 snap = self.snapshot()
                 if self.converged(snap, names):
                     return snap
-            except (LabError, ValueError, subprocess.TimeoutExpired):
+            except (LabError, ValueError):
                 pass
             time.sleep(0.1)
         raise LabError(f"lab did not converge on {names} within {timeout:.0f}s; last view: "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import secrets
 import signal
 import sys
 import threading
@@ -52,23 +53,35 @@ class ClusterCache:
         self._lock = threading.Lock()
         self._items: dict[str, tuple[bytes, int]] = {}
         self._revision = 0
+        # Events at or below the revision of the last full read are already in
+        # it; a lagging watch must not roll the cache back (e.g. after the
+        # agent re-read the prefix on re-registration).
+        self._floor = 0
         self._version = 0
         self._snapshot: ClusterSnapshot | None = None
         self._warned: set[str] = set()
 
     def reset(self, items: dict[str, tuple[bytes, int]], revision: int) -> None:
         with self._lock:
+            if revision < self._floor:
+                return
             self._items = dict(items)
-            self._revision = revision
+            self._revision = self._floor = revision
             self._version += 1
         self._wake.set()
 
+    @property
+    def revision(self) -> int:
+        return self._revision
+
     def on_event(self, ev) -> None:
+        if ev.kind == "resync":
+            self.reset({k: (kv.value, kv.mod_revision) for k, kv in ev.snapshot.items()}, ev.mod_revision)
+            return
         with self._lock:
-            if ev.kind == "resync":
-                self._items = {k: (kv.value, kv.mod_revision) for k, kv in ev.snapshot.items()}
-                self._revision = max(self._revision, ev.mod_revision)
-            elif ev.kind == "put":
+            if ev.mod_revision <= self._floor:
+                return
+            if ev.kind == "put":
                 self._items[ev.key] = (ev.value, ev.mod_revision)
                 self._revision = max(self._revision, ev.mod_revision)
             elif ev.kind == "delete":
@@ -96,13 +109,13 @@ class LocalState:
 
     accepting: frozenset = frozenset()
     published: tuple[int, int] = (-1, -1)  # (generation, accepting) last written to applied/<me>
+    plan: AcceptPlan | None = None
+    last_sentence: str = "starting"
+    etcd_state: str = "connecting"
 
     @property
     def published_generation(self) -> int:
         return self.published[0]
-    plan: AcceptPlan | None = None
-    last_sentence: str = "starting"
-    etcd_state: str = "connecting"
 
 
 class Agent:
@@ -117,6 +130,7 @@ class Agent:
         mac = cfg.cluster.cluster_mac
         self.cluster_mac = cluster_mac_for(cfg.cluster.vips[0]) if mac == "auto" else mac
         self.vip = vip or Vip(cfg.node.interface, cfg.cluster.vips, self.cluster_mac)
+        self.instance = secrets.token_hex(8)
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.cache = ClusterCache(self.prefix, self.wake)
@@ -125,7 +139,7 @@ class Agent:
         self.lease_id: int | None = None
         self.lease_lost = threading.Event()
         self._last_keepalive_ok = 0.0  # monotonic time the last successful refresh was SENT
-        self._last_fence_refresh = 0.0
+        self._last_cycle_ok = time.monotonic()
         self._watch = None
         self._keepalive_stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -148,7 +162,7 @@ class Agent:
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _ensure_settings(self) -> ClusterSettings:
+    def _ensure_settings(self) -> ClusterSettings | None:
         key = cluster_key(self.prefix)
         proposal = ClusterSettings(seed=random.SystemRandom().getrandbits(32),
                                    buckets=self.cfg.cluster.buckets)
@@ -170,18 +184,49 @@ class Agent:
                     f"cluster.buckets is {self.cfg.cluster.buckets} but cluster {self.cfg.cluster.name!r} "
                     f"in etcd uses {settings.buckets}; every node must use the same bucket count")
             return settings
-        raise FarmError("stopped before etcd answered")
+        return None
+
+    def _member(self, state: str) -> Member:
+        return Member(self.me, self.cfg.node.weight, state, self.cfg.node.addresses, __version__,
+                      self.instance)
 
     def _register(self) -> None:
+        """Create members/<me> bound to a new lease, then re-read the cluster.
+
+        The re-read matters after a lost lease: the cache may still show an old
+        table in which this node owned buckets that peers have since taken.
+        """
+        key = member_key(self.prefix, self.me)
         sent = time.monotonic()
         lease = self.store.grant_lease(self.cfg.timing.lease_ttl).id
-        member = Member(self.me, self.cfg.node.weight, "active", self.cfg.node.addresses, __version__)
-        if not self.store.create(member_key(self.prefix, self.me), member.encode(), lease_id=lease):
-            self.store.revoke_lease(lease)
-            raise DuplicateMember(
-                f"node id {self.me!r} is already registered in cluster {self.cfg.cluster.name!r} "
-                f"by a live agent ({member_key(self.prefix, self.me)} exists); refusing to start "
-                "so the running node is not disturbed")
+        try:
+            created = self.store.create(key, self._member("active").encode(), lease_id=lease)
+            if not created:
+                kv = self.store.get(key)
+                mine = False
+                if kv is not None:
+                    try:
+                        mine = Member.decode(self.me, kv.value).instance == self.instance
+                    except ValueError:
+                        pass
+                if mine:
+                    # An earlier attempt of this very process registered, but
+                    # its reply was lost: retire that lease and register again.
+                    self.store.revoke_lease(kv.lease)
+                    created = self.store.create(key, self._member("active").encode(), lease_id=lease)
+            if not created:
+                raise DuplicateMember(
+                    f"node id {self.me!r} is already registered in cluster {self.cfg.cluster.name!r} "
+                    f"by a live agent ({key} exists); refusing to start so the running node is "
+                    "not disturbed")
+            items, rev = self.store.get_prefix(self.prefix)
+        except BaseException:
+            try:
+                self.store.revoke_lease(lease, deadline=1.0)
+            except StoreError:
+                pass  # it expires by itself
+            raise
+        self.cache.reset({k: (kv.value, kv.mod_revision) for k, kv in items.items()}, rev)
         self.lease_id = lease
         self._last_keepalive_ok = sent
         self.lease_lost.clear()
@@ -198,6 +243,8 @@ class Agent:
                 return
             try:
                 self.settings = self._ensure_settings()
+                if self.settings is None:
+                    return
                 self._register()
                 break
             except StoreUnavailable as exc:
@@ -205,14 +252,12 @@ class Agent:
                 log.warning("etcd unreachable during registration retry_in=%.1fs reason=%s", delay, exc)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
-        base = self._base_spec(fence_open=True)
         # Order matters: the ARP rewrite must be in force before the VIP exists,
         # or a client could learn this node's own MAC for the VIP.
-        self.dp.apply(base)
+        self.dp.apply(self._base_spec(fence_open=True))
         self.vip.up()
-        items, rev = self.store.get_prefix(self.prefix)
-        self.cache.reset({k: (kv.value, kv.mod_revision) for k, kv in items.items()}, rev)
-        self._watch = self.store.watch_prefix(self.prefix, self.cache.on_event, start_revision=rev + 1)
+        self._watch = self.store.watch_prefix(self.prefix, self.cache.on_event,
+                                              start_revision=self.cache.revision + 1)
         t = threading.Thread(target=self._keepalive_loop, name="keepalive", daemon=True)
         t.start()
         self._threads.append(t)
@@ -224,17 +269,23 @@ class Agent:
                              fence_open=fence_open, fence_timeout=self.cfg.timing.fence_timeout,
                              table=self.cfg.nft.table)
 
-    # ---- keepalive thread: only refreshes and records ------------------
+    # ---- keepalive thread: refreshes the lease and extends an open fence ----
 
     def _keepalive_loop(self) -> None:
-        interval = self.cfg.timing.keepalive_interval
-        while not self._keepalive_stop.wait(interval):
+        t = self.cfg.timing
+        while not self._keepalive_stop.wait(t.keepalive_interval):
             lease = self.lease_id
             if lease is None or self.lease_lost.is_set():
                 continue
+            if time.monotonic() - self._last_cycle_ok > t.lease_ttl:
+                # A loop that cannot finish a cycle must not keep a lease that
+                # makes peers wait for it: let it lapse so they take over.
+                log.error("reconcile loop stuck for %.1fs node=%s: not refreshing the lease",
+                          time.monotonic() - self._last_cycle_ok, self.me)
+                continue
             sent = time.monotonic()
             try:
-                self.store.refresh_lease(lease)
+                self.store.refresh_lease(lease, deadline=t.keepalive_interval)
                 self._last_keepalive_ok = sent
                 self.state.etcd_state = "connected"
             except LeaseExpired:
@@ -244,11 +295,16 @@ class Agent:
             except StoreError as exc:
                 self.state.etcd_state = "retrying"
                 log.warning("keepalive failed node=%s reason=%s", self.me, exc)
+            try:
+                self.dp.refresh_fence(self.fence_ok)
+            except DataPlaneError as exc:
+                log.error("fence refresh failed node=%s reason=%s; rebuilding the ruleset", self.me, exc)
             self.wake.set()
 
     # ---- the reconcile loop ----------------------------------------------
 
     def fence_ok(self, now: float | None = None) -> bool:
+        """May the fence be extended now? (step 3 of the handover argument)"""
         now = time.monotonic() if now is None else now
         t = self.cfg.timing
         return (not self.lease_lost.is_set()
@@ -259,6 +315,13 @@ class Agent:
         if self.lease_lost.is_set():
             return self._recover_lease()
         snap = self.cache.snapshot()
+        leaving = self.leave_started is not None
+        if leaving:
+            mine = snap.members.get(self.me)
+            if mine is not None and mine.state != "leaving":
+                self.store.put(member_key(self.prefix, self.me), self._member("leaving").encode(),
+                               lease_id=self.lease_id)
+                return "announced leaving: peers will take over this node's buckets"
         update = plan_table(snap)
         if update is not None:
             ok = self.store.compare_and_swap(
@@ -272,21 +335,17 @@ class Agent:
         plan = plan_accept(self.me, snap, self.state.accepting)
         if not fence_open:
             # Without a fresh keepalive this node must not rely on its buckets:
-            # close the fence now rather than wait for the element to expire.
+            # close the fence now rather than wait for the element to expire,
+            # and take nothing new.
             plan = AcceptPlan(plan.generation, plan.target, plan.accepting & self.state.accepting,
                               plan.waiting_for)
         spec = self._base_spec(fence_open).with_accepting(bucket_ranges(plan.accepting))
-        now = time.monotonic()
         if self.dp.apply(spec):
             self.state.accepting = plan.accepting
-            self._last_fence_refresh = now
-        elif fence_open and now - self._last_fence_refresh >= self.cfg.timing.keepalive_interval / 2:
-            self.dp.refresh_fence()
-            self._last_fence_refresh = now
         self.state.plan = plan
         if not fence_open:
-            return (f"fence closed: no successful keepalive for {now - self._last_keepalive_ok:.1f} s; "
-                    "dropping all VIP traffic")
+            return (f"fence closed: no successful keepalive for "
+                    f"{time.monotonic() - self._last_keepalive_ok:.1f} s; dropping all VIP traffic")
         g = plan.generation
         report = (g, len(self.state.accepting))
         if g and self.state.published != report:
@@ -302,9 +361,11 @@ class Agent:
                 f"waiting for {','.join(plan.waiting_for)} to apply generation {g}")
 
     def _recover_lease(self) -> str:
-        # Peers may already own our buckets: stop accepting anything, then rejoin.
+        # Peers may already own our buckets: stop accepting anything first.
         self.dp.apply(self._base_spec(fence_open=False).with_accepting(()))
         self.state.accepting = frozenset()
+        if self.leave_started is not None:
+            return "lease lost while leaving: nothing left to hand over"
         try:
             self._register()
         except DuplicateMember:
@@ -317,11 +378,15 @@ class Agent:
             self.wake.clear()
             if self.stopping.is_set() and self.leave_started is None:
                 self.leave_started = time.monotonic()
-                self._announce_leaving()
+                log.info("leaving node=%s: handing over buckets before removing the VIP", self.me)
             try:
                 sentence = self.cycle()
+                self._last_cycle_ok = time.monotonic()
             except (StoreError, DataPlaneError) as exc:
                 sentence = f"cycle failed: {exc}"
+            except Exception as exc:  # a bug must not kill the loop silently
+                log.exception("cycle crashed node=%s", self.me)
+                sentence = f"cycle crashed: {type(exc).__name__}: {exc}"
             if sentence != self.state.last_sentence:
                 log.info("cycle node=%s result=%r", self.me, sentence)
                 self.state.last_sentence = sentence
@@ -330,15 +395,9 @@ class Agent:
 
     # ---- graceful leave ----------------------------------------------------
 
-    def _announce_leaving(self) -> None:
-        log.info("leaving node=%s: handing over buckets before removing the VIP", self.me)
-        member = Member(self.me, self.cfg.node.weight, "leaving", self.cfg.node.addresses, __version__)
-        try:
-            self.store.put(member_key(self.prefix, self.me), member.encode(), lease_id=self.lease_id)
-        except StoreError as exc:
-            log.warning("could not announce leave node=%s reason=%s", self.me, exc)
-
     def _leave_done(self) -> bool:
+        if self.lease_lost.is_set():
+            return True
         if time.monotonic() - self.leave_started > self.cfg.timing.leave_timeout:
             log.warning("leave timeout node=%s after %.0fs; leaving anyway", self.me,
                         self.cfg.timing.leave_timeout)
@@ -354,20 +413,30 @@ class Agent:
         return all((a := snap.applied.get(p)) is not None and a.generation >= g for p in peers)
 
     def shutdown(self) -> None:
-        """Revoke the lease, remove the VIP, then the rules (the reverse of start)."""
+        """Stop serving, remove the VIP, then the rules, then the lease (never the other way round)."""
         self._keepalive_stop.set()
+        if self.dp.current is not None and self.settings is not None:
+            try:
+                self.dp.apply(self._base_spec(fence_open=False).with_accepting(()))
+                self.state.accepting = frozenset()
+            except DataPlaneError as exc:
+                log.error("could not close the fence node=%s reason=%s", self.me, exc)
+        if self.vip.down():
+            try:
+                self.dp.teardown(self.cfg.nft.table)
+            except DataPlaneError as exc:
+                log.error("could not remove nft tables node=%s reason=%s", self.me, exc)
+        else:
+            log.error("a VIP is still configured node=%s: keeping the ARP rewrite so clients keep "
+                      "the cluster MAC; remove the VIP by hand, then the nft tables", self.me)
         if self._watch is not None:
             self._watch.cancel()
         if self.lease_id is not None:
             try:
-                self.store.revoke_lease(self.lease_id)
+                self.store.revoke_lease(self.lease_id, deadline=2.0)
             except StoreError as exc:
                 log.warning("lease revoke failed node=%s reason=%s (it expires by itself)", self.me, exc)
         self.lease_id = None
-        try:
-            self.vip.down()
-        finally:
-            self.dp.teardown(self.cfg.nft.table)
         self.store.close()
         log.info("stopped node=%s", self.me)
 
@@ -390,7 +459,7 @@ class Agent:
             "applied_generation": max(self.state.published_generation, 0),
             "owned_buckets": len(snap.table.owned_by(self.me)) if snap.table else 0,
             "accepting_buckets": len(self.state.accepting),
-            "fence_open": bool(self.dp.current and self.dp.current.fence_open),
+            "fence_open": self.dp.fence_is_open(),
             "etcd_state": self.state.etcd_state,
             "last_cycle": self.state.last_sentence,
             "vips": list(self.cfg.cluster.vips),
@@ -414,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"farmd: configuration {args.config} is valid")
         return 0
 
+    from nlbfarm.node.status import serve_status  # grpc is only needed once we run
+
     agent = Agent(cfg)
 
     def on_signal(signum, _frame):
@@ -423,38 +494,37 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    from nlbfarm.node.status import serve_status  # grpc is only needed once we run
 
     server = None
+    rc = 0
     try:
+        # Bind first: a busy port is a config error found before anything changes.
+        server = serve_status(agent, cfg.status.listen)
         agent.start()
         if agent.lease_id is None:  # stopped before registering: nothing to undo
             log.info("stopped node=%s before joining", agent.me)
             return 0
-        server = serve_status(agent, cfg.status.listen)
         log.info("running node=%s vips=%s status=%s", agent.me, ",".join(cfg.cluster.vips),
                  cfg.status.listen)
         agent.run_loop()
     except DuplicateMember as exc:
         log.error("refusing to start: %s", exc)
         print(f"farmd: {exc}", file=sys.stderr)
-        return 3
+        rc = 3
     except ConfigError as exc:
         log.error("refusing to start: %s", exc)
         print(f"farmd: {exc}", file=sys.stderr)
-        return 2
+        rc = 2
     except FarmError as exc:
         log.error("stopping on error: %s", exc)
-        agent.stopping.set()
-        if agent.lease_id is not None:
-            agent.shutdown()
-        return 1
+        rc = 1
     finally:
+        agent.stopping.set()
+        if agent.lease_id is not None or agent.dp.current is not None:
+            agent.shutdown()
         if server is not None:
             server.stop(grace=0.5)
-    agent.stopping.set()
-    agent.shutdown()
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

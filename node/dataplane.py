@@ -140,6 +140,13 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
         rule("vip_in",
              {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "@fence"}},
              {"counter": None}, {"drop": None}),
+        # ICMP errors (fragmentation needed, unreachable) carry no client port;
+        # every node takes them and its stack delivers them to the matching
+        # socket, if it has one. Path MTU discovery depends on it.
+        rule("vip_in",
+             {"match": {"op": "==", "left": _payload("icmp", "type"),
+                        "right": {"set": ["destination-unreachable", "time-exceeded"]}}},
+             {"accept": None}),
     ]
     if spec.accepting:
         cmds.append(rule(
@@ -176,12 +183,12 @@ def build_teardown(table: str = DEFAULT_TABLE) -> list[dict]:
 class DataPlane:
     """Applies specs to the kernel of the current network namespace.
 
-    Thread-safe: the reconcile loop is the only caller in the agent, but the
-    lock keeps libnftables' context from being shared mid-call.
+    The reconcile loop applies specs; the keepalive thread only extends an
+    open fence. The lock makes "check the spec, then send" one step for both.
     """
 
     current: DataPlaneSpec | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _nft: object = field(default=None, repr=False)
 
     def _ctx(self):
@@ -198,27 +205,57 @@ class DataPlane:
             self._nft = nft
         return self._nft
 
-    def run(self, cmds: list[dict], what: str) -> None:
+    def run(self, cmds: list[dict], what: str):
         with self._lock:
-            rc, _out, err = self._ctx().json_cmd({"nftables": cmds})
+            rc, out, err = self._ctx().json_cmd({"nftables": cmds})
         if rc != 0:
             raise DataPlaneError(f"nftables refused {what}: {err.strip() or 'rc=%d' % rc}")
+        return out
 
     def apply(self, spec: DataPlaneSpec) -> bool:
         """Replace the whole ruleset in one transaction. Returns False if nothing changed."""
-        if spec == self.current:
-            return False
-        self.run(build_ruleset(spec), "ruleset replace")
-        self.current = spec
-        return True
+        with self._lock:
+            if spec == self.current:
+                return False
+            self.run(build_ruleset(spec), "ruleset replace")
+            self.current = spec
+            return True
 
-    def refresh_fence(self) -> None:
-        spec = self.current
-        if spec is None or not spec.fence_open:
-            return
-        self.run(build_fence_refresh(spec), "fence refresh")
+    def refresh_fence(self, still_ok) -> bool:
+        """Extend the fence if the applied spec has it open and ``still_ok()`` holds now.
+
+        If the refresh fails (someone flushed our tables), forget the applied
+        spec so the next ``apply`` rebuilds everything instead of assuming it.
+        """
+        with self._lock:
+            spec = self.current
+            if spec is None or not spec.fence_open or not still_ok():
+                return False
+            try:
+                self.run(build_fence_refresh(spec), "fence refresh")
+            except DataPlaneError:
+                self.current = None
+                raise
+            return True
+
+    def fence_is_open(self) -> bool:
+        """What the kernel says now (the element may have expired since the last refresh)."""
+        with self._lock:
+            spec = self.current
+            if spec is None:
+                return False
+            try:
+                out = self.run([{"list": {"set": {"family": "inet", "table": spec.table, "name": "fence"}}}],
+                               "fence listing")
+            except DataPlaneError:
+                return False
+        for item in out.get("nftables", []) if isinstance(out, dict) else []:
+            if "set" in item:
+                return bool(item["set"].get("elem"))
+        return False
 
     def teardown(self, table: str | None = None) -> None:
-        name = table or (self.current.table if self.current else DEFAULT_TABLE)
-        self.run(build_teardown(name), "teardown")
-        self.current = None
+        with self._lock:
+            name = table or (self.current.table if self.current else DEFAULT_TABLE)
+            self.run(build_teardown(name), "teardown")
+            self.current = None

@@ -33,14 +33,26 @@ class Vip:
             # Neighbours that cached another MAC for the VIP learn the cluster MAC now.
             iplib.send_gratuitous_arp(self.interface, vip, self.cluster_mac, netns=self.netns, count=2)
 
-    def down(self) -> None:
+    def down(self) -> bool:
+        """Remove every VIP and the cluster MAC; True only if no VIP is left.
+
+        Each VIP is tried even if another fails: while any VIP remains, the
+        caller must keep the ARP rewrite, or the node would answer ARP for it
+        with its own MAC and pin clients to itself.
+        """
+        all_gone = True
         for vip in self.vips:
             try:
                 if iplib.delete_address(self.interface, f"{vip}/32", netns=self.netns):
                     log.info("vip removed address=%s dev=%s", vip, self.interface)
             except iplib.NotFound:
                 pass
+            except iplib.NetError as exc:
+                all_gone = False
+                log.error("vip removal failed address=%s dev=%s reason=%s", vip, self.interface, exc)
         try:
             iplib.delete_multicast_mac(self.interface, self.cluster_mac, netns=self.netns)
-        except iplib.NotFound:
-            pass
+        except iplib.NetError as exc:  # NotFound included: nothing to leave
+            log.warning("cluster mac removal failed mac=%s dev=%s reason=%s", self.cluster_mac,
+                        self.interface, exc)
+        return all_gone

@@ -26,7 +26,7 @@ def config(endpoint, cluster, node="n1", buckets=256, weight=1):
     return parse_config({
         "node": {"id": node, "weight": weight, "addresses": ["198.18.0.11"]},
         "cluster": {"name": cluster, "vips": ["198.18.0.100"], "buckets": buckets},
-        "etcd": {"endpoints": [endpoint], "timeout": 2.0, "retry_deadline": 5.0},
+        "etcd": {"endpoints": [endpoint], "timeout": 1.0, "retry_deadline": 5.0},
     })
 
 
@@ -59,7 +59,8 @@ def test_member_record_is_lease_bound_and_complete(etcd_server, cluster, agents)
     kv = a.store.get(f"/nlbfarm/{cluster}/members/n1")
     assert kv.lease == a.lease_id
     assert json.loads(kv.value) == {"id": "n1", "weight": 1, "state": "active",
-                                    "addresses": ["198.18.0.11"], "version": "0.1.0"}
+                                    "addresses": ["198.18.0.11"], "version": "0.1.0",
+                                    "instance": a.instance}
 
 
 def test_duplicate_node_id_is_refused_and_first_is_undisturbed(etcd_server, cluster, agents):
@@ -160,3 +161,82 @@ def test_farmd_retries_with_backoff_while_etcd_is_unreachable(tmp_path):
         assert "nlbfarm" not in tables
     finally:
         subprocess.run(["ip", "netns", "del", ns])
+
+
+class RecordingDataPlane:
+    """Stands in for the kernel: records what the agent would accept."""
+
+    def __init__(self):
+        self.current = None
+        self.history = []
+
+    def apply(self, spec):
+        if spec == self.current:
+            return False
+        self.current = spec
+        self.history.append(spec)
+        return True
+
+    def refresh_fence(self, still_ok):
+        return False
+
+    def fence_is_open(self):
+        return bool(self.current and self.current.fence_open)
+
+    def teardown(self, table=None):
+        self.current = None
+
+
+class NoVip:
+    def up(self):
+        pass
+
+    def down(self):
+        return True
+
+
+def accepted(spec) -> int:
+    return sum(hi - lo + 1 for lo, hi in spec.accepting)
+
+
+def test_reregistration_after_lost_lease_uses_a_fresh_view(etcd_server, cluster, agents):
+    """A node whose lease expired must not resume its old buckets from a stale cache."""
+    from nlbfarm.coordinator.cluster import TableRecord
+    cfg = config(etcd_server.endpoint, cluster, node="x", buckets=64)
+    x = Agent(cfg, dataplane=RecordingDataPlane(), vip=NoVip())
+    agents.append(x)
+    x.start()
+    x._keepalive_stop.set()          # drive keepalive and the loop by hand
+    x._last_keepalive_ok = time.monotonic()
+    for _ in range(3):
+        x.cycle()
+    assert accepted(x.dp.current) == 64, x.state.last_sentence
+    x._watch.cancel()                # the watch "lags": the cache keeps the old table
+    prefix = f"/nlbfarm/{cluster}"
+    # x's lease expires; a peer y takes over with a new table.
+    x.store.revoke_lease(x.lease_id)
+    y_lease = x.store.grant_lease(5).id
+    x.store.put(f"{prefix}/members/y", json.dumps({"id": "y", "weight": 1}).encode(), lease_id=y_lease)
+    x.store.put(f"{prefix}/applied/y", json.dumps({"generation": 2, "accepting": 64}).encode(),
+                lease_id=y_lease)
+    table = x.store.get(f"{prefix}/table")
+    assert x.store.compare_and_swap(f"{prefix}/table", TableRecord.encode(2, ["y"] * 64), table.mod_revision)
+    x.lease_lost.set()
+    sentence = x.cycle()
+    assert sentence == "lease lost: released every bucket and registered again"
+    assert accepted(x.dp.current) == 0
+    after_recovery = len(x.dp.history)
+    x._watch = x.store.watch_prefix(prefix, x.cache.on_event, start_revision=x.cache.revision + 1)
+    x._last_keepalive_ok = time.monotonic()
+    sentences = []
+    for _ in range(20):
+        sentences.append(x.cycle())
+        if "waiting for y" in sentences[-1]:
+            break
+        time.sleep(0.05)
+    # The fresh view shows table 2, owned by y. x joins (table 3 gives it half)
+    # but takes nothing until y has applied table 3.
+    assert sentences[0] == "wrote table generation 3: moved 32 buckets (joined=x)", sentences
+    assert "waiting for y to apply generation 3" in sentences[-1], sentences
+    assert all(accepted(spec) == 0 for spec in x.dp.history[after_recovery:]), sentences
+    x.store.revoke_lease(y_lease)

@@ -52,7 +52,7 @@ def test_fence_expires_in_the_kernel_without_the_agent(netns):
 
 
 def test_fence_refresh_resets_the_timeout(netns):
-    apply_spec(netns, SPEC, then="import time\nfor _ in range(4):\n    time.sleep(0.4); dp.refresh_fence()\n")
+    apply_spec(netns, SPEC, then="import time\nfor _ in range(4):\n    time.sleep(0.4); assert dp.refresh_fence(lambda: True)\n")
     # 1.6 s after apply with a 1 s timeout: only the refreshes kept it alive.
     out = json.loads(nft(netns, "-j", "list", "set", "inet", "nlbfarm", "fence").stdout)
     assert out["nftables"][1]["set"].get("elem")
@@ -73,3 +73,16 @@ def test_refused_transaction_leaves_previous_rules(netns):
                              "except DataPlaneError as e:\n    print('refused', dp.current is None)\n")
     assert in_ns(netns, code).split() == ["refused", "True"]
     assert "seed 0x1234abcd { 0-1364, 4000 }" in nft(netns, "list", "ruleset").stdout
+
+
+def test_fence_is_not_extended_when_the_condition_fails(netns):
+    out = apply_spec(netns, SPEC, then="print(dp.refresh_fence(lambda: False))\n")
+    assert out.split()[-1] == "False"
+
+
+def test_refresh_after_a_flush_forgets_the_spec(netns):
+    code = spec_code(SPEC) + (
+        "import subprocess\ndp.apply(spec)\nsubprocess.run(['nft', 'flush', 'ruleset'], check=True)\n"
+        "try:\n    dp.refresh_fence(lambda: True)\nexcept DataPlaneError:\n    print('failed', dp.current is None)\n"
+        "print(dp.apply(spec), dp.fence_is_open())\n")
+    assert in_ns(netns, code).split() == ["failed", "True", "True", "True"]

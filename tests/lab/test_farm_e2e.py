@@ -178,3 +178,18 @@ def test_malformed_etcd_values_are_ignored_with_a_warning(lab, tmp_path):
         for k in garbage:
             lab.run("etcd", etcdctl + ["del", k], check=False)
     lab.wait_converged(NODES, timeout=10)
+
+
+def test_ruleset_flushed_by_someone_else_is_rebuilt(lab, tmp_path):
+    # e.g. `systemctl reload nftables` with Debian's default "flush ruleset"
+    lab.run("n1", ["nft", "flush", "ruleset"])
+    deadline = time.time() + 3
+    while time.time() < deadline and not fence_open(lab, "n1"):
+        time.sleep(0.05)
+    assert fence_open(lab, "n1"), "farmd did not rebuild its tables after a flush"
+    assert "table arp nlbfarm" in lab.run("n1", ["nft", "list", "tables"]).stdout
+    assert "rebuilding the ruleset" in (lab.dir / "n1.agent.log").read_text()
+    out = tmp_path / "after-flush.jsonl"
+    assert run_load(lab, out, count=300, duration=30).wait(60) == 0
+    results = read_results(out)
+    assert failures(results) == [] and set(shares(results)) == set(NODES)

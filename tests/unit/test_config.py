@@ -96,3 +96,15 @@ def test_farmd_check_exits_nonzero_and_changes_nothing(tmp_path, capsys):
     assert main(["--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "timing: fence_timeout (2 s) must be less than lease_ttl (2 s)" in err
+
+
+@pytest.mark.parametrize("timing, etcd, words", [
+    ({"lease_ttl": 5, "fence_timeout": 1, "keepalive_interval": 0.8}, {},
+     "keepalive_interval (0.8 s) must be at most half of fence_timeout (1 s)"),
+    ({"lease_ttl": 3, "fence_timeout": 1}, {"timeout": 1.5},
+     "etcd.timeout (1.5 s) must be at most half of timing.lease_ttl - timing.fence_timeout (2 s)"),
+])
+def test_timing_rules_that_keep_the_fence_alive(timing, etcd, words):
+    with pytest.raises(ConfigError) as ei:
+        parse_config(merged(timing=timing, etcd=etcd))
+    assert words in str(ei.value)
