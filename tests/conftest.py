@@ -160,12 +160,21 @@ def etcd_server(_etcd_session: EtcdServer) -> EtcdServer:
 
 # Namespaces only these tests create. A crashed earlier run may have left some;
 # they are removed before the session so they can neither collide nor pile up.
-_STALE = r"^(nft-[0-9a-f]{8}|iplt-[0-9a-f]+.*|farmd-[0-9a-f]{6}|(tfarm|tcli|tdemo)-.*)$"
+# Test sessions on one machine are serialised by a lock first: the cleanup must
+# never remove the namespaces of a run that is still going.
+_STALE = r"^(nft-[0-9a-f]{8}|hs[ab]-[0-9a-f]{6}|iplt-[0-9a-f]+.*|farmd-[0-9a-f]{6}|(tfarm|tcli|tdemo)-.*)$"
+_SESSION_LOCK = "/run/lock/nlbfarm-tests.lock"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _remove_stale_test_namespaces():
-    if os.geteuid() == 0 and shutil.which("ip"):
+def _one_session_at_a_time_and_no_stale_namespaces():
+    import fcntl
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        yield
+        return
+    os.makedirs(os.path.dirname(_SESSION_LOCK), exist_ok=True)
+    with open(_SESSION_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
         for line in names:
             name = line.split(" ")[0]
@@ -174,4 +183,4 @@ def _remove_stale_test_namespaces():
                                           text=True).stdout.split():
                     subprocess.run(["kill", "-9", pid])
                 subprocess.run(["ip", "netns", "del", name])
-    yield
+        yield

@@ -1,0 +1,56 @@
+"""The kernel's bucket hash, in Python: which bucket a client lands in.
+
+nftables' ``jhash ip saddr . th sport mod B seed S`` hashes an 8-byte key:
+the IPv4 source address (4 bytes, network order) and the source port (2 bytes,
+network order) padded with two zero bytes to a full 32-bit register. The
+kernel's ``jhash()`` (include/linux/jhash.h) reads those bytes as two
+little-endian words on x86 (``__get_unaligned_cpu32``) and ``nft_jhash_eval``
+maps the 32-bit hash onto 0..B-1 with ``reciprocal_scale`` (multiply, shift).
+The lab tests check this against the buckets real connections land in.
+"""
+from __future__ import annotations
+
+import ipaddress
+import sys
+
+_M = 0xFFFFFFFF
+JHASH_INITVAL = 0xDEADBEEF
+
+
+def _rol(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & _M
+
+
+def _final(a: int, b: int, c: int) -> int:
+    c ^= b; c = (c - _rol(b, 14)) & _M  # noqa: E702 - mirrors the kernel macro line by line
+    a ^= c; a = (a - _rol(c, 11)) & _M  # noqa: E702
+    b ^= a; b = (b - _rol(a, 25)) & _M  # noqa: E702
+    c ^= b; c = (c - _rol(b, 16)) & _M  # noqa: E702
+    a ^= c; a = (a - _rol(c, 4)) & _M   # noqa: E702
+    b ^= a; b = (b - _rol(a, 14)) & _M  # noqa: E702
+    c ^= b; c = (c - _rol(b, 24)) & _M  # noqa: E702
+    return c
+
+
+def jhash_8(key: bytes, initval: int) -> int:
+    """Linux ``jhash(key, 8, initval)`` for an 8-byte key (the only length we hash)."""
+    if len(key) != 8:
+        raise ValueError("jhash_8 takes exactly 8 bytes")
+    order = "little" if sys.byteorder == "little" else "big"
+    a = b = c = (JHASH_INITVAL + 8 + initval) & _M
+    a = (a + int.from_bytes(key[0:4], order)) & _M
+    b = (b + int.from_bytes(key[4:8], order)) & _M
+    return _final(a, b, c)
+
+
+def reciprocal_scale(val: int, ep_ro: int) -> int:
+    return (val * ep_ro) >> 32
+
+
+def bucket_of(client_ip: str, client_port: int, buckets: int, seed: int) -> int:
+    """The bucket the kernel computes for a packet from ``client_ip:client_port``."""
+    addr = ipaddress.IPv4Address(client_ip)
+    if not 0 <= client_port <= 65535:
+        raise ValueError(f"port must be 0..65535, got {client_port}")
+    key = addr.packed + client_port.to_bytes(2, "big") + b"\0\0"
+    return reciprocal_scale(jhash_8(key, seed & _M), buckets)

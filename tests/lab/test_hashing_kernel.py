@@ -1,0 +1,52 @@
+"""The Python bucket hash against the kernel's jhash, packet by packet."""
+import json
+import random
+import subprocess
+import uuid
+
+import pytest
+
+from nlbfarm.coordinator.hashing import bucket_of
+
+
+@pytest.fixture
+def pair():
+    a, b = f"hsa-{uuid.uuid4().hex[:6]}", f"hsb-{uuid.uuid4().hex[:6]}"
+    try:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+        subprocess.run(["ip", "link", "add", "h0", "netns", a, "type", "veth", "peer", "name", "h1",
+                        "netns", b], check=True)
+        subprocess.run(["ip", "-n", a, "addr", "add", "198.18.77.1/24", "dev", "h0"], check=True)
+        subprocess.run(["ip", "-n", b, "addr", "add", "198.18.77.2/24", "dev", "h1"], check=True)
+        for ns, dev in ((a, "h0"), (b, "h1")):
+            subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+        yield a, b
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.parametrize("buckets, seed", [(4096, 0x1234ABCD), (64, 0), (65536, 0xFFFFFFFF)])
+def test_python_bucket_equals_kernel_jhash(pair, buckets, seed):
+    a, b = pair
+    ports = random.Random(seed).sample(range(1024, 65535), 40)
+    rules = ["table inet h {", "chain p {", "type filter hook prerouting priority -300; policy accept;"]
+    rules += [f"tcp sport {p} jhash ip saddr . th sport mod {buckets} seed {seed:#x} "
+              f"{bucket_of('198.18.77.1', p, buckets, seed)} counter" for p in ports]
+    rules += ["}", "}"]
+    subprocess.run(["ip", "netns", "exec", b, "nft", "-f", "-"], input="\n".join(rules), text=True, check=True)
+    code = ("import socket\n"
+            f"for p in {ports!r}:\n"
+            "    s = socket.socket(); s.settimeout(0.3); s.bind(('198.18.77.1', p))\n"
+            "    try: s.connect(('198.18.77.2', 9))\n"
+            "    except OSError: pass\n"
+            "    s.close()\n")
+    subprocess.run(["ip", "netns", "exec", a, "python3", "-c", code], check=True, timeout=60)
+    out = json.loads(subprocess.run(["ip", "netns", "exec", b, "nft", "-j", "list", "ruleset"],
+                                    capture_output=True, text=True, check=True).stdout)
+    hits = [e["counter"]["packets"] for x in out["nftables"] if "rule" in x
+            for e in x["rule"]["expr"] if "counter" in e]
+    assert len(hits) == len(ports)
+    missed = [p for p, h in zip(ports, hits) if h == 0]
+    assert missed == [], f"kernel put these ports in other buckets than Python predicted: {missed}"

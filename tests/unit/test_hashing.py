@@ -1,0 +1,27 @@
+import pytest
+
+from nlbfarm.coordinator.hashing import bucket_of, jhash_8, reciprocal_scale
+
+
+def test_bucket_range_and_determinism():
+    seen = {bucket_of("198.18.0.3", p, 64, 7) for p in range(1000, 3000)}
+    assert seen <= set(range(64)) and len(seen) == 64
+    assert bucket_of("198.18.0.3", 40000, 4096, 1) == bucket_of("198.18.0.3", 40000, 4096, 1)
+
+
+def test_seed_changes_the_mapping():
+    a = [bucket_of("198.18.0.3", p, 4096, 1) for p in range(100)]
+    b = [bucket_of("198.18.0.3", p, 4096, 2) for p in range(100)]
+    assert a != b
+
+
+def test_reciprocal_scale_is_multiply_shift():
+    assert reciprocal_scale(0xFFFFFFFF, 4096) == 4095
+    assert reciprocal_scale(0, 4096) == 0
+
+
+def test_bad_input():
+    with pytest.raises(ValueError):
+        jhash_8(b"short", 0)
+    with pytest.raises(ValueError):
+        bucket_of("198.18.0.3", 70000, 64, 0)
