@@ -4,8 +4,10 @@ Key layout under ``<prefix>`` (``<etcd.prefix>/<cluster.name>``):
 
 ``cluster``            {"seed": int, "buckets": int}; created once, never changed
 ``members/<id>``       {"id", "weight", "state", "addresses", "version"}; bound to the node's lease
-``applied/<id>``       {"generation": int, "accepting": int}; bound to the node's lease
+``applied/<id>``       {"generation", "accepting", "draining": [[lo, hi]...], "draining_connections"};
+                       bound to the node's lease
 ``table``              {"generation": int, "buckets": int, "owners": {...}}; written by CAS
+``drain/<id>``         {"timeout": seconds | null}; an operator's drain request, no lease
 
 ``ClusterSnapshot`` is an immutable view built from a consistent cache of
 those keys. Malformed values are skipped with a warning naming the key, so a
@@ -23,7 +25,7 @@ from nlbfarm.coordinator.table import decode_owners, encode_owners
 
 log = logging.getLogger(__name__)
 
-MEMBER_STATES = ("active", "leaving")
+MEMBER_STATES = ("active", "draining", "leaving")
 
 
 def cluster_key(prefix: str) -> str:
@@ -42,6 +44,26 @@ def table_key(prefix: str) -> str:
     return f"{prefix}/table"
 
 
+def drain_key(prefix: str, node_id: str) -> str:
+    return f"{prefix}/drain/{node_id}"
+
+
+def _ranges(value, what: str) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"{what} must be a list of [first, last] bucket ranges")
+    out = []
+    for r in value:
+        if (not isinstance(r, list) or len(r) != 2 or not all(isinstance(x, int) and x >= 0 for x in r)
+                or r[0] > r[1]):
+            raise ValueError(f"{what} must be a list of [first, last] bucket ranges, got {r!r}")
+        out.append((r[0], r[1]))
+    return tuple(out)
+
+
+def expand(ranges) -> frozenset[int]:
+    return frozenset(b for lo, hi in ranges for b in range(lo, hi + 1))
+
+
 @dataclass(frozen=True)
 class Member:
     id: str
@@ -52,11 +74,13 @@ class Member:
     # Random per agent process: lets an agent recognise its own registration
     # (a create whose reply was lost) without mistaking a real duplicate for it.
     instance: str = ""
+    # host:port of the node's read-only peer API ("" if it has none).
+    peer: str = ""
 
     def encode(self) -> bytes:
         return json.dumps({"id": self.id, "weight": self.weight, "state": self.state,
                            "addresses": list(self.addresses), "version": self.version,
-                           "instance": self.instance}, sort_keys=True).encode()
+                           "instance": self.instance, "peer": self.peer}, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, node_id: str, raw: bytes) -> "Member":
@@ -72,10 +96,10 @@ class Member:
         addresses = d.get("addresses", [])
         if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
             raise ValueError("addresses must be a list of strings")
-        version, instance = d.get("version", ""), d.get("instance", "")
-        if not isinstance(version, str) or not isinstance(instance, str):
-            raise ValueError("version and instance must be strings")
-        return cls(node_id, weight, state, tuple(addresses), version, instance)
+        version, instance, peer = d.get("version", ""), d.get("instance", ""), d.get("peer", "")
+        if not all(isinstance(v, str) for v in (version, instance, peer)):
+            raise ValueError("version, instance and peer must be strings")
+        return cls(node_id, weight, state, tuple(addresses), version, instance, peer)
 
 
 @dataclass(frozen=True)
@@ -126,21 +150,50 @@ class TableRecord:
 
 @dataclass(frozen=True)
 class Applied:
+    """What a node reports about its kernel: the generation it applied, and
+    the released buckets in which it still serves established connections."""
+
     generation: int
     accepting: int = 0
+    draining: tuple[tuple[int, int], ...] = ()
+    draining_connections: int = 0
 
     def encode(self) -> bytes:
-        return json.dumps({"generation": self.generation, "accepting": self.accepting}).encode()
+        return json.dumps({"generation": self.generation, "accepting": self.accepting,
+                           "draining": [list(r) for r in self.draining],
+                           "draining_connections": self.draining_connections}).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> "Applied":
         d = _json_object(raw)
         gen, acc = d.get("generation"), d.get("accepting", 0)
+        conns = d.get("draining_connections", 0)
         if not isinstance(gen, int) or gen < 0:
             raise ValueError(f"generation must be a non-negative integer, got {gen!r}")
-        if not isinstance(acc, int) or acc < 0:
-            raise ValueError(f"accepting must be a non-negative integer, got {acc!r}")
-        return cls(gen, acc)
+        for name, v in (("accepting", acc), ("draining_connections", conns)):
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        return cls(gen, acc, _ranges(d.get("draining", []), "draining"), conns)
+
+    @property
+    def draining_buckets(self) -> int:
+        return sum(hi - lo + 1 for lo, hi in self.draining)
+
+
+@dataclass(frozen=True)
+class DrainRequest:
+    timeout: float | None = None   # seconds; None: the node's configured drain_timeout
+
+    def encode(self) -> bytes:
+        return json.dumps({"timeout": self.timeout}).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "DrainRequest":
+        d = _json_object(raw)
+        t = d.get("timeout")
+        if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t <= 86400):
+            raise ValueError(f"timeout must be seconds from 0 to 86400 or null, got {t!r}")
+        return cls(None if t is None else float(t))
 
 
 def _json_object(raw: bytes) -> dict:
@@ -163,6 +216,7 @@ class ClusterSnapshot:
     table: TableRecord | None
     applied: Mapping[str, Applied]
     warnings: tuple[str, ...] = field(default=())
+    drains: Mapping[str, DrainRequest] = field(default_factory=dict)
     # mod_revision of the table key even when its value is malformed, so a
     # writer can replace a bad table by compare-and-swap (0: no key).
     table_revision: int = 0
@@ -170,6 +224,14 @@ class ClusterSnapshot:
     def candidates(self) -> dict[str, int]:
         """The members that should hold buckets, with their weights."""
         return {m.id: m.weight for m in self.members.values() if m.state == "active"}
+
+    def draining_elsewhere(self, me: str) -> frozenset[int]:
+        """Buckets in which a live peer still serves old connections."""
+        out: set[int] = set()
+        for node, a in self.applied.items():
+            if node != me:
+                out |= expand(a.draining)
+        return frozenset(out)
 
     def live(self) -> frozenset[str]:
         """Nodes holding a live lease: they may still accept traffic."""
@@ -190,6 +252,7 @@ def build_snapshot(prefix: str, items: Mapping[str, tuple[bytes, int]], revision
     settings = None
     members: dict[str, Member] = {}
     applied: dict[str, Applied] = {}
+    drains: dict[str, DrainRequest] = {}
     table_raw = None
 
     def bad(key: str, exc: Exception) -> None:
@@ -209,6 +272,8 @@ def build_snapshot(prefix: str, items: Mapping[str, tuple[bytes, int]], revision
                 members[nid] = Member.decode(nid, value)
             elif rel.startswith("applied/"):
                 applied[rel.removeprefix("applied/")] = Applied.decode(value)
+            elif rel.startswith("drain/"):
+                drains[rel.removeprefix("drain/")] = DrainRequest.decode(value)
         except ValueError as exc:
             bad(key, exc)
     table = None
@@ -221,4 +286,5 @@ def build_snapshot(prefix: str, items: Mapping[str, tuple[bytes, int]], revision
         except ValueError as exc:
             bad(key, exc)
     return ClusterSnapshot(revision, settings, MappingProxyType(members), table,
-                           MappingProxyType(applied), tuple(warnings), table_revision)
+                           MappingProxyType(applied), tuple(warnings), MappingProxyType(drains),
+                           table_revision)

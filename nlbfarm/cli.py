@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from nlbfarm.errors import FarmError, LabError
 
@@ -53,6 +54,73 @@ def fetch_status(target: str, timeout: float) -> dict:
     return MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
+def _stub(target: str):
+    import grpc
+
+    from nlbfarm.proto import farm_pb2_grpc
+    ch = grpc.insecure_channel(target)
+    return ch, farm_pb2_grpc.FarmStub(ch)
+
+
+def _rpc(target: str, method: str, request, timeout: float):
+    import grpc
+    ch, stub = _stub(target)
+    with ch:
+        try:
+            return getattr(stub, method)(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise FarmError(f"{method} on {target} failed: {exc.code().name}: {exc.details()}") from None
+
+
+def member_of(st: dict, node: str) -> dict | None:
+    return next((m for m in st.get("members", []) if m["id"] == node), None)
+
+
+def drain_progress(st: dict, node: str) -> tuple[bool, str]:
+    m = member_of(st, node)
+    if m is None:
+        return False, f"{node} is not a member"
+    buckets, dbuckets = int(m.get("buckets", 0)), int(m.get("draining_buckets", 0))
+    conns = int(m.get("draining_connections", 0))
+    done = m.get("state") == "draining" and buckets == 0 and dbuckets == 0
+    return done, (f"{node}: state {m.get('state')}, {buckets} buckets owned, {dbuckets} draining "
+                  f"with {conns} connections left")
+
+
+def cmd_drain(args) -> int:
+    from nlbfarm.proto import farm_pb2
+    resp = _rpc(args.target, "Drain", farm_pb2.DrainRequest(node_id=args.node, timeout_s=args.timeout or 0),
+                args.rpc_timeout)
+    if not args.wait:
+        print(json.dumps({"node": args.node, "message": resp.message}) if args.json else resp.message)
+        return EXIT_OK
+    deadline = time.monotonic() + args.wait_timeout
+    last = ""
+    while True:
+        st = fetch_status(args.target, args.rpc_timeout)
+        done, line = drain_progress(st, args.node)
+        if line != last and not args.json:
+            print(line, flush=True)
+            last = line
+        if done:
+            if args.json:
+                print(json.dumps({"node": args.node, "drained": True, "status": member_of(st, args.node)}))
+            else:
+                print(f"{args.node} is drained: it serves no connection")
+            return EXIT_OK
+        if time.monotonic() > deadline:
+            print(f"farmctl: {args.node} not drained after {args.wait_timeout:.0f}s ({line})", file=sys.stderr)
+            return EXIT_UNHEALTHY
+        time.sleep(0.5)
+
+
+def cmd_undrain(args) -> int:
+    from nlbfarm.proto import farm_pb2
+    resp = _rpc(args.target, "Undrain", farm_pb2.UndrainRequest(node_id=args.node), args.rpc_timeout)
+    print(json.dumps({"node": args.node, "message": resp.message}) if args.json else resp.message)
+    return EXIT_OK
+
+
 def status_healthy(st: dict) -> bool:
     return (st.get("fence_open") and st.get("etcd_state") == "connected"
             and int(st.get("applied_generation", 0)) == int(st.get("generation", 0)) > 0
@@ -69,12 +137,15 @@ def render_status(st: dict) -> str:
         f"fence {'open' if st.get('fence_open') else 'CLOSED'}, etcd {st.get('etcd_state')}",
         f"last cycle: {st.get('last_cycle', '')}",
         "",
-        f"{'MEMBER':<12} {'STATE':<8} {'WEIGHT':>6} {'BUCKETS':>8} {'SHARE':>7} {'APPLIED':>8}  ADDRESSES",
+        f"{'MEMBER':<12} {'STATE':<9} {'WEIGHT':>6} {'BUCKETS':>8} {'SHARE':>7} {'APPLIED':>8} "
+        f"{'DRAINING':>9}  ADDRESSES",
     ]
     for m in st.get("members", []):
         n = int(m.get("buckets", 0))
-        lines.append(f"{m['id']:<12} {m.get('state', ''):<8} {int(m.get('weight', 0)):>6} {n:>8} "
-                     f"{100 * n / b:>6.1f}% {int(m.get('applied_generation', 0)):>8}  "
+        draining = (f"{int(m.get('draining_connections', 0))} conns" if int(m.get("draining_buckets", 0))
+                    else "-")
+        lines.append(f"{m['id']:<12} {m.get('state', ''):<9} {int(m.get('weight', 0)):>6} {n:>8} "
+                     f"{100 * n / b:>6.1f}% {int(m.get('applied_generation', 0)):>8} {draining:>9}  "
                      f"{','.join(m.get('addresses', []))}")
     return "\n".join(lines)
 
@@ -142,6 +213,16 @@ def cmd_lab_down(args) -> int:
     return EXIT_OK
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= v <= 86400:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 86400 seconds")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="farmctl", description="operate an nlbfarm farm")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -152,6 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the agent")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_status)
+
+    def target_opts(p):
+        p.add_argument("--target", default="127.0.0.1:7400", help="an agent's gRPC address (default %(default)s)")
+        p.add_argument("--netns", help="run inside this network namespace (lab nodes)")
+        p.add_argument("--rpc-timeout", type=float, default=5.0, help="seconds per call")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    dr = sub.add_parser("drain", help="NODE takes no new connections and keeps established ones until "
+                                      "they close or the timeout passes")
+    dr.add_argument("node")
+    dr.add_argument("--timeout", type=_seconds, help="seconds established connections may take "
+                                                     "(default: the node's timing.drain_timeout)")
+    dr.add_argument("--wait", action="store_true", help="return when the drain is complete")
+    dr.add_argument("--wait-timeout", type=_seconds, default=3600, help="give up waiting after this long")
+    target_opts(dr)
+    dr.set_defaults(func=cmd_drain)
+    ud = sub.add_parser("undrain", help="NODE takes buckets again")
+    ud.add_argument("node")
+    target_opts(ud)
+    ud.set_defaults(func=cmd_undrain)
 
     lab = sub.add_parser("lab", help="a farm in network namespaces on this machine")
     lsub = lab.add_subparsers(dest="labcmd", required=True, metavar="LABCOMMAND")

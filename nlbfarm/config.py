@@ -135,6 +135,12 @@ class TimingSection(_Strict):
     keepalive_interval: float = Field(default=0.5, gt=0, le=60)
     # SIGTERM: how long to wait for peers to take over before leaving anyway.
     leave_timeout: float = Field(default=10.0, ge=0, le=3600)
+    # How long a released bucket keeps serving its established connections
+    # (rebalances and operator drains without their own timeout).
+    drain_timeout: float = Field(default=300.0, ge=0, le=86400)
+    # SIGTERM: how long established connections may take to finish before the
+    # agent leaves. A supervisor's stop timeout must be longer.
+    stop_drain_timeout: float = Field(default=30.0, ge=0, le=3600)
 
     @model_validator(mode="after")
     def _safety(self) -> "TimingSection":
@@ -156,6 +162,15 @@ class TimingSection(_Strict):
 class StatusSection(_Strict):
     # Loopback by default: the status API is for the operator on the node.
     listen: str = "127.0.0.1:7400"
+    # Optional LAN address for peers (read-only calls). Without it a node
+    # cannot ask its peers whether etcd is down for everyone, and closes its
+    # fence during any etcd outage.
+    peer_listen: str | None = None
+
+    @field_validator("peer_listen")
+    @classmethod
+    def _peer_listen(cls, v: str | None) -> str | None:
+        return None if v is None else _host_port(v)
 
     @field_validator("listen")
     @classmethod

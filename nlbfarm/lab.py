@@ -40,6 +40,8 @@ VIP = f"{SUBNET}.100"
 ETCD_ADDR = f"{SUBNET}.2"
 CLIENT_ADDR = f"{SUBNET}.3"
 GRPC_LISTEN = "127.0.0.1:7400"
+PEER_PORT = 7401
+ETCD_MEMBER_ADDRS = [ETCD_ADDR, f"{SUBNET}.4", f"{SUBNET}.5"]
 APP_PORT = 80
 CLUSTER_NAME = "lab"
 ETCD_PREFIX = "/nlbfarm"
@@ -56,6 +58,8 @@ class LabTiming:
     fence_timeout: int = 1
     keepalive_interval: float = 0.25
     leave_timeout: float = 10.0
+    drain_timeout: float = 60.0
+    stop_drain_timeout: float = 30.0
 
 
 @dataclass
@@ -66,8 +70,14 @@ class Lab:
     timing: LabTiming = field(default_factory=LabTiming)
     buckets: int = 4096
     progress: Callable[[str], None] = lambda msg: None
+    # 1 or 3 etcd members (all in the <prefix>-etcd namespace, one address each).
+    etcd_members: int = 1
+    # Run every agent under a supervisor that restarts it, like systemd's Restart=always.
+    supervise: bool = False
 
     def __post_init__(self):
+        if self.etcd_members not in (1, 3):
+            raise LabError(f"etcd_members must be 1 or 3, got {self.etcd_members}")
         if not _PREFIX_RE.match(self.prefix):
             raise LabError(f"lab prefix {self.prefix!r} must be 1-8 lowercase letters or digits, "
                            "starting with a letter (it becomes part of interface names)")
@@ -189,7 +199,8 @@ class Lab:
             self._build_network(names)
             st = {"prefix": self.prefix, "vip": VIP, "url": f"http://{VIP}:{APP_PORT}/",
                   "subnet": f"{SUBNET}.0/24", "cluster": CLUSTER_NAME, "nodes": names,
-                  "etcd": {"endpoint": f"{ETCD_ADDR}:2379", "netns": self.ns("etcd"), "pid": None},
+                  "etcd": {"endpoint": ",".join(self.etcd_endpoints()), "netns": self.ns("etcd"),
+                           "pids": {}},
                   "pids": {}, "dir": str(self.dir)}
             self._save_state(st)
             self.start_etcd()
@@ -222,33 +233,94 @@ class Lab:
             iplib.set_link_up(port, lan)
             iplib.add_address("eth0", f"{addr}/24", ns)
             iplib.set_link_up("eth0", ns)
+        for addr in ETCD_MEMBER_ADDRS[1:self.etcd_members]:
+            iplib.add_address("eth0", f"{addr}/24", self.ns("etcd"))
 
     # ---- processes -------------------------------------------------------
 
-    def start_etcd(self) -> None:
+    def etcd_endpoints(self) -> list[str]:
+        return [f"{a}:2379" for a in ETCD_MEMBER_ADDRS[:self.etcd_members]]
+
+    def etcd_names(self) -> list[str]:
+        return [f"etcd{i}" for i in range(1, self.etcd_members + 1)]
+
+    def start_etcd(self, member: str | None = None) -> None:
+        """Start every etcd member (or just ``member``), keeping any data already on disk."""
         st = self.load_state()
-        data = self.dir / "etcd-data"
-        self.progress(f"starting etcd in {self.ns('etcd')} on {ETCD_ADDR}:2379")
-        pid = self.spawn("etcd", [
-            "etcd", "--name", "lab", "--data-dir", str(data),
-            "--listen-client-urls", f"http://{ETCD_ADDR}:2379,http://127.0.0.1:2379",
-            "--advertise-client-urls", f"http://{ETCD_ADDR}:2379",
-            "--listen-peer-urls", "http://127.0.0.1:2380",
-            "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-            "--initial-cluster", "lab=http://127.0.0.1:2380",
-            "--log-level", "warn"], "etcd.log")
-        st["etcd"]["pid"] = pid
+        names = self.etcd_names()
+        cluster = ",".join(f"{n}=http://{a}:2380" for n, a in zip(names, ETCD_MEMBER_ADDRS))
+        for name, addr in zip(names, ETCD_MEMBER_ADDRS):
+            if member is not None and name != member:
+                continue
+            self.progress(f"starting {name} in {self.ns('etcd')} on {addr}:2379")
+            local = ",http://127.0.0.1:2379" if addr == ETCD_ADDR else ""
+            pid = self.spawn("etcd", [
+                "etcd", "--name", name, "--data-dir", str(self.dir / f"{name}-data"),
+                "--listen-client-urls", f"http://{addr}:2379{local}",
+                "--advertise-client-urls", f"http://{addr}:2379",
+                "--listen-peer-urls", f"http://{addr}:2380",
+                "--initial-advertise-peer-urls", f"http://{addr}:2380",
+                "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                "--log-level", "warn"], f"{name}.log")
+            st["etcd"]["pids"][name] = pid
         self._save_state(st)
-        deadline = time.monotonic() + 20
+        self.wait_etcd()
+
+    def wait_etcd(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        eps = ",".join(self.etcd_endpoints())
         while time.monotonic() < deadline:
-            cp = self.run("etcd", ["etcdctl", "--endpoints", "127.0.0.1:2379", "endpoint", "health"],
+            cp = self.run("etcd", ["etcdctl", "--endpoints", eps, "endpoint", "health"],
                           check=False, timeout=10)
-            if cp.returncode == 0:
+            if cp.returncode == 0 or (self.etcd_members == 3 and cp.stdout.count("is healthy") >= 2):
                 return
-            if not self._alive(pid):
-                break
             time.sleep(0.2)
-        raise LabError(f"etcd did not become healthy; see {self.dir / 'etcd.log'}")
+        raise LabError(f"etcd did not become healthy; see {self.dir}/etcd*.log")
+
+    def etcd_pid(self, member: str = "etcd1") -> int | None:
+        return self.load_state()["etcd"]["pids"].get(member)
+
+    def stop_etcd(self, member: str | None = None, sig: int = signal.SIGTERM) -> None:
+        for name in self.etcd_names():
+            if member is None or name == member:
+                self._signal(self.etcd_pid(name), sig, wait=10)
+
+    def etcd_leader(self) -> str | None:
+        """Name of the current etcd leader, from etcdctl's status table."""
+        cp = self.run("etcd", ["etcdctl", "--endpoints", ",".join(self.etcd_endpoints()), "endpoint",
+                               "status", "-w", "json"], check=False, timeout=10)
+        try:
+            rows = json.loads(cp.stdout or "[]")
+        except ValueError:
+            return None
+        for row in rows:
+            st = row.get("Status", {})
+            if st.get("header", {}).get("member_id") == st.get("leader"):
+                addr = row["Endpoint"].split("//")[-1].split(":")[0]
+                return self.etcd_names()[ETCD_MEMBER_ADDRS.index(addr)]
+        return None
+
+    # ---- faults --------------------------------------------------------------
+
+    def cut_link(self, name: str) -> None:
+        """The node's LAN cable is pulled: its switch port goes down."""
+        iplib.set_link_down(f"p-{name}", self.ns("lan"))
+
+    def restore_link(self, name: str) -> None:
+        iplib.set_link_up(f"p-{name}", self.ns("lan"))
+
+    def cut_etcd(self, name: str) -> None:
+        """Drop the node's traffic to and from etcd; its LAN stays intact."""
+        addrs = ", ".join(ETCD_MEMBER_ADDRS[:self.etcd_members])
+        rules = ("table inet labfault {\n"
+                 " chain out {\n type filter hook output priority 0; policy accept;\n"
+                 f" ip daddr {{ {addrs} }} tcp dport 2379 drop\n }}\n"
+                 " chain in {\n type filter hook input priority 0; policy accept;\n"
+                 f" ip saddr {{ {addrs} }} tcp sport 2379 drop\n }}\n}}\n")
+        self.run(name, ["nft", "-f", "-"], input=rules)
+
+    def restore_etcd(self, name: str) -> None:
+        self.run(name, ["nft", "delete", "table", "inet", "labfault"], check=False)
 
     def node_config(self, name: str) -> dict:
         i = int(name[1:])
@@ -256,10 +328,12 @@ class Lab:
         return {
             "node": {"id": name, "interface": "eth0", "weight": 1, "addresses": [node_addr(i)]},
             "cluster": {"name": CLUSTER_NAME, "vips": [VIP], "buckets": self.buckets},
-            "etcd": {"endpoints": [f"{ETCD_ADDR}:2379"], "prefix": ETCD_PREFIX, "timeout": 1.0},
+            "etcd": {"endpoints": self.etcd_endpoints(), "prefix": ETCD_PREFIX, "timeout": 0.5,
+                     "retry_deadline": 5.0},
             "timing": {"lease_ttl": t.lease_ttl, "fence_timeout": t.fence_timeout,
-                       "keepalive_interval": t.keepalive_interval, "leave_timeout": t.leave_timeout},
-            "status": {"listen": GRPC_LISTEN},
+                       "keepalive_interval": t.keepalive_interval, "leave_timeout": t.leave_timeout,
+                       "drain_timeout": t.drain_timeout, "stop_drain_timeout": t.stop_drain_timeout},
+            "status": {"listen": GRPC_LISTEN, "peer_listen": f"{node_addr(i)}:{PEER_PORT}"},
         }
 
     def config_path(self, name: str) -> Path:
@@ -280,8 +354,19 @@ class Lab:
         st = self.load_state()
         path = self.config_path(name)
         path.write_text(yaml.safe_dump(self.node_config(name), sort_keys=False))
-        pid = self.spawn(name, [self.python, "-m", "nlbfarm.node.agent", "--config", str(path)],
-                         f"{name}.agent.log")
+        agent = [self.python, "-m", "nlbfarm.node.agent", "--config", str(path)]
+        if self.supervise:
+            pidfile = self.dir / f"{name}.agent.pid"
+            pidfile.unlink(missing_ok=True)
+            sup = self.spawn(name, [self.python, "-m", "nlbfarm.supervise", "--pidfile", str(pidfile),
+                                    "--", *agent], f"{name}.agent.log")
+            st["pids"].setdefault(name, {})["supervisor"] = sup
+            deadline = time.monotonic() + 10
+            while not pidfile.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            pid = int(pidfile.read_text())
+        else:
+            pid = self.spawn(name, agent, f"{name}.agent.log")
         st["pids"].setdefault(name, {})["agent"] = pid
         self._save_state(st)
 
@@ -291,13 +376,20 @@ class Lab:
         self.start_agent(name)
 
     def pid(self, name: str, what: str) -> int | None:
+        if what == "agent" and self.supervise:
+            # the supervisor restarts the agent under a new pid
+            try:
+                return int((self.dir / f"{name}.agent.pid").read_text())
+            except (FileNotFoundError, ValueError):
+                return None
         return self.load_state()["pids"].get(name, {}).get(what)
 
     def kill(self, name: str, what: str = "agent", sig: int = signal.SIGKILL, wait: float = 15.0) -> bool:
         return self._signal(self.pid(name, what), sig, wait)
 
     def kill_node(self, name: str) -> None:
-        """kill -9 of agent and app, as a crashed server would."""
+        """kill -9 of agent and app (and supervisor), as a crashed server would."""
+        self.kill(name, "supervisor")
         self.kill(name, "agent")
         self.kill(name, "app")
 
@@ -308,7 +400,7 @@ class Lab:
 
     def snapshot(self) -> ClusterSnapshot:
         """The cluster as stored in etcd, read with etcdctl inside the etcd namespace."""
-        cp = self.run("etcd", ["etcdctl", "--endpoints", "127.0.0.1:2379", "get", "--prefix",
+        cp = self.run("etcd", ["etcdctl", "--endpoints", ",".join(self.etcd_endpoints()), "get", "--prefix",
                                f"{ETCD_PREFIX}/{CLUSTER_NAME}/", "-w", "json"], timeout=10)
         d = json.loads(cp.stdout)
         items = {base64.b64decode(kv["key"]).decode(): (base64.b64decode(kv.get("value", "")),
@@ -356,11 +448,17 @@ class Lab:
                          "config": str(self.config_path(n))}
         return {"prefix": self.prefix, "vip": st["vip"], "url": st["url"], "subnet": st["subnet"],
                 "etcd": {"endpoint": st["etcd"]["endpoint"], "netns": self.ns("etcd"),
-                         "running": self._alive(st["etcd"]["pid"])},
+                         "running": all(self._alive(p) for p in st["etcd"]["pids"].values())},
                 "hosts": hosts, "agents": agents, "dir": st["dir"]}
 
     def client_cmd(self, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns("client"), *argv]
+
+    def holdclient_argv(self, conns: int, duration: float, out: Path, lifetime: float = 10.0,
+                        period: float = 0.5) -> list[str]:
+        return self.client_cmd([self.python, "-m", "nlbfarm.holdclient", "--vip", VIP, "--port", str(APP_PORT),
+                                "--conns", str(conns), "--duration", str(duration), "--lifetime", str(lifetime),
+                                "--period", str(period), "--out", str(out)])
 
     def loadclient_argv(self, count: int, duration: float, out: Path, workers: int = 4,
                         interval: float = 0.0, timeout: float = 1.0) -> list[str]:

@@ -21,20 +21,23 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from nlbfarm import __version__
 from nlbfarm.config import Config, load_config
 from nlbfarm.coordinator.cluster import (
-    Applied, ClusterSettings, ClusterSnapshot, Member, applied_key, build_snapshot, cluster_key,
-    member_key, table_key, TableRecord)
+    Applied, ClusterSettings, ClusterSnapshot, DrainRequest, Member, applied_key, build_snapshot,
+    cluster_key, drain_key, member_key, table_key, TableRecord)
 from nlbfarm.coordinator.handover import AcceptPlan, plan_accept, plan_table
 from nlbfarm.coordinator.store import EtcdStore, LeaseExpired, Store
 from nlbfarm.coordinator.table import bucket_ranges
 from nlbfarm.errors import (
     ConfigError, DataPlaneError, DuplicateMember, FarmError, StoreError, StoreUnavailable)
 from nlbfarm.logs import setup_logging
+from nlbfarm.node.conntrack import live_connections_by_bucket
 from nlbfarm.node.dataplane import DataPlane, DataPlaneSpec, cluster_mac_for
+from nlbfarm.node.peers import PeerProbe
 from nlbfarm.node.vip import Vip
 
 log = logging.getLogger("nlbfarm.agent")
@@ -42,6 +45,8 @@ log = logging.getLogger("nlbfarm.agent")
 # Margin kept between the fence expiry and the earliest lease expiry, for
 # scheduling jitter between reading the clock and the kernel taking the element.
 FENCE_MARGIN_S = 0.2
+# How often a node with draining buckets counts its connections in conntrack.
+CONNTRACK_SCAN_S = 1.0
 
 
 class ClusterCache:
@@ -108,14 +113,18 @@ class LocalState:
     """What this node has done, as opposed to what the cluster wants."""
 
     accepting: frozenset = frozenset()
-    published: tuple[int, int] = (-1, -1)  # (generation, accepting) last written to applied/<me>
+    # Released TCP buckets still serving established connections: bucket -> (deadline, released at).
+    draining: dict = field(default_factory=dict)
+    conn_counts: Counter = field(default_factory=Counter)
+    conn_scan_at: float = 0.0
+    published: Applied | None = None  # last record written to applied/<me>
     plan: AcceptPlan | None = None
     last_sentence: str = "starting"
     etcd_state: str = "connecting"
 
     @property
     def published_generation(self) -> int:
-        return self.published[0]
+        return self.published.generation if self.published else -1
 
 
 class Agent:
@@ -140,6 +149,12 @@ class Agent:
         self.lease_lost = threading.Event()
         self._last_keepalive_ok = 0.0  # monotonic time the last successful refresh was SENT
         self._last_cycle_ok = time.monotonic()
+        # Rule E (etcd down for everyone): when all peers last confirmed it.
+        self._consensus_at = 0.0
+        self._failing_since: float | None = None
+        # No new buckets before this time: set when etcd comes back after an outage.
+        self._acquire_after = 0.0
+        self.probe = PeerProbe(self.me, timeout=min(0.5, cfg.timing.keepalive_interval))
         self._watch = None
         self._keepalive_stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -188,7 +203,7 @@ class Agent:
 
     def _member(self, state: str) -> Member:
         return Member(self.me, self.cfg.node.weight, state, self.cfg.node.addresses, __version__,
-                      self.instance)
+                      self.instance, self.cfg.status.peer_listen or "")
 
     def _register(self) -> None:
         """Create members/<me> bound to a new lease, then re-read the cluster.
@@ -230,7 +245,7 @@ class Agent:
         self.lease_id = lease
         self._last_keepalive_ok = sent
         self.lease_lost.clear()
-        self.state.published = (-1, -1)
+        self.state.published = None
         log.info("registered node=%s lease=%x ttl=%ds weight=%d", self.me, lease,
                  self.cfg.timing.lease_ttl, self.cfg.node.weight)
 
@@ -286,42 +301,127 @@ class Agent:
             sent = time.monotonic()
             try:
                 self.store.refresh_lease(lease, deadline=t.keepalive_interval)
-                self._last_keepalive_ok = sent
-                self.state.etcd_state = "connected"
+                self._keepalive_succeeded(sent)
             except LeaseExpired:
                 log.error("lease expired node=%s lease=%x: peers may have taken over; re-registering",
                           self.me, lease)
                 self.lease_lost.set()
             except StoreError as exc:
-                self.state.etcd_state = "retrying"
-                log.warning("keepalive failed node=%s reason=%s", self.me, exc)
+                self._keepalive_failed(sent, exc)
             try:
                 self.dp.refresh_fence(self.fence_ok)
             except DataPlaneError as exc:
                 log.error("fence refresh failed node=%s reason=%s; rebuilding the ruleset", self.me, exc)
             self.wake.set()
 
+    def _keepalive_succeeded(self, sent: float) -> None:
+        t = self.cfg.timing
+        if self._failing_since is not None:
+            down = sent - self._failing_since
+            if down > 2 * t.keepalive_interval:
+                # Peers that stayed cut off may still serve from rule E for a
+                # moment: take no new bucket until they have surely stopped.
+                self._acquire_after = time.monotonic() + self.acquire_grace()
+            log.info("etcd reachable again node=%s after=%.1fs", self.me, down)
+        self._failing_since = None
+        self._last_keepalive_ok = sent
+        self.state.etcd_state = "connected"
+
+    def _keepalive_failed(self, sent: float, exc: Exception) -> None:
+        if self._failing_since is None:
+            self._failing_since = sent
+            log.warning("keepalive failed node=%s reason=%s", self.me, exc)
+        if sent - self._last_keepalive_ok <= 2 * self.cfg.timing.keepalive_interval:
+            return
+        snap = self.cache.snapshot()
+        peers = {m.id: m.peer for m in snap.members.values() if m.id != self.me}
+        down_for_all, why = self.probe.etcd_down_for_all(peers)
+        state = ("unreachable for every peer: keeping the last table" if down_for_all
+                 else f"unreachable from this node ({why}): stepping back")
+        if state != self.state.etcd_state:
+            log.warning("etcd %s node=%s", state, self.me)
+        self.state.etcd_state = state
+        if down_for_all:
+            self._consensus_at = sent
+
+    def acquire_grace(self) -> float:
+        t = self.cfg.timing
+        return t.fence_timeout + 3 * t.keepalive_interval + self.cfg.etcd.timeout + 0.5
+
     # ---- the reconcile loop ----------------------------------------------
 
     def fence_ok(self, now: float | None = None) -> bool:
-        """May the fence be extended now? (step 3 of the handover argument)"""
+        """May the fence be extended now? (step 3 and rule E of the handover argument)"""
+        now = time.monotonic() if now is None else now
+        if self.lease_lost.is_set():
+            return False
+        window = self.cfg.timing.lease_ttl - self.cfg.timing.fence_timeout - FENCE_MARGIN_S
+        return now - self._last_keepalive_ok < window or self.static_mode(now)
+
+    def static_mode(self, now: float | None = None) -> bool:
+        """Serving from rule E: etcd unreachable, and every peer recently said the same."""
         now = time.monotonic() if now is None else now
         t = self.cfg.timing
-        return (not self.lease_lost.is_set()
-                and now - self._last_keepalive_ok < t.lease_ttl - t.fence_timeout - FENCE_MARGIN_S)
+        window = min(2 * t.keepalive_interval + self.cfg.etcd.timeout,
+                     t.lease_ttl - t.fence_timeout - FENCE_MARGIN_S)
+        return now - self._consensus_at < window
+
+    def _desired_state(self, snap: ClusterSnapshot) -> str:
+        if self.leave_started is not None:
+            return "leaving"
+        return "draining" if self.me in snap.drains else "active"
+
+    def _drain_deadline(self, snap: ClusterSnapshot, now: float) -> float:
+        """When buckets released now stop serving their old connections."""
+        t = self.cfg.timing
+        if self.leave_started is not None:
+            return self.leave_started + t.stop_drain_timeout
+        req = snap.drains.get(self.me)
+        if req is not None and req.timeout is not None:
+            return now + req.timeout
+        return now + t.drain_timeout
+
+    def _update_draining(self, snap: ClusterSnapshot, released: frozenset, accepting: frozenset,
+                         now: float) -> None:
+        """Track released buckets until their last connection closed or their deadline passed."""
+        st = self.state
+        deadline = self._drain_deadline(snap, now)
+        draining = {b: v for b, v in st.draining.items() if b not in accepting}
+        for b in released:
+            draining.setdefault(b, (deadline, now))
+        if self.leave_started is not None:  # a stop caps every drain
+            draining = {b: (min(d, deadline), since) for b, (d, since) in draining.items()}
+        if draining and now - st.conn_scan_at >= CONNTRACK_SCAN_S:
+            try:
+                st.conn_counts = live_connections_by_bucket(self.cfg.cluster.vips, self.settings.buckets,
+                                                            self.settings.seed)
+                st.conn_scan_at = now
+            except DataPlaneError as exc:
+                log.warning("conntrack scan failed node=%s reason=%s", self.me, exc)
+        done = [b for b, (d, since) in draining.items()
+                if now >= d or (st.conn_scan_at > since and st.conn_counts.get(b, 0) == 0)]
+        expired = [b for b in done if st.conn_counts.get(b, 0) and now >= draining[b][0]]
+        if expired:
+            log.warning("drain timeout node=%s buckets=%d connections=%d: no longer served", self.me,
+                        len(expired), sum(st.conn_counts.get(b, 0) for b in expired))
+        for b in done:
+            del draining[b]
+        st.draining = draining
 
     def cycle(self) -> str:
         """One reconcile step. Returns the sentence describing what it did or waits for."""
         if self.lease_lost.is_set():
             return self._recover_lease()
         snap = self.cache.snapshot()
-        leaving = self.leave_started is not None
-        if leaving:
-            mine = snap.members.get(self.me)
-            if mine is not None and mine.state != "leaving":
-                self.store.put(member_key(self.prefix, self.me), self._member("leaving").encode(),
-                               lease_id=self.lease_id)
-                return "announced leaving: peers will take over this node's buckets"
+        mine = snap.members.get(self.me)
+        desired = self._desired_state(snap)
+        if mine is not None and mine.state != desired:
+            self.store.put(member_key(self.prefix, self.me), self._member(desired).encode(),
+                           lease_id=self.lease_id)
+            return f"state {desired}: " + {
+                "leaving": "peers will take over this node's buckets",
+                "draining": "no new connections; established ones are kept until they close",
+                "active": "taking buckets again"}[desired]
         update = plan_table(snap)
         if update is not None:
             ok = self.store.compare_and_swap(
@@ -331,45 +431,60 @@ class Agent:
                 return (f"wrote table generation {update.generation}: moved {update.moved} "
                         f"buckets ({update.reason})")
             return f"table generation {update.generation} was written by a peer first"
-        fence_open = self.fence_ok()
+        now = time.monotonic()
+        fence_open = self.fence_ok(now)
         plan = plan_accept(self.me, snap, self.state.accepting)
-        if not fence_open:
-            # Without a fresh keepalive this node must not rely on its buckets:
-            # close the fence now rather than wait for the element to expire,
-            # and take nothing new.
+        keepalive_fresh = now - self._last_keepalive_ok < 2 * self.cfg.timing.keepalive_interval
+        if not fence_open or not keepalive_fresh or now < self._acquire_after:
+            # Take nothing new without a fresh lease (rule E serves only what it
+            # had), nor right after an etcd outage; without an open fence, also
+            # close it now rather than wait for the element to expire.
             plan = AcceptPlan(plan.generation, plan.target, plan.accepting & self.state.accepting,
                               plan.waiting_for)
-        spec = self._base_spec(fence_open).with_accepting(bucket_ranges(plan.accepting))
+        self._update_draining(snap, self.state.accepting - plan.accepting, plan.accepting, now)
+        guarded = plan.accepting & snap.draining_elsewhere(self.me)
+        spec = self._base_spec(fence_open).with_buckets(
+            bucket_ranges(plan.accepting), bucket_ranges(self.state.draining), bucket_ranges(guarded))
         if self.dp.apply(spec):
             self.state.accepting = plan.accepting
         self.state.plan = plan
         if not fence_open:
             return (f"fence closed: no successful keepalive for "
                     f"{time.monotonic() - self._last_keepalive_ok:.1f} s; dropping all VIP traffic")
+        if not keepalive_fresh:
+            return (f"etcd unreachable for every peer: serving generation {plan.generation} "
+                    f"unchanged ({len(self.state.accepting)} buckets)")
         g = plan.generation
-        report = (g, len(self.state.accepting))
+        conns = sum(self.state.conn_counts.get(b, 0) for b in self.state.draining)
+        report = Applied(g, len(self.state.accepting), tuple(bucket_ranges(self.state.draining)), conns)
         if g and self.state.published != report:
-            # Invariant I: the kernel now accepts a subset of T_g for this node.
-            self.store.put(applied_key(self.prefix, self.me), Applied(*report).encode(),
-                           lease_id=self.lease_id)
+            # Invariant I: the kernel now accepts new connections only in T_g's
+            # buckets for this node; the draining list goes out in the same write,
+            # so a new owner guards those buckets from its first packet.
+            self.store.put(applied_key(self.prefix, self.me), report.encode(), lease_id=self.lease_id)
             self.state.published = report
         if g == 0:
             return "waiting for the first table"
+        draining = (f"; draining {len(self.state.draining)} buckets with {conns} connections"
+                    if self.state.draining else "")
         if plan.complete:
-            return f"generation {g} applied: accepting {len(plan.accepting)} of {self.settings.buckets} buckets"
+            return (f"generation {g} applied: accepting {len(plan.accepting)} of {self.settings.buckets} "
+                    f"buckets{draining}")
         return (f"generation {g}: accepting {len(plan.accepting)} of {len(plan.target)} owned buckets, "
-                f"waiting for {','.join(plan.waiting_for)} to apply generation {g}")
+                f"waiting for {','.join(plan.waiting_for)} to apply generation {g}{draining}")
 
     def _recover_lease(self) -> str:
         # Peers may already own our buckets: stop accepting anything first.
-        self.dp.apply(self._base_spec(fence_open=False).with_accepting(()))
+        self.dp.apply(self._base_spec(fence_open=False).with_buckets((), ()))
         self.state.accepting = frozenset()
+        self.state.draining = {}
         if self.leave_started is not None:
             return "lease lost while leaving: nothing left to hand over"
         try:
             self._register()
         except DuplicateMember:
             return "lease lost; waiting for the old member key to expire before re-registering"
+        self._acquire_after = time.monotonic() + self.acquire_grace()
         return "lease lost: released every bucket and registered again"
 
     def run_loop(self) -> None:
@@ -398,17 +513,23 @@ class Agent:
     def _leave_done(self) -> bool:
         if self.lease_lost.is_set():
             return True
-        if time.monotonic() - self.leave_started > self.cfg.timing.leave_timeout:
-            log.warning("leave timeout node=%s after %.0fs; leaving anyway", self.me,
-                        self.cfg.timing.leave_timeout)
-            return True
         snap = self.cache.snapshot()
+        handed_over = self._handed_over(snap)
+        if not handed_over and time.monotonic() - self.leave_started > self.cfg.timing.leave_timeout:
+            log.warning("leave timeout node=%s after %.0fs: peers did not take over; leaving anyway",
+                        self.me, self.cfg.timing.leave_timeout)
+            return True
+        # Established connections finish first; _update_draining ends them at
+        # leave_started + stop_drain_timeout at the latest.
+        return handed_over and not self.state.draining
+
+    def _handed_over(self, snap: ClusterSnapshot) -> bool:
+        """The table no longer gives this node buckets and every live peer applied it."""
         if snap.table is None:
             return True
         g = snap.table.generation
         if snap.table.owned_by(self.me) or self.state.accepting or self.state.published_generation != g:
             return False
-        # Peers have applied the table without us: they now accept our old buckets.
         peers = snap.live() - {self.me}
         return all((a := snap.applied.get(p)) is not None and a.generation >= g for p in peers)
 
@@ -417,8 +538,9 @@ class Agent:
         self._keepalive_stop.set()
         if self.dp.current is not None and self.settings is not None:
             try:
-                self.dp.apply(self._base_spec(fence_open=False).with_accepting(()))
+                self.dp.apply(self._base_spec(fence_open=False).with_buckets((), ()))
                 self.state.accepting = frozenset()
+                self.state.draining = {}
             except DataPlaneError as exc:
                 log.error("could not close the fence node=%s reason=%s", self.me, exc)
         if self.vip.down():
@@ -437,8 +559,35 @@ class Agent:
             except StoreError as exc:
                 log.warning("lease revoke failed node=%s reason=%s (it expires by itself)", self.me, exc)
         self.lease_id = None
+        self.probe.close()
         self.store.close()
         log.info("stopped node=%s", self.me)
+
+    # ---- operator requests and peer questions (gRPC threads) ---------------
+
+    def request_drain(self, node_id: str, timeout: float | None) -> str:
+        snap = self.cache.snapshot()
+        if node_id not in snap.members:
+            raise KeyError(f"no member named {node_id!r} in cluster {self.cfg.cluster.name!r} "
+                           f"(members: {', '.join(sorted(snap.members)) or 'none'})")
+        self.store.put(drain_key(self.prefix, node_id), DrainRequest(timeout).encode())
+        log.info("drain requested node=%s timeout=%s via=%s", node_id, timeout or "default", self.me)
+        return f"{node_id} is draining: it takes no new connections and keeps established ones " \
+               f"until they close or {timeout or 'its drain_timeout'} s pass"
+
+    def request_undrain(self, node_id: str) -> str:
+        snap = self.cache.snapshot()
+        if node_id not in snap.members and node_id not in snap.drains:
+            raise KeyError(f"no member named {node_id!r} in cluster {self.cfg.cluster.name!r}")
+        existed = self.store.delete(drain_key(self.prefix, node_id))
+        log.info("undrain requested node=%s via=%s", node_id, self.me)
+        return f"{node_id} takes buckets again" if existed else f"{node_id} was not draining"
+
+    def etcd_reachability(self) -> tuple[bool, float]:
+        """Did a keepalive succeed recently? Peers ask this during an etcd outage."""
+        age = time.monotonic() - self._last_keepalive_ok
+        t = self.cfg.timing
+        return age < 2 * t.keepalive_interval + self.cfg.etcd.timeout, age
 
     # ---- read side (status server) -------------------------------------
 
@@ -454,11 +603,16 @@ class Agent:
                 {"id": m.id, "weight": m.weight, "state": m.state, "addresses": list(m.addresses),
                  "version": m.version,
                  "applied_generation": snap.applied[m.id].generation if m.id in snap.applied else 0,
-                 "buckets": counts.get(m.id, 0)}
+                 "buckets": counts.get(m.id, 0),
+                 "draining_buckets": snap.applied[m.id].draining_buckets if m.id in snap.applied else 0,
+                 "draining_connections": (snap.applied[m.id].draining_connections
+                                          if m.id in snap.applied else 0),
+                 "drain_requested": m.id in snap.drains}
                 for m in sorted(snap.members.values(), key=lambda m: m.id)],
             "applied_generation": max(self.state.published_generation, 0),
             "owned_buckets": len(snap.table.owned_by(self.me)) if snap.table else 0,
             "accepting_buckets": len(self.state.accepting),
+            "draining_buckets": len(self.state.draining),
             "fence_open": self.dp.fence_is_open(),
             "etcd_state": self.state.etcd_state,
             "last_cycle": self.state.last_sentence,
@@ -495,11 +649,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    server = None
+    servers = []
     rc = 0
     try:
         # Bind first: a busy port is a config error found before anything changes.
-        server = serve_status(agent, cfg.status.listen)
+        servers = serve_status(agent, cfg.status.listen, cfg.status.peer_listen)
         agent.start()
         if agent.lease_id is None:  # stopped before registering: nothing to undo
             log.info("stopped node=%s before joining", agent.me)
@@ -522,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         agent.stopping.set()
         if agent.lease_id is not None or agent.dp.current is not None:
             agent.shutdown()
-        if server is not None:
+        for server in servers:
             server.stop(grace=0.5)
     return rc
 

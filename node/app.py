@@ -1,5 +1,9 @@
 """A tiny HTTP application for labs and demos: answers every request with its node name.
 
+A connection that starts with ``HOLD\n`` stays open instead: every ``PING n``
+line is answered with ``PONG n <node>``, so tests can hold long-lived
+connections and see whether one ever breaks.
+
 It logs every accepted connection (client address and port) to ``--accept-log``
 at accept time, so tests can prove each client connection reached exactly one
 node. Stands in for the farm's real application (nginx, an API...).
@@ -22,16 +26,40 @@ class _Handler(socketserver.BaseRequestHandler):
         data = b""
         try:
             while b"\r\n\r\n" not in data and len(data) < 65536:
+                if data.startswith(b"HOLD\n"):
+                    return self._hold(sock, data[5:])
                 chunk = sock.recv(4096)
                 if not chunk:
                     break
                 data += chunk
+            if data.startswith(b"HOLD\n"):
+                return self._hold(sock, data[5:])
             body = (self.server.node_name + "\n").encode()
             hdr = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
                    f"X-Served-By: {self.server.node_name}\r\nConnection: close\r\n\r\n").encode()
             sock.sendall(hdr + body)
         except OSError:
             pass
+
+
+    def _hold(self, sock: socket.socket, pending: bytes) -> None:
+        """Long-lived mode: answer "PING n" lines with "PONG n <node>" until the client closes."""
+        sock.settimeout(120)
+        name = self.server.node_name
+        sock.sendall(f"HELD {name}\n".encode())
+        buf = pending
+        try:
+            while True:
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.startswith(b"PING "):
+                        sock.sendall(b"PONG " + line[5:] + f" {name}\n".encode())
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return
+                buf += chunk
+        except OSError:
+            return
 
 
 class AppServer(socketserver.ThreadingTCPServer):

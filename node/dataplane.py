@@ -7,9 +7,18 @@ Shape of what a node programs (two tables, both owned by nlbfarm only):
   the cluster MAC and their frames reach every node.
 * ``inet <table>``: a prerouting chain at priority -300 (before conntrack at
   -200) sends VIP packets to ``vip_in``, which marks them for local delivery,
-  drops everything while the fence is closed, accepts only the buckets this
-  node may serve (``jhash(client addr . client port) mod B`` with the
-  cluster-wide seed) and drops the rest. Foreign buckets never reach conntrack.
+  drops everything while the fence is closed, lets through the buckets this
+  node serves (``jhash(client addr . client port) mod B`` with the
+  cluster-wide seed) and its *draining* buckets (released TCP buckets whose
+  established connections it keeps, minus new SYNs), and drops the rest.
+  Foreign buckets never reach conntrack.
+  A second prerouting chain after conntrack (priority -150) decides per
+  connection: established and related packets pass; in draining buckets
+  nothing else does; in *guarded* buckets (owned here, but a live peer still
+  drains old connections in them) unknown mid-stream TCP packets are dropped
+  silently because they belong to that peer. Anything else in an owned bucket
+  reaches the TCP stack, which answers an unknown connection with a reset:
+  that is how clients of a dead node learn at once that their connection is gone.
 
 The fence is a set element with a kernel timeout. The agent refreshes it while
 its etcd session is healthy; if the agent dies the element expires and the
@@ -33,6 +42,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = "nlbfarm"
 PRIO_RAW = -300  # before conntrack (-200): foreign packets cost no conntrack entry
+PRIO_POST_CT = -150  # after conntrack: ct state is known
 
 
 @dataclass(frozen=True)
@@ -46,12 +56,21 @@ class DataPlaneSpec:
     seed: int
     # Inclusive bucket ranges this node accepts new and existing flows for.
     accepting: tuple[tuple[int, int], ...] = ()
+    # Released TCP buckets: established connections only, no new ones.
+    draining: tuple[tuple[int, int], ...] = ()
+    # Owned buckets where a live peer may still serve old connections.
+    guarded: tuple[tuple[int, int], ...] = ()
     fence_open: bool = False
     fence_timeout: int = 2
     table: str = DEFAULT_TABLE
 
     def with_accepting(self, ranges: Iterable[tuple[int, int]]) -> "DataPlaneSpec":
         return replace(self, accepting=tuple(tuple(r) for r in ranges))
+
+    def with_buckets(self, accepting, draining=(), guarded=()) -> "DataPlaneSpec":
+        as_tuple = lambda rs: tuple(tuple(r) for r in rs)  # noqa: E731
+        return replace(self, accepting=as_tuple(accepting), draining=as_tuple(draining),
+                       guarded=as_tuple(guarded))
 
 
 def cluster_mac_for(vip: str) -> str:
@@ -114,12 +133,31 @@ def fence_element(spec: DataPlaneSpec) -> dict:
                         "elem": [{"elem": {"val": spec.interface, "timeout": spec.fence_timeout}}]}}
 
 
+_SYN_ONLY = {"&": [_payload("tcp", "flags"), ["syn", "ack"]]}
+
+
+def _l4(protos: list[str]) -> dict:
+    return {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": _set_or_value(protos)}}
+
+
+def _in_buckets(spec: DataPlaneSpec, ranges) -> dict:
+    return {"match": {"op": "==", "left": bucket_hash_expr(spec.buckets, spec.seed),
+                      "right": {"set": _range_elems(ranges)}}}
+
+
 def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
     fam, tbl = "inet", spec.table
 
     def rule(chain: str, *expr: dict) -> dict:
         return {"add": {"rule": {"family": fam, "table": tbl, "chain": chain, "expr": list(expr)}}}
 
+    def chain(name: str, prio: int | None = None) -> dict:
+        c = {"family": fam, "table": tbl, "name": name}
+        if prio is not None:
+            c.update(type="filter", hook="prerouting", prio=prio, policy="accept")
+        return {"add": {"chain": c}}
+
+    to_vip = {"match": {"op": "==", "left": _payload("ip", "daddr"), "right": _set_or_value(list(spec.vips))}}
     cmds = _replace_table(fam, tbl) + [
         {"add": {"set": {"family": fam, "table": tbl, "name": "fence", "type": "ifname",
                          "flags": ["timeout"]}}},
@@ -127,13 +165,9 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
     if spec.fence_open:
         cmds.append({"add": fence_element(spec)})
     cmds += [
-        {"add": {"chain": {"family": fam, "table": tbl, "name": "prerouting", "type": "filter",
-                           "hook": "prerouting", "prio": PRIO_RAW, "policy": "accept"}}},
-        {"add": {"chain": {"family": fam, "table": tbl, "name": "vip_in"}}},
-        rule("prerouting",
-             {"match": {"op": "==", "left": _payload("ip", "daddr"),
-                        "right": _set_or_value(list(spec.vips))}},
-             {"jump": {"target": "vip_in"}}),
+        chain("prerouting", PRIO_RAW), chain("vip_in"), chain("drain_in"),
+        chain("postct", PRIO_POST_CT), chain("vip_ct"),
+        rule("prerouting", to_vip, {"jump": {"target": "vip_in"}}),
         # Frames addressed to the multicast cluster MAC arrive as
         # PACKET_MULTICAST, which TCP refuses; they are ours to deliver.
         rule("vip_in", {"mangle": {"key": {"meta": {"key": "pkttype"}}, "value": "host"}}),
@@ -149,13 +183,32 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
              {"accept": None}),
     ]
     if spec.accepting:
-        cmds.append(rule(
-            "vip_in",
-            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}},
-            {"match": {"op": "==", "left": bucket_hash_expr(spec.buckets, spec.seed),
-                       "right": {"set": _range_elems(spec.accepting)}}},
-            {"counter": None}, {"accept": None}))
+        cmds.append(rule("vip_in", _l4(["tcp", "udp"]), _in_buckets(spec, spec.accepting),
+                         {"counter": None}, {"accept": None}))
+    if spec.draining:
+        cmds.append(rule("vip_in", _l4(["tcp"]), _in_buckets(spec, spec.draining),
+                         {"jump": {"target": "drain_in"}}))
+        # A new connection in a released bucket belongs to its new owner.
+        cmds.append(rule("drain_in", {"match": {"op": "==", "left": _SYN_ONLY, "right": "syn"}},
+                         {"counter": None}, {"drop": None}))
+        cmds.append(rule("drain_in", {"counter": None}, {"accept": None}))
     cmds.append(rule("vip_in", {"counter": None}, {"drop": None}))
+
+    cmds += [
+        rule("postct", to_vip, {"jump": {"target": "vip_ct"}}),
+        rule("vip_ct", {"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                                  "right": ["established", "related"]}}, {"accept": None}),
+    ]
+    if spec.draining:
+        # Not an established connection of ours: nothing to keep serving.
+        cmds.append(rule("vip_ct", _l4(["tcp"]), _in_buckets(spec, spec.draining),
+                         {"counter": None}, {"drop": None}))
+    if spec.guarded:
+        # Mid-stream packet of a connection this node does not know, in a bucket
+        # a live peer still drains: it is the peer's. Drop it without a reset.
+        cmds.append(rule("vip_ct", _l4(["tcp"]),
+                         {"match": {"op": "!=", "left": _SYN_ONLY, "right": "syn"}},
+                         _in_buckets(spec, spec.guarded), {"counter": None}, {"drop": None}))
     return cmds
 
 

@@ -22,6 +22,10 @@ CASES = {
     "no_buckets_fence_open": replace(BASE, fence_open=True),
     "fence_closed_two_vips": replace(BASE, vips=("198.18.0.100", "198.18.0.101"), accepting=((0, 63),),
                                      fence_open=False),
+    # After a rebalance: serves 0-1023 (of which 1000-1023 came from a peer
+    # that still drains them) and drains 2048-2100, which it gave away.
+    "handover_draining_and_guarded": replace(BASE, accepting=((0, 1023),), draining=((2048, 2100),),
+                                             guarded=((1000, 1023),), fence_open=True),
 }
 
 

@@ -1,0 +1,51 @@
+"""A minimal process supervisor for the lab: restart the command whenever it exits.
+
+It stands in for systemd's ``Restart=always`` on lab hosts (there is no
+systemd inside a network namespace). The child's pid is kept in ``--pidfile``
+so a test can kill exactly the child; SIGTERM stops the supervisor and its child.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="nlbfarm-supervise")
+    ap.add_argument("--pidfile", required=True)
+    ap.add_argument("--delay", type=float, default=1.0, help="seconds before a restart")
+    ap.add_argument("cmd", nargs=argparse.REMAINDER)
+    args = ap.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
+    if not cmd:
+        ap.error("no command given")
+    stopping = False
+    child: subprocess.Popen | None = None
+
+    def on_term(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    while not stopping:
+        child = subprocess.Popen(cmd)
+        with open(args.pidfile + ".tmp", "w") as f:
+            f.write(str(child.pid))
+        os.replace(args.pidfile + ".tmp", args.pidfile)
+        rc = child.wait()
+        print(f"supervise: {cmd[0]} exited rc={rc}" + ("" if stopping else f", restarting in {args.delay}s"),
+              file=sys.stderr, flush=True)
+        if not stopping:
+            time.sleep(args.delay)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

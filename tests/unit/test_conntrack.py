@@ -1,0 +1,24 @@
+from nlbfarm.coordinator.hashing import bucket_of
+from nlbfarm.node.conntrack import count_by_bucket, parse_conntrack_lines
+
+SAMPLE = """\
+tcp      6 431999 ESTABLISHED src=198.18.0.3 dst=198.18.0.100 sport=40000 dport=80 src=198.18.0.100 dst=198.18.0.3 sport=80 dport=40000 [ASSURED] mark=0 use=1
+tcp      6 119 TIME_WAIT src=198.18.0.3 dst=198.18.0.100 sport=40001 dport=80 src=198.18.0.100 dst=198.18.0.3 sport=80 dport=40001 [ASSURED] mark=0 use=1
+tcp      6 59 SYN_RECV src=198.18.0.3 dst=198.18.0.100 sport=40002 dport=80 src=198.18.0.100 dst=198.18.0.3 sport=80 dport=40002 mark=0 use=1
+udp      17 29 src=198.18.0.3 dst=198.18.0.100 sport=5353 dport=53 [UNREPLIED] src=198.18.0.100 dst=198.18.0.3 sport=53 dport=5353 mark=0 use=1
+conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.
+"""
+
+
+def test_parse_takes_the_original_direction():
+    rows = parse_conntrack_lines(SAMPLE)
+    assert rows == [("198.18.0.3", 40000, "198.18.0.100", "ESTABLISHED"),
+                    ("198.18.0.3", 40001, "198.18.0.100", "TIME_WAIT"),
+                    ("198.18.0.3", 40002, "198.18.0.100", "SYN_RECV")]
+
+
+def test_only_live_connections_to_a_vip_count():
+    counts = count_by_bucket(parse_conntrack_lines(SAMPLE) + [("198.18.0.3", 1, "10.9.9.9", "ESTABLISHED")],
+                             ["198.18.0.100"], 64, 5)
+    assert sum(counts.values()) == 2  # TIME_WAIT is over; other destinations are not ours
+    assert counts[bucket_of("198.18.0.3", 40000, 64, 5)] >= 1
