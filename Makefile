@@ -6,7 +6,7 @@ PYTEST  := $(VENV)/bin/pytest
 SYSPY   := /usr/bin/python3
 PROTO_OUT := proto/farm_pb2.py proto/farm_pb2_grpc.py
 
-.PHONY: all deps venv proto test unit demo bench lab-down clean
+.PHONY: all deps venv proto test unit faults demo bench lab-down clean
 
 all: venv
 
@@ -32,6 +32,14 @@ test: venv
 
 unit: venv
 	$(PYTEST) -q tests/unit
+
+# Runs the fault tests (also part of `make test`) and writes their figures into
+# the README's "Faults survived" table.
+faults: venv
+	rm -f faults.json
+	NLBFARM_FAULTS_REPORT=$(CURDIR)/faults.json $(PYTEST) -q -m faults tests/lab/test_faults.py
+	$(PY) -m nlbfarm.faultreport faults.json README.md
+	rm -f faults.json
 
 demo: venv
 	$(PY) -m nlbfarm.demo

@@ -35,6 +35,48 @@ buckets for X, and X adds a bucket b to A_X only through rule R below.
 
 Because every node writes the same ``rebalance()`` result by compare-and-swap,
 at most one table exists per generation, and T_g is well defined.
+
+Connections survive a handover (they are not new connections)
+--------------------------------------------------------------
+"Accepting" above means accepting *new* connections. When X releases a TCP
+bucket it moves it to its draining list: the kernel still passes packets of
+X's established connections (conntrack knows them) and drops new SYNs in it.
+X publishes the draining list in the same ``applied/<X>`` write as a_X = g, so
+by the time the new owner Y may take the bucket (rule R needs a_X = g), Y
+also sees that X drains it and *guards* it: unknown mid-stream packets there
+are dropped silently (they are X's), while SYNs start Y's own connections.
+When X's last connection in the bucket closes (conntrack shows none alive),
+or its drain timeout passes, X drops the bucket from the list; Y stops
+guarding it, and a stray packet then reaches Y's TCP stack, which resets it.
+A node without a live lease publishes nothing, so the buckets of a dead node
+are never guarded: its clients get a reset on their next packet.
+
+Rule E: etcd down for everyone versus "I am cut off"
+-----------------------------------------------------
+Step 3 makes a node stop serving when its keepalives fail, which would turn
+an etcd outage into a farm outage. Instead, a node whose keepalives fail asks
+every other member it knows, over the peer API, whether *they* reach etcd:
+
+* if every peer answers "no" (at least one peer, none unanswered), the node
+  keeps extending its fence for one more short window and serves exactly the
+  buckets it has (it takes none), until etcd answers again;
+* if any peer reaches etcd, or does not answer, the node is cut off and step 3
+  applies: its fence closes before its lease can expire.
+
+Timing: a peer answers "yes" once one of its keepalives succeeded within
+``2 * keepalive_interval + etcd.timeout``; a node asks every keepalive tick and
+a "no" consensus is valid for the same window, which is below
+``lease_ttl - fence_timeout``. When etcd comes back after being stopped, a new
+leader extends every lease, so no lease expires before the nodes' keepalives
+resume and no bucket moves. If etcd stayed up but unreachable for longer than
+the TTL, leases may have expired: the first node to reconnect therefore takes
+no bucket whose previous owner vanished until ``fence_timeout +
+3 * keepalive_interval + etcd.timeout`` (plus margin) have passed, which covers
+the time a still-cut-off node needs to hear "a peer reaches etcd" and for its
+fence to run out. Not covered: a group of nodes cut off from etcd together,
+while a node they have never seen joins through etcd and takes their expired
+buckets; they only ask the peers they know, so they keep serving for as long
+as they stay cut off. Join nodes only while the farm is healthy.
 """
 from __future__ import annotations
 

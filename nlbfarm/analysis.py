@@ -36,7 +36,7 @@ def read_results(path: str | Path) -> list[dict]:
             out.append(json.loads(line))
         except ValueError:
             continue  # a line cut by a kill: not a completed record
-    return sorted(out, key=lambda r: r["t"])
+    return sorted(out, key=lambda r: r.get("t", r.get("t0", 0.0)))
 
 
 def read_accepts(paths: dict[str, Path], client_ip: str) -> list[Accept]:

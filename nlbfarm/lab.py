@@ -244,7 +244,7 @@ class Lab:
     def etcd_names(self) -> list[str]:
         return [f"etcd{i}" for i in range(1, self.etcd_members + 1)]
 
-    def start_etcd(self, member: str | None = None) -> None:
+    def start_etcd(self, member: str | None = None, wait: bool = True) -> None:
         """Start every etcd member (or just ``member``), keeping any data already on disk."""
         st = self.load_state()
         names = self.etcd_names()
@@ -264,7 +264,8 @@ class Lab:
                 "--log-level", "warn"], f"{name}.log")
             st["etcd"]["pids"][name] = pid
         self._save_state(st)
-        self.wait_etcd()
+        if wait:
+            self.wait_etcd()
 
     def wait_etcd(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -309,12 +310,17 @@ class Lab:
     def restore_link(self, name: str) -> None:
         iplib.set_link_up(f"p-{name}", self.ns("lan"))
 
-    def cut_etcd(self, name: str) -> None:
-        """Drop the node's traffic to and from etcd; its LAN stays intact."""
+    def cut_etcd(self, name: str, reset: bool = False) -> None:
+        """Drop the node's traffic to and from etcd; its LAN stays intact.
+
+        ``reset`` answers the node's etcd packets with TCP resets instead, so its
+        open streams (the watch) break at once rather than stall.
+        """
         addrs = ", ".join(ETCD_MEMBER_ADDRS[:self.etcd_members])
+        verdict = "reject with tcp reset" if reset else "drop"
         rules = ("table inet labfault {\n"
                  " chain out {\n type filter hook output priority 0; policy accept;\n"
-                 f" ip daddr {{ {addrs} }} tcp dport 2379 drop\n }}\n"
+                 f" ip daddr {{ {addrs} }} tcp dport 2379 {verdict}\n }}\n"
                  " chain in {\n type filter hook input priority 0; policy accept;\n"
                  f" ip saddr {{ {addrs} }} tcp sport 2379 drop\n }}\n}}\n")
         self.run(name, ["nft", "-f", "-"], input=rules)
@@ -455,10 +461,10 @@ class Lab:
         return ["ip", "netns", "exec", self.ns("client"), *argv]
 
     def holdclient_argv(self, conns: int, duration: float, out: Path, lifetime: float = 10.0,
-                        period: float = 0.5) -> list[str]:
+                        period: float = 0.5, timeout: float = 15.0) -> list[str]:
         return self.client_cmd([self.python, "-m", "nlbfarm.holdclient", "--vip", VIP, "--port", str(APP_PORT),
                                 "--conns", str(conns), "--duration", str(duration), "--lifetime", str(lifetime),
-                                "--period", str(period), "--out", str(out)])
+                                "--period", str(period), "--timeout", str(timeout), "--out", str(out)])
 
     def loadclient_argv(self, count: int, duration: float, out: Path, workers: int = 4,
                         interval: float = 0.0, timeout: float = 1.0) -> list[str]:

@@ -154,6 +154,7 @@ class Agent:
         self._failing_since: float | None = None
         # No new buckets before this time: set when etcd comes back after an outage.
         self._acquire_after = 0.0
+        self._seen_tables: dict[int, tuple] = {}  # recent tables by generation
         self.probe = PeerProbe(self.me, timeout=min(0.5, cfg.timing.keepalive_interval))
         self._watch = None
         self._keepalive_stop = threading.Event()
@@ -353,7 +354,7 @@ class Agent:
     def fence_ok(self, now: float | None = None) -> bool:
         """May the fence be extended now? (step 3 and rule E of the handover argument)"""
         now = time.monotonic() if now is None else now
-        if self.lease_lost.is_set():
+        if self.lease_lost.is_set() or not self.vip.link_up():
             return False
         window = self.cfg.timing.lease_ttl - self.cfg.timing.fence_timeout - FENCE_MARGIN_S
         return now - self._last_keepalive_ok < window or self.static_mode(now)
@@ -413,6 +414,7 @@ class Agent:
         if self.lease_lost.is_set():
             return self._recover_lease()
         snap = self.cache.snapshot()
+        self._remember_table(snap)
         mine = snap.members.get(self.me)
         desired = self._desired_state(snap)
         if mine is not None and mine.state != desired:
@@ -432,15 +434,18 @@ class Agent:
                         f"buckets ({update.reason})")
             return f"table generation {update.generation} was written by a peer first"
         now = time.monotonic()
-        fence_open = self.fence_ok(now)
+        link_up = self.vip.link_up()
+        fence_open = link_up and self.fence_ok(now)
         plan = plan_accept(self.me, snap, self.state.accepting)
         keepalive_fresh = now - self._last_keepalive_ok < 2 * self.cfg.timing.keepalive_interval
-        if not fence_open or not keepalive_fresh or now < self._acquire_after:
+        if not fence_open or not keepalive_fresh:
             # Take nothing new without a fresh lease (rule E serves only what it
-            # had), nor right after an etcd outage; without an open fence, also
-            # close it now rather than wait for the element to expire.
+            # had); without an open fence, also close it now rather than wait
+            # for the element to expire.
             plan = AcceptPlan(plan.generation, plan.target, plan.accepting & self.state.accepting,
                               plan.waiting_for)
+        elif now < self._acquire_after:
+            plan = self._hold_vanished_owners(snap, plan)
         self._update_draining(snap, self.state.accepting - plan.accepting, plan.accepting, now)
         guarded = plan.accepting & snap.draining_elsewhere(self.me)
         spec = self._base_spec(fence_open).with_buckets(
@@ -448,6 +453,8 @@ class Agent:
         if self.dp.apply(spec):
             self.state.accepting = plan.accepting
         self.state.plan = plan
+        if not link_up:
+            return f"link {self.cfg.node.interface} is down: fence closed, withdrawing from the farm"
         if not fence_open:
             return (f"fence closed: no successful keepalive for "
                     f"{time.monotonic() - self._last_keepalive_ok:.1f} s; dropping all VIP traffic")
@@ -470,8 +477,32 @@ class Agent:
         if plan.complete:
             return (f"generation {g} applied: accepting {len(plan.accepting)} of {self.settings.buckets} "
                     f"buckets{draining}")
+        waiting = (f"waiting for {','.join(plan.waiting_for)} to apply generation {g}" if plan.waiting_for
+                   else "holding buckets of vanished nodes until they surely stopped serving")
         return (f"generation {g}: accepting {len(plan.accepting)} of {len(plan.target)} owned buckets, "
-                f"waiting for {','.join(plan.waiting_for)} to apply generation {g}{draining}")
+                f"{waiting}{draining}")
+
+    def _remember_table(self, snap: ClusterSnapshot) -> None:
+        if snap.table is not None and snap.table.generation not in self._seen_tables:
+            self._seen_tables[snap.table.generation] = snap.table.owners
+            for g in sorted(self._seen_tables)[:-3]:
+                del self._seen_tables[g]
+
+    def _hold_vanished_owners(self, snap: ClusterSnapshot, plan: AcceptPlan) -> AcceptPlan:
+        """Right after an etcd outage: no bucket whose previous owner vanished with its lease.
+
+        That owner may still serve it under rule E until it learns that etcd is
+        back (peers tell it within a keepalive interval) and its fence runs out.
+        Buckets handed over by live peers are safe and are taken at once.
+        """
+        new = plan.accepting - self.state.accepting
+        earlier = [g for g in self._seen_tables if g < plan.generation]
+        prev = self._seen_tables[max(earlier)] if earlier else None
+        live = snap.live()
+        held = frozenset(b for b in new if prev is None or prev[b] not in live)
+        if not held:
+            return plan
+        return AcceptPlan(plan.generation, plan.target, plan.accepting - held, plan.waiting_for)
 
     def _recover_lease(self) -> str:
         # Peers may already own our buckets: stop accepting anything first.

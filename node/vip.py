@@ -33,6 +33,14 @@ class Vip:
             # Neighbours that cached another MAC for the VIP learn the cluster MAC now.
             iplib.send_gratuitous_arp(self.interface, vip, self.cluster_mac, netns=self.netns, count=2)
 
+    def link_up(self) -> bool:
+        """Does the LAN interface have carrier? A cut cable means: withdraw at once."""
+        try:
+            with open(f"/sys/class/net/{self.interface}/carrier") as f:
+                return f.read().strip() == "1"
+        except OSError:  # interface gone, or down (reading carrier fails with EINVAL)
+            return False
+
     def down(self) -> bool:
         """Remove every VIP and the cluster MAC; True only if no VIP is left.
 

@@ -191,6 +191,9 @@ class NoVip:
     def up(self):
         pass
 
+    def link_up(self):
+        return True
+
     def down(self):
         return True
 

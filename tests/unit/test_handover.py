@@ -152,3 +152,27 @@ def test_malformed_values_are_ignored_with_a_warning():
 def test_table_with_wrong_bucket_count_is_rejected():
     s = snap(["a"], extra={f"{P}/table": TableRecord.encode(1, ["a"] * 128)})
     assert s.table is None and "has 128 buckets, the cluster has 64" in s.warnings[0]
+
+
+def test_applied_draining_and_drain_requests_parse_and_validate():
+    s = snap(["a", "b"], table=(2, ["a"] * 32 + ["b"] * 32), extra={
+        f"{P}/applied/b": json.dumps({"generation": 2, "accepting": 32, "draining": [[0, 3], [10, 10]],
+                                      "draining_connections": 7}).encode(),
+        f"{P}/drain/a": json.dumps({"timeout": 30}).encode(),
+        f"{P}/drain/b": json.dumps({"timeout": -1}).encode(),
+        f"{P}/applied/a": json.dumps({"generation": 2, "draining": [[5, 1]]}).encode(),
+    })
+    assert s.applied["b"].draining == ((0, 3), (10, 10)) and s.applied["b"].draining_buckets == 5
+    assert s.draining_elsewhere("a") == frozenset({0, 1, 2, 3, 10})
+    assert s.drains["a"].timeout == 30.0 and "b" not in s.drains
+    text = "\n".join(s.warnings)
+    assert "drain/b reason=timeout must be seconds from 0 to 86400" in text
+    assert "applied/a reason=draining must be a list of [first, last] bucket ranges, got [5, 1]" in text
+
+
+def test_draining_member_is_not_a_candidate():
+    items = {f"{P}/cluster": ClusterSettings(seed=7, buckets=B).encode(),
+             f"{P}/members/a": Member("a", 1, "draining").encode(),
+             f"{P}/members/b": Member("b", 1).encode()}
+    s = build_snapshot(P, kv(items), 5)
+    assert s.candidates() == {"b": 1} and "a" in s.live()
