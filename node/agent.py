@@ -459,8 +459,13 @@ class Agent:
             return (f"fence closed: no successful keepalive for "
                     f"{time.monotonic() - self._last_keepalive_ok:.1f} s; dropping all VIP traffic")
         if not keepalive_fresh:
-            return (f"etcd unreachable for every peer: serving generation {plan.generation} "
-                    f"unchanged ({len(self.state.accepting)} buckets)")
+            # No etcd writes without a fresh keepalive: they would only block
+            # the loop in retries while the keepalive thread sorts things out.
+            if self.static_mode(now):
+                return (f"etcd unreachable for every peer: serving generation {plan.generation} "
+                        f"unchanged ({len(self.state.accepting)} buckets)")
+            return (f"etcd keepalive late ({now - self._last_keepalive_ok:.1f} s): holding generation "
+                    f"{plan.generation} with {len(self.state.accepting)} buckets, taking none")
         g = plan.generation
         conns = sum(self.state.conn_counts.get(b, 0) for b in self.state.draining)
         report = Applied(g, len(self.state.accepting), tuple(bucket_ranges(self.state.draining)), conns)
