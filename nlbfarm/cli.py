@@ -114,6 +114,53 @@ def cmd_drain(args) -> int:
         time.sleep(0.5)
 
 
+def parse_client(text: str) -> tuple[str, int]:
+    """CLIENT[:PORT] -> (ip, port); the bucket hash needs the port (affinity by address and port)."""
+    import ipaddress
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise FarmError(f"{text!r}: give the client as ADDRESS:PORT; the bucket depends on the client port")
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise FarmError(f"{text!r}: {host!r} is not an IPv4 address") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise FarmError(f"{text!r}: port must be 1..65535")
+    return host, int(port)
+
+
+def cmd_which(args) -> int:
+    """One client, or many (--from-file, one CLIENT:PORT per line) over a single connection."""
+    from nlbfarm.proto import farm_pb2
+    if args.from_file:
+        lines = open(args.from_file).read().split() if args.from_file != "-" else sys.stdin.read().split()
+        clients = [parse_client(x) for x in lines]
+    elif args.client:
+        clients = [parse_client(args.client)]
+    else:
+        raise FarmError("give CLIENT:PORT or --from-file FILE")
+    import grpc
+    ch, stub = _stub(args.target)
+    out = []
+    with ch:
+        for ip, port in clients:
+            try:
+                r = stub.Which(farm_pb2.WhichRequest(client_ip=ip, client_port=port, vip=args.vip or ""),
+                               timeout=args.rpc_timeout)
+            except grpc.RpcError as exc:
+                raise FarmError(f"Which on {args.target} failed: {exc.code().name}: {exc.details()}") from None
+            out.append({"client": f"{ip}:{port}", "bucket": r.bucket, "node": r.node_id,
+                        "generation": r.generation, "draining_on": list(r.draining_on)})
+    if args.json:
+        print(json.dumps(out if args.from_file else out[0], indent=None if args.from_file else 2))
+    else:
+        for o in out:
+            extra = f" (old connections still on {','.join(o['draining_on'])})" if o["draining_on"] else ""
+            print(f"{o['client']} -> bucket {o['bucket']} -> {o['node'] or 'nobody'} "
+                  f"(table generation {o['generation']}){extra}")
+    return EXIT_OK
+
+
 def cmd_undrain(args) -> int:
     from nlbfarm.proto import farm_pb2
     resp = _rpc(args.target, "Undrain", farm_pb2.UndrainRequest(node_id=args.node), args.rpc_timeout)
@@ -249,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--wait-timeout", type=_seconds, default=3600, help="give up waiting after this long")
     target_opts(dr)
     dr.set_defaults(func=cmd_drain)
+    wh = sub.add_parser("which", help="the bucket and node that serve CLIENT:PORT")
+    wh.add_argument("client", nargs="?", help="client ADDRESS:PORT")
+    wh.add_argument("--vip", help="the VIP the client talks to (default: the first)")
+    wh.add_argument("--from-file", help="many clients, one ADDRESS:PORT per line ('-' for stdin)")
+    target_opts(wh)
+    wh.set_defaults(func=cmd_which)
     ud = sub.add_parser("undrain", help="NODE takes buckets again")
     ud.add_argument("node")
     target_opts(ud)

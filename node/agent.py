@@ -28,7 +28,8 @@ from nlbfarm import __version__
 from nlbfarm.config import Config, load_config
 from nlbfarm.coordinator.cluster import (
     Applied, ClusterSettings, ClusterSnapshot, DrainRequest, Member, applied_key, build_snapshot,
-    cluster_key, drain_key, member_key, table_key, TableRecord)
+    cluster_key, drain_key, expand, member_key, table_key, TableRecord)
+from nlbfarm.coordinator.hashing import bucket_of
 from nlbfarm.coordinator.handover import AcceptPlan, plan_accept, plan_table
 from nlbfarm.coordinator.store import EtcdStore, LeaseExpired, Store
 from nlbfarm.coordinator.table import bucket_ranges
@@ -450,8 +451,13 @@ class Agent:
         guarded = plan.accepting & snap.draining_elsewhere(self.me)
         spec = self._base_spec(fence_open).with_buckets(
             bucket_ranges(plan.accepting), bucket_ranges(self.state.draining), bucket_ranges(guarded))
+        rebuilt = self.dp.current is None
         if self.dp.apply(spec):
             self.state.accepting = plan.accepting
+            if rebuilt:
+                # Our tables had vanished (flushed by another tool): while the ARP
+                # rewrite was gone, clients may have cached this node's own MAC.
+                self.vip.announce()
         self.state.plan = plan
         if not link_up:
             return f"link {self.cfg.node.interface} is down: fence closed, withdrawing from the farm"
@@ -618,6 +624,25 @@ class Agent:
         existed = self.store.delete(drain_key(self.prefix, node_id))
         log.info("undrain requested node=%s via=%s", node_id, self.me)
         return f"{node_id} takes buckets again" if existed else f"{node_id} was not draining"
+
+    def which(self, client_ip: str, client_port: int, vip: str | None) -> dict:
+        """The bucket a client lands in and the node that serves it now."""
+        import ipaddress
+        try:
+            ipaddress.IPv4Address(client_ip)
+        except ValueError:
+            raise ValueError(f"client_ip {client_ip!r} is not an IPv4 address") from None
+        if not 0 < client_port < 65536:
+            raise ValueError(f"client_port must be 1..65535, got {client_port}")
+        if vip is not None and vip not in self.cfg.cluster.vips:
+            raise ValueError(f"vip {vip} is not one of this farm's VIPs ({', '.join(self.cfg.cluster.vips)})")
+        snap = self.cache.snapshot()
+        if snap.settings is None or snap.table is None:
+            raise LookupError("the cluster has no bucket table yet")
+        b = bucket_of(client_ip, client_port, snap.settings.buckets, snap.settings.seed)
+        draining = sorted(n for n, a in snap.applied.items() if b in expand(a.draining))
+        return {"bucket": b, "node_id": snap.table.owners[b] or "", "generation": snap.table.generation,
+                "draining_on": draining}
 
     def etcd_reachability(self) -> tuple[bool, float]:
         """Did a keepalive succeed recently? Peers ask this during an etcd outage."""

@@ -37,6 +37,15 @@ class FarmService(farm_pb2_grpc.FarmServicer):
         return farm_pb2.EtcdReachabilityResponse(node_id=self.agent.me, reachable=reachable,
                                                  last_success_age_s=age)
 
+    def Which(self, request, context):
+        try:
+            w = self.agent.which(request.client_ip, request.client_port, request.vip or None)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except LookupError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return farm_pb2.WhichResponse(**w)
+
     def _change(self, context, node_id: str, fn):
         if not self.allow_changes:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,

@@ -30,7 +30,11 @@ class Vip:
         for vip in self.vips:
             if iplib.add_address(self.interface, f"{vip}/32", netns=self.netns):
                 log.info("vip added address=%s dev=%s", vip, self.interface)
-            # Neighbours that cached another MAC for the VIP learn the cluster MAC now.
+        self.announce()
+
+    def announce(self) -> None:
+        """Gratuitous ARP: neighbours that cached another MAC for a VIP learn the cluster MAC."""
+        for vip in self.vips:
             iplib.send_gratuitous_arp(self.interface, vip, self.cluster_mac, netns=self.netns, count=2)
 
     def link_up(self) -> bool:

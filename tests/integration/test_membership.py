@@ -194,6 +194,9 @@ class NoVip:
     def link_up(self):
         return True
 
+    def announce(self):
+        pass
+
     def down(self):
         return True
 

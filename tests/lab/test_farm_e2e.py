@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -193,3 +194,17 @@ def test_ruleset_flushed_by_someone_else_is_rebuilt(lab, tmp_path):
     assert run_load(lab, out, count=300, duration=30).wait(60) == 0
     results = read_results(out)
     assert failures(results) == [] and set(shares(results)) == set(NODES)
+
+
+def test_which_predicts_the_serving_node_for_1000_connections(lab, tmp_path):
+    out = tmp_path / "which.jsonl"
+    assert run_load(lab, out, count=1000, duration=60).wait(90) == 0
+    results = [r for r in read_results(out) if r["node"]]
+    assert len(results) == 1000
+    clients = tmp_path / "clients.txt"
+    clients.write_text("".join(f"{CLIENT_ADDR}:{r['port']}\n" for r in results))
+    farmctl = str(Path(lab.python).with_name("farmctl"))
+    cp = lab.run("n1", [farmctl, "which", "--from-file", str(clients), "--json"], timeout=120)
+    predicted = json.loads(cp.stdout)
+    wrong = [(r["port"], r["node"], p["node"]) for r, p in zip(results, predicted) if r["node"] != p["node"]]
+    assert wrong == [], f"{len(wrong)} of 1000 connections served elsewhere than predicted: {wrong[:5]}"

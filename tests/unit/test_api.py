@@ -17,6 +17,11 @@ class FakeAgent:
                 "applied_generation": 3, "owned_buckets": 0, "accepting_buckets": 0, "draining_buckets": 0,
                 "fence_open": True, "etcd_state": "connected", "last_cycle": "ok", "vips": ["198.18.0.100"]}
 
+    def which(self, ip, port, vip):
+        if vip not in (None, "198.18.0.100"):
+            raise ValueError(f"vip {vip} is not one of this farm's VIPs")
+        return {"bucket": 7, "node_id": "n2", "generation": 3, "draining_on": ["n1"]}
+
     def etcd_reachability(self):
         return False, 7.5
 
@@ -83,3 +88,12 @@ def test_peer_address_is_read_only(api):
     assert peer.GetStatus(farm_pb2.GetStatusRequest(), timeout=5).node_id == "n1"
     r = peer.EtcdReachability(farm_pb2.EtcdReachabilityRequest(asking_node="n2"), timeout=5)
     assert r.node_id == "n1" and r.reachable is False and r.last_success_age_s == 7.5
+
+
+def test_which(api):
+    _, main, _ = api
+    r = main.Which(farm_pb2.WhichRequest(client_ip="198.18.0.3", client_port=40000), timeout=5)
+    assert (r.bucket, r.node_id, list(r.draining_on)) == (7, "n2", ["n1"])
+    got, details = code_of(lambda: main.Which(farm_pb2.WhichRequest(client_ip="198.18.0.3", client_port=1,
+                                                                    vip="10.1.1.1"), timeout=5))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT and "not one of this farm's VIPs" in details
