@@ -161,6 +161,32 @@ def cmd_which(args) -> int:
     return EXIT_OK
 
 
+def cmd_members(args) -> int:
+    st = fetch_status(args.target, args.rpc_timeout)
+    if args.json:
+        print(json.dumps(st["members"], indent=2))
+        return EXIT_OK
+    print("\n".join(render_status(st).split("\n")[4:]))
+    return EXIT_OK
+
+
+def cmd_table(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from nlbfarm.proto import farm_pb2
+    t = MessageToDict(_rpc(args.target, "GetTable", farm_pb2.GetTableRequest(), args.rpc_timeout),
+                      preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    if args.json:
+        print(json.dumps(t, indent=2))
+        return EXIT_OK
+    print(f"table generation {t['generation']}, {t['bucket_count']} buckets, {t['unowned']} unowned")
+    for n in t["nodes"]:
+        ranges = ", ".join(f"{r['first']}-{r['last']}" if r["first"] != r["last"] else str(r["first"])
+                           for r in n["ranges"])
+        print(f"{n['node_id']:<12} {n['buckets']:>6} buckets: {ranges}")
+    return EXIT_OK
+
+
 def cmd_undrain(args) -> int:
     from nlbfarm.proto import farm_pb2
     resp = _rpc(args.target, "Undrain", farm_pb2.UndrainRequest(node_id=args.node), args.rpc_timeout)
@@ -296,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--wait-timeout", type=_seconds, default=3600, help="give up waiting after this long")
     target_opts(dr)
     dr.set_defaults(func=cmd_drain)
+    mb = sub.add_parser("members", help="members with state, weight, buckets and drain progress")
+    target_opts(mb)
+    mb.set_defaults(func=cmd_members)
+    tb = sub.add_parser("table", help="the bucket table as ranges per node")
+    target_opts(tb)
+    tb.set_defaults(func=cmd_table)
     wh = sub.add_parser("which", help="the bucket and node that serve CLIENT:PORT")
     wh.add_argument("client", nargs="?", help="client ADDRESS:PORT")
     wh.add_argument("--vip", help="the VIP the client talks to (default: the first)")

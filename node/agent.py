@@ -625,6 +625,18 @@ class Agent:
         log.info("undrain requested node=%s via=%s", node_id, self.me)
         return f"{node_id} takes buckets again" if existed else f"{node_id} was not draining"
 
+    def table_view(self) -> dict:
+        snap = self.cache.snapshot()
+        if snap.table is None:
+            return {"generation": 0, "bucket_count": self.cfg.cluster.buckets, "nodes": [],
+                    "unowned": self.cfg.cluster.buckets}
+        owners = snap.table.owners
+        nodes = sorted({o for o in owners if o})
+        return {"generation": snap.table.generation, "bucket_count": len(owners),
+                "nodes": [{"node_id": n, "buckets": sum(1 for o in owners if o == n),
+                           "ranges": bucket_ranges(i for i, o in enumerate(owners) if o == n)} for n in nodes],
+                "unowned": sum(1 for o in owners if o is None)}
+
     def which(self, client_ip: str, client_port: int, vip: str | None) -> dict:
         """The bucket a client lands in and the node that serves it now."""
         import ipaddress

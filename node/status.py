@@ -37,6 +37,14 @@ class FarmService(farm_pb2_grpc.FarmServicer):
         return farm_pb2.EtcdReachabilityResponse(node_id=self.agent.me, reachable=reachable,
                                                  last_success_age_s=age)
 
+    def GetTable(self, request, context):
+        t = self.agent.table_view()
+        nodes = [farm_pb2.NodeBuckets(node_id=n["node_id"], buckets=n["buckets"],
+                                      ranges=[farm_pb2.BucketRange(first=a, last=b) for a, b in n["ranges"]])
+                 for n in t["nodes"]]
+        return farm_pb2.GetTableResponse(generation=t["generation"], bucket_count=t["bucket_count"],
+                                         nodes=nodes, unowned=t["unowned"])
+
     def Which(self, request, context):
         try:
             w = self.agent.which(request.client_ip, request.client_port, request.vip or None)

@@ -46,6 +46,15 @@ def test_lab_up_status_down_and_crash_cleanup(labdir):
     human = farmctl("status", "--netns", "tcli-n2").stdout
     assert "n1" in human and "50.0%" in human and "health: ok" in human
 
+    table = json.loads(farmctl("table", "--netns", "tcli-n1", "--json").stdout)
+    assert table["bucket_count"] == 4096 and table["unowned"] == 0
+    assert {n["node_id"]: n["buckets"] for n in table["nodes"]} == {"n1": 2048, "n2": 2048}
+    covered = sorted(b for n in table["nodes"] for r in n["ranges"] for b in range(r["first"], r["last"] + 1))
+    assert covered == list(range(4096))
+    assert "n1" in farmctl("table", "--netns", "tcli-n1").stdout
+    members = json.loads(farmctl("members", "--netns", "tcli-n2", "--json").stdout)
+    assert [m["id"] for m in members] == ["n1", "n2"] and all(m["state"] == "active" for m in members)
+
     # the app answers through the VIP from the client host
     cp = subprocess.run(["ip", "netns", "exec", "tcli-client", sys.executable, "-c",
                          "import urllib.request;print(urllib.request.urlopen('http://198.18.0.100/',timeout=5)"
