@@ -301,6 +301,11 @@ class Lab:
                 return self.etcd_names()[ETCD_MEMBER_ADDRS.index(addr)]
         return None
 
+    def fence_open(self, name: str) -> bool:
+        """Is the node's kernel fence open right now (its element not expired)?"""
+        cp = self.run(name, ["nft", "-j", "list", "set", "inet", "nlbfarm", "fence"], check=False)
+        return cp.returncode == 0 and bool(json.loads(cp.stdout)["nftables"][1]["set"].get("elem"))
+
     # ---- faults --------------------------------------------------------------
 
     def cut_link(self, name: str) -> None:

@@ -119,7 +119,6 @@ class LocalState:
     conn_counts: Counter = field(default_factory=Counter)
     conn_scan_at: float = 0.0
     published: Applied | None = None  # last record written to applied/<me>
-    plan: AcceptPlan | None = None
     last_sentence: str = "starting"
     etcd_state: str = "connecting"
 
@@ -159,7 +158,6 @@ class Agent:
         self.probe = PeerProbe(self.me, timeout=min(0.5, cfg.timing.keepalive_interval))
         self._watch = None
         self._keepalive_stop = threading.Event()
-        self._threads: list[threading.Thread] = []
         self.leave_started: float | None = None
 
     # ---- start-up -------------------------------------------------------
@@ -275,15 +273,12 @@ class Agent:
         self.vip.up()
         self._watch = self.store.watch_prefix(self.prefix, self.cache.on_event,
                                               start_revision=self.cache.revision + 1)
-        t = threading.Thread(target=self._keepalive_loop, name="keepalive", daemon=True)
-        t.start()
-        self._threads.append(t)
+        threading.Thread(target=self._keepalive_loop, name="keepalive", daemon=True).start()
 
     def _base_spec(self, fence_open: bool) -> DataPlaneSpec:
         return DataPlaneSpec(interface=self.cfg.node.interface, vips=self.cfg.cluster.vips,
                              cluster_mac=self.cluster_mac, buckets=self.settings.buckets,
-                             seed=self.settings.seed, accepting=bucket_ranges(self.state.accepting),
-                             fence_open=fence_open, fence_timeout=self.cfg.timing.fence_timeout,
+                             seed=self.settings.seed, fence_open=fence_open, fence_timeout=self.cfg.timing.fence_timeout,
                              table=self.cfg.nft.table)
 
     # ---- keepalive thread: refreshes the lease and extends an open fence ----
@@ -458,7 +453,6 @@ class Agent:
                 # Our tables had vanished (flushed by another tool): while the ARP
                 # rewrite was gone, clients may have cached this node's own MAC.
                 self.vip.announce()
-        self.state.plan = plan
         if not link_up:
             return f"link {self.cfg.node.interface} is down: fence closed, withdrawing from the farm"
         if not fence_open:

@@ -64,9 +64,6 @@ class DataPlaneSpec:
     fence_timeout: int = 2
     table: str = DEFAULT_TABLE
 
-    def with_accepting(self, ranges: Iterable[tuple[int, int]]) -> "DataPlaneSpec":
-        return replace(self, accepting=tuple(tuple(r) for r in ranges))
-
     def with_buckets(self, accepting, draining=(), guarded=()) -> "DataPlaneSpec":
         as_tuple = lambda rs: tuple(tuple(r) for r in rs)  # noqa: E731
         return replace(self, accepting=as_tuple(accepting), draining=as_tuple(draining),

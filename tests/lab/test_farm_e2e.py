@@ -52,13 +52,6 @@ def assert_exactly_once(lab, results):
                 f"connection {r} answered by {r['node']} but accept logs say {nodes}; on that port: {same_port}"
 
 
-def fence_open(lab, node) -> bool:
-    cp = lab.run(node, ["nft", "-j", "list", "set", "inet", "nlbfarm", "fence"], check=False)
-    if cp.returncode != 0:
-        return False
-    return bool(json.loads(cp.stdout)["nftables"][1]["set"].get("elem"))
-
-
 def conntrack_entries(lab, node) -> int:
     cp = lab.run(node, ["conntrack", "-L", "-p", "tcp", "--orig-dst", "198.18.0.100"], check=False)
     return sum(1 for line in cp.stdout.splitlines() if "dport=80" in line)
@@ -95,12 +88,12 @@ def test_agent_kill_closes_fence_before_ttl_then_survivors_take_over_and_node_re
     load = run_load(lab, out, count=4000, duration=30, workers=6, interval=0.02)
     try:
         time.sleep(3)
-        assert fence_open(lab, "n2")
+        assert lab.fence_open("n2")
         t_kill = time.time()
         lab.kill("n2", "agent")           # kill -9 of the agent; the app keeps running
         t_fence = None
         while time.time() < t_kill + ttl + 1:
-            if not fence_open(lab, "n2"):
+            if not lab.fence_open("n2"):
                 t_fence = time.time()
                 break
             time.sleep(0.05)
@@ -185,9 +178,9 @@ def test_ruleset_flushed_by_someone_else_is_rebuilt(lab, tmp_path):
     # e.g. `systemctl reload nftables` with Debian's default "flush ruleset"
     lab.run("n1", ["nft", "flush", "ruleset"])
     deadline = time.time() + 3
-    while time.time() < deadline and not fence_open(lab, "n1"):
+    while time.time() < deadline and not lab.fence_open("n1"):
         time.sleep(0.05)
-    assert fence_open(lab, "n1"), "farmd did not rebuild its tables after a flush"
+    assert lab.fence_open("n1"), "farmd did not rebuild its tables after a flush"
     assert "table arp nlbfarm" in lab.run("n1", ["nft", "list", "tables"]).stdout
     assert "rebuilding the ruleset" in (lab.dir / "n1.agent.log").read_text()
     out = tmp_path / "after-flush.jsonl"

@@ -120,11 +120,6 @@ def timeline(lab: Lab, nodes: list[str]) -> str:
     return "\n".join(out)
 
 
-def fence_open(lab: Lab, node: str) -> bool:
-    cp = lab.run(node, ["nft", "-j", "list", "set", "inet", "nlbfarm", "fence"], check=False)
-    return cp.returncode == 0 and bool(json.loads(cp.stdout)["nftables"][1]["set"].get("elem"))
-
-
 def farmctl(lab: Lab, node: str, *args: str) -> subprocess.CompletedProcess:
     return lab.run(node, [str(Path(lab.python).with_name("farmctl")), *args], timeout=120, check=False)
 
@@ -251,7 +246,7 @@ def test_link_cut(make_lab, tmp_path):
     def cut():
         lab.cut_link("n2")
         deadline = time.time() + 3
-        while time.time() < deadline and fence_open(lab, "n2"):
+        while time.time() < deadline and lab.fence_open("n2"):
             time.sleep(0.05)
         withdrawn["after_s"] = time.time()
 
@@ -268,7 +263,7 @@ def test_node_cut_off_from_etcd_only(make_lab, tmp_path):
     def cut():
         t = time.time()
         lab.cut_etcd("n2")
-        while time.time() < t + lab.timing.lease_ttl + 5 and fence_open(lab, "n2"):
+        while time.time() < t + lab.timing.lease_ttl + 5 and lab.fence_open("n2"):
             time.sleep(0.02)
         seen["fence_closed"] = time.time()
         snap = lab.snapshot()

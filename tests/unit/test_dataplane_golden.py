@@ -74,6 +74,6 @@ def test_cluster_mac_is_multicast_and_derived_from_vip():
 
 
 def test_spec_equality_drives_idempotence():
-    a = BASE.with_accepting([(0, 10)])
-    b = BASE.with_accepting([(0, 10)])
+    a = BASE.with_buckets([(0, 10)])
+    b = BASE.with_buckets([(0, 10)])
     assert a == b and build_ruleset(a) == build_ruleset(b)
