@@ -25,7 +25,10 @@ from nlbfarm.coordinator.table import decode_owners, encode_owners
 
 log = logging.getLogger(__name__)
 
-MEMBER_STATES = ("active", "draining", "leaving")
+# Only "active" members get buckets. "starting": the farm module's checks have
+# not passed yet; "failed": a check failed (the node withdrew by itself);
+# "stopped": a failed check stopped the application (on_failure: stop).
+MEMBER_STATES = ("starting", "active", "failed", "draining", "leaving", "stopped")
 
 
 def cluster_key(prefix: str) -> str:
@@ -76,11 +79,14 @@ class Member:
     instance: str = ""
     # host:port of the node's read-only peer API ("" if it has none).
     peer: str = ""
+    # Why the node is in its state, for operators ("check http failing: HTTP 503").
+    reason: str = ""
 
     def encode(self) -> bytes:
         return json.dumps({"id": self.id, "weight": self.weight, "state": self.state,
                            "addresses": list(self.addresses), "version": self.version,
-                           "instance": self.instance, "peer": self.peer}, sort_keys=True).encode()
+                           "instance": self.instance, "peer": self.peer, "reason": self.reason},
+                          sort_keys=True).encode()
 
     @classmethod
     def decode(cls, node_id: str, raw: bytes) -> "Member":
@@ -97,9 +103,10 @@ class Member:
         if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
             raise ValueError("addresses must be a list of strings")
         version, instance, peer = d.get("version", ""), d.get("instance", ""), d.get("peer", "")
-        if not all(isinstance(v, str) for v in (version, instance, peer)):
-            raise ValueError("version, instance and peer must be strings")
-        return cls(node_id, weight, state, tuple(addresses), version, instance, peer)
+        reason = d.get("reason", "")
+        if not all(isinstance(v, str) for v in (version, instance, peer, reason)):
+            raise ValueError("version, instance, peer and reason must be strings")
+        return cls(node_id, weight, state, tuple(addresses), version, instance, peer, reason)
 
 
 @dataclass(frozen=True)

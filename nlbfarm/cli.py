@@ -1,7 +1,11 @@
 """farmctl: the operator CLI.
 
 Exit codes: 0 healthy / done, 1 the farm answered but is not healthy,
-2 bad arguments or the node could not be reached, 3 a lab operation failed.
+2 bad arguments, the node could not be reached or refused the call, 3 a lab
+operation failed.
+
+Changes (drain, undrain) send the agent's API token: --token-file, else the
+file named by $NLBFARM_TOKEN_FILE, else /etc/nlbfarm/token when it exists.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ import time
 from nlbfarm.errors import FarmError, LabError
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_ERROR, EXIT_LAB = 0, 1, 2, 3
+DEFAULT_TOKEN_FILE = "/etc/nlbfarm/token"
+# Member states that mean a node that should serve does not.
+UNHEALTHY_STATES = ("starting", "failed", "stopped")
 
 
 def _reexec_in_netns(netns: str, argv: list[str]) -> None:
@@ -62,12 +69,28 @@ def _stub(target: str):
     return ch, farm_pb2_grpc.FarmStub(ch)
 
 
-def _rpc(target: str, method: str, request, timeout: float):
+def token_metadata(args) -> tuple:
+    """('authorization', 'Bearer ...') from --token-file / $NLBFARM_TOKEN_FILE / the default file."""
+    path = getattr(args, "token_file", None) or os.environ.get("NLBFARM_TOKEN_FILE")
+    if not path:
+        if not os.path.exists(DEFAULT_TOKEN_FILE):
+            return ()
+        path = DEFAULT_TOKEN_FILE
+    try:
+        token = open(path).read().strip()
+    except OSError as exc:
+        raise FarmError(f"cannot read token file {path}: {exc.strerror}") from None
+    if not token:
+        raise FarmError(f"token file {path} is empty")
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _rpc(target: str, method: str, request, timeout: float, metadata: tuple = ()):
     import grpc
     ch, stub = _stub(target)
     with ch:
         try:
-            return getattr(stub, method)(request, timeout=timeout)
+            return getattr(stub, method)(request, timeout=timeout, metadata=metadata or None)
         except grpc.RpcError as exc:
             raise FarmError(f"{method} on {target} failed: {exc.code().name}: {exc.details()}") from None
 
@@ -90,7 +113,7 @@ def drain_progress(st: dict, node: str) -> tuple[bool, str]:
 def cmd_drain(args) -> int:
     from nlbfarm.proto import farm_pb2
     resp = _rpc(args.target, "Drain", farm_pb2.DrainRequest(node_id=args.node, timeout_s=args.timeout or 0),
-                args.rpc_timeout)
+                args.rpc_timeout, token_metadata(args))
     if not args.wait:
         print(json.dumps({"node": args.node, "message": resp.message}) if args.json else resp.message)
         return EXIT_OK
@@ -163,10 +186,82 @@ def cmd_which(args) -> int:
 
 def cmd_members(args) -> int:
     st = fetch_status(args.target, args.rpc_timeout)
+    problems = farm_problems(st)
     if args.json:
         print(json.dumps(st["members"], indent=2))
-        return EXIT_OK
-    print("\n".join(render_status(st).split("\n")[4:]))
+    else:
+        print("\n".join(render_status(st).split("\n")[4:]))
+    return EXIT_UNHEALTHY if problems else EXIT_OK
+
+
+def fetch_node(target: str, timeout: float) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    from nlbfarm.proto import farm_pb2
+    return MessageToDict(_rpc(target, "GetNode", farm_pb2.GetNodeRequest(), timeout),
+                         preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def render_node(v: dict) -> str:
+    ranges = ", ".join(f"{r['first']}-{r['last']}" if r["first"] != r["last"] else str(r["first"])
+                       for r in v["accepting_ranges"]) or "none"
+    lines = [f"node {v['node_id']} ({v['version']}): {v['state']} - {v['state_reason']}",
+             f"table generation {v['generation']}, applied {v['applied_generation']}; accepting "
+             f"{v['accepting_buckets']} of {v['owned_buckets']} owned buckets ({ranges})",
+             f"draining {v['draining_buckets']} buckets with {v['draining_connections']} connections; "
+             f"fence {'open' if v['fence_open'] else 'CLOSED'}; etcd {v['etcd_state']}, last keepalive "
+             f"{float(v['last_keepalive_age_s']):.1f} s ago, lease {v['lease_id'] or '-'}",
+             f"last cycle: {v['last_cycle']}", ""]
+    if v["checks"]:
+        lines.append(f"module {v['module']} ({v['restarts_in_window']} restarts in window)")
+        lines.append(f"{'CHECK':<16} {'TYPE':<8} {'STATE':<8} {'FOR':>7} {'FLIPS':>5}  LAST RESULT")
+        for c in v["checks"]:
+            lines.append(f"{c['name']:<16} {c['type']:<8} {c['state']:<8} {float(c['since_s']):>6.0f}s "
+                         f"{int(c['transitions']):>5}  {c['detail']}")
+        lines.append("")
+    lines.append(f"{'VIP':<16} {'RULE':<16} {'PACKETS':>12} {'BYTES':>14}")
+    for c in v["counters"]:
+        lines.append(f"{c['vip']:<16} {c['rule']:<16} {int(c['packets']):>12} {int(c['bytes']):>14}")
+    return "\n".join(lines)
+
+
+def cmd_node(args) -> int:
+    v = fetch_node(args.target, args.rpc_timeout)
+    if args.json:
+        print(json.dumps(v, indent=2))
+    else:
+        print(render_node(v))
+    ok = v["state"] in ("active", "draining") and v["fence_open"] and all(
+        c["state"] == "passing" for c in v["checks"])
+    return EXIT_OK if ok else EXIT_UNHEALTHY
+
+
+def render_event(e: dict) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(float(e["time"])))
+    who = f" {e['node_id']}" if e.get("node_id") else ""
+    return f"{when} {e['kind']:<17}{who}: {e['message']}"
+
+
+def cmd_events(args) -> int:
+    """Recent events; with --follow keep printing new ones (until --for seconds or Ctrl-C)."""
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from nlbfarm.proto import farm_pb2
+    ch, stub = _stub(args.target)
+    with ch:
+        call = stub.WatchEvents(farm_pb2.WatchEventsRequest(replay=not args.new_only, follow=args.follow),
+                                timeout=args.for_seconds if args.follow else args.rpc_timeout)
+        try:
+            for ev in call:
+                e = MessageToDict(ev, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+                print(json.dumps(e) if args.json else render_event(e), flush=True)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and args.follow:
+                return EXIT_OK  # --for ran out: the normal end of a bounded follow
+            raise FarmError(f"WatchEvents on {args.target} failed: {exc.code().name}: {exc.details()}") from None
+        except KeyboardInterrupt:
+            call.cancel()
     return EXIT_OK
 
 
@@ -189,15 +284,42 @@ def cmd_table(args) -> int:
 
 def cmd_undrain(args) -> int:
     from nlbfarm.proto import farm_pb2
-    resp = _rpc(args.target, "Undrain", farm_pb2.UndrainRequest(node_id=args.node), args.rpc_timeout)
+    resp = _rpc(args.target, "Undrain", farm_pb2.UndrainRequest(node_id=args.node), args.rpc_timeout,
+                token_metadata(args))
     print(json.dumps({"node": args.node, "message": resp.message}) if args.json else resp.message)
     return EXIT_OK
 
 
+def farm_problems(st: dict) -> list[str]:
+    """Why the farm, as this node sees it, is not healthy (empty: healthy)."""
+    out = []
+    g = int(st.get("generation", 0))
+    for m in st.get("members", []):
+        if m.get("state") in UNHEALTHY_STATES:
+            out.append(f"{m['id']} is {m['state']}" + (f": {m['reason']}" if m.get("reason") else ""))
+        elif m.get("state") == "active" and int(m.get("applied_generation", 0)) != g:
+            out.append(f"{m['id']} has not applied table generation {g} yet")
+    return out
+
+
+def local_problems(st: dict) -> list[str]:
+    out = []
+    if not st.get("fence_open"):
+        out.append("this node's fence is closed")
+    if st.get("etcd_state") != "connected":
+        out.append(f"etcd {st.get('etcd_state')}")
+    g = int(st.get("generation", 0))
+    if g == 0:
+        out.append("no bucket table yet")
+    elif int(st.get("applied_generation", 0)) != g:
+        out.append(f"this node applied generation {st.get('applied_generation', 0)}, not {g}")
+    if int(st.get("accepting_buckets", 0)) != int(st.get("owned_buckets", 0)):
+        out.append(f"accepting {st.get('accepting_buckets', 0)} of {st.get('owned_buckets', 0)} owned buckets")
+    return out
+
+
 def status_healthy(st: dict) -> bool:
-    return (st.get("fence_open") and st.get("etcd_state") == "connected"
-            and int(st.get("applied_generation", 0)) == int(st.get("generation", 0)) > 0
-            and int(st.get("accepting_buckets", 0)) == int(st.get("owned_buckets", 0)))
+    return not local_problems(st) and not farm_problems(st)
 
 
 def render_status(st: dict) -> str:
@@ -225,14 +347,15 @@ def render_status(st: dict) -> str:
 
 def cmd_status(args) -> int:
     st = fetch_status(args.target, args.timeout)
-    healthy = bool(status_healthy(st))
+    problems = local_problems(st) + farm_problems(st)
     if args.json:
-        st["healthy"] = healthy
+        st["healthy"] = not problems
+        st["problems"] = problems
         print(json.dumps(st, indent=2))
     else:
         print(render_status(st))
-        print(f"\nhealth: {'ok' if healthy else 'NOT healthy'}")
-    return EXIT_OK if healthy else EXIT_UNHEALTHY
+        print(f"\nhealth: {'ok' if not problems else 'NOT healthy: ' + '; '.join(problems)}")
+    return EXIT_OK if not problems else EXIT_UNHEALTHY
 
 
 def _lab(args):
@@ -265,6 +388,7 @@ def render_lab_status(st: dict) -> str:
                      f"{'running' if a['app_running'] else 'STOPPED'}")
         lines.append(f"{name:<8} {h['netns']:<14} {h['address'] or '-':<14} {agent}")
     lines.append(f"\nquery a node: farmctl status --netns {st['prefix']}-n1")
+    lines.append(f"drain a node: NLBFARM_TOKEN_FILE={st['token_file']} farmctl drain n2 --netns {st['prefix']}-n1")
     return "\n".join(lines)
 
 
@@ -307,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_status)
 
+    def token_opt(p):
+        p.add_argument("--token-file", help="file with the agent's API token (default: $NLBFARM_TOKEN_FILE, "
+                                            f"else {DEFAULT_TOKEN_FILE})")
+
     def target_opts(p):
         p.add_argument("--target", default="127.0.0.1:7400", help="an agent's gRPC address (default %(default)s)")
         p.add_argument("--netns", help="run inside this network namespace (lab nodes)")
@@ -321,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--wait", action="store_true", help="return when the drain is complete")
     dr.add_argument("--wait-timeout", type=_seconds, default=3600, help="give up waiting after this long")
     target_opts(dr)
+    token_opt(dr)
     dr.set_defaults(func=cmd_drain)
     mb = sub.add_parser("members", help="members with state, weight, buckets and drain progress")
     target_opts(mb)
@@ -337,7 +466,19 @@ def build_parser() -> argparse.ArgumentParser:
     ud = sub.add_parser("undrain", help="NODE takes buckets again")
     ud.add_argument("node")
     target_opts(ud)
+    token_opt(ud)
     ud.set_defaults(func=cmd_undrain)
+    nd = sub.add_parser("node", help="one node's own view: state and why, buckets, fence, etcd session, "
+                                     "health checks, nft counters")
+    target_opts(nd)
+    nd.set_defaults(func=cmd_node)
+    ev = sub.add_parser("events", help="members joining and leaving, table changes, check transitions")
+    ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    ev.add_argument("--for", dest="for_seconds", type=_seconds, default=None,
+                    help="with --follow: stop after this many seconds")
+    ev.add_argument("--new-only", action="store_true", help="skip the events the node remembers")
+    target_opts(ev)
+    ev.set_defaults(func=cmd_events)
 
     lab = sub.add_parser("lab", help="a farm in network namespaces on this machine")
     lsub = lab.add_subparsers(dest="labcmd", required=True, metavar="LABCOMMAND")

@@ -172,10 +172,172 @@ class StatusSection(_Strict):
     def _peer_listen(cls, v: str | None) -> str | None:
         return None if v is None else _host_port(v)
 
+    # A file holding the token that mutating calls (drain, undrain) must send
+    # as "authorization: Bearer <token>". Without it those calls are refused.
+    token_file: str | None = None
+
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
         return _host_port(v, min_port=0)  # port 0: pick a free port (tests)
+
+    @field_validator("token_file")
+    @classmethod
+    def _token_file(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError("must be an absolute path")
+        return v
+
+
+class MetricsSection(_Strict):
+    # Prometheus text exposition at http://<listen>/metrics; null turns it off.
+    # Loopback by default, like the status API: bind a LAN address to scrape
+    # from a Prometheus server.
+    listen: str | None = "127.0.0.1:9740"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        return None if v is None else _host_port(v, min_port=0)
+
+
+CHECK_TYPES = ("tcp", "http", "https", "process", "command")
+# Fields each checker type needs (required) and may take (optional).
+_CHECK_FIELDS = {
+    "tcp": ({"port"}, {"host"}),
+    "http": ({"url"}, {"expect_status", "body_match"}),
+    "https": ({"url"}, {"expect_status", "body_match", "insecure", "ca_file"}),
+    "process": (set(), {"process", "pid_file"}),
+    "command": ({"command"}, set()),
+}
+_COMMON_CHECK_FIELDS = {"name", "type", "interval", "timeout", "rise", "fall"}
+
+
+class CheckSpec(_Strict):
+    """One health check of the farm module; all must pass for the node to take buckets."""
+
+    name: str
+    type: str
+    interval: float = Field(default=1.0, ge=0.1, le=3600)
+    timeout: float = Field(default=0.5, gt=0, le=600)
+    # Consecutive results needed to flip: `rise` passes to become healthy,
+    # `fall` failures to become failed (HAProxy's and SafeKit's counts).
+    rise: int = Field(default=2, ge=1, le=100)
+    fall: int = Field(default=2, ge=1, le=100)
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=1, le=65535)
+    url: str | None = None
+    expect_status: tuple[int, ...] = ()  # empty: any 2xx or 3xx
+    body_match: str | None = None        # a regular expression searched in the body
+    insecure: bool = False               # https: do not verify the certificate
+    ca_file: str | None = None
+    process: str | None = None           # process name (comm) to look for
+    pid_file: str | None = None
+    command: str | None = None           # run by /bin/sh -c; exit 0 passes
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _ID_RE.match(v):
+            raise ValueError("must be 1-63 characters of letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, v: str) -> str:
+        if v not in CHECK_TYPES:
+            raise ValueError(f"must be one of {', '.join(CHECK_TYPES)}, got {v!r}")
+        return v
+
+    @field_validator("expect_status")
+    @classmethod
+    def _status(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        for code in v:
+            if not 100 <= code <= 599:
+                raise ValueError(f"{code} is not an HTTP status code")
+        return v
+
+    @field_validator("body_match")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"is not a valid regular expression: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _fields_fit_type(self) -> "CheckSpec":
+        required, optional = _CHECK_FIELDS[self.type]
+        given = {k for k in self.model_fields_set if k not in _COMMON_CHECK_FIELDS}
+        missing = sorted(required - given)
+        if missing:
+            raise ValueError(f"check {self.name!r} of type {self.type} needs {', '.join(missing)}")
+        stray = sorted(given - required - optional)
+        if stray:
+            raise ValueError(f"check {self.name!r} of type {self.type} does not take {', '.join(stray)}")
+        if self.type == "process" and (self.process is None) == (self.pid_file is None):
+            raise ValueError(f"check {self.name!r} of type process needs exactly one of process, pid_file")
+        if self.url is not None:
+            scheme = self.url.split("://", 1)[0] if "://" in self.url else ""
+            if scheme != self.type:
+                raise ValueError(f"check {self.name!r} of type {self.type} needs a {self.type}:// url, "
+                                 f"got {self.url!r}")
+        if self.timeout > self.interval:
+            raise ValueError(f"check {self.name!r}: timeout ({self.timeout} s) must not exceed "
+                             f"interval ({self.interval} s)")
+        return self
+
+
+MODULE_ACTIONS = ("withdraw", "restart", "stop")
+
+
+class ModuleSection(_Strict):
+    """The farm module: the application this node serves, its commands and its checks.
+
+    Like SafeKit's start_both/stop_both scripts: `start` and `stop` are shell
+    commands that return once the application is started or stopped.
+    """
+
+    name: str = "app"
+    start: str | None = None
+    stop: str | None = None
+    command_timeout: float = Field(default=30.0, gt=0, le=3600)
+    checks: tuple[CheckSpec, ...] = ()
+    # What a failed check does. Every action first withdraws the node from
+    # the table; "restart" then runs stop + start (at most restart_limit times
+    # in restart_window s, then it stays withdrawn), "stop" stops the
+    # application and keeps the node out until the agent restarts.
+    on_failure: str = "withdraw"
+    restart_limit: int = Field(default=3, ge=1, le=100)
+    restart_window: float = Field(default=600.0, gt=0, le=86400)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _ID_RE.match(v):
+            raise ValueError("must be 1-63 characters of letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("on_failure")
+    @classmethod
+    def _action(cls, v: str) -> str:
+        if v not in MODULE_ACTIONS:
+            raise ValueError(f"must be one of {', '.join(MODULE_ACTIONS)}, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModuleSection":
+        names = [c.name for c in self.checks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"check names must be unique: {', '.join(dup)} used twice")
+        if self.on_failure == "restart" and not (self.start and self.stop):
+            raise ValueError("on_failure: restart needs both start and stop commands")
+        if self.on_failure == "stop" and not self.stop:
+            raise ValueError("on_failure: stop needs a stop command")
+        return self
 
 
 class NftSection(_Strict):
@@ -196,6 +358,8 @@ class Config(_Strict):
     timing: TimingSection = TimingSection()
     status: StatusSection = StatusSection()
     nft: NftSection = NftSection()
+    metrics: MetricsSection = MetricsSection()
+    module: ModuleSection = ModuleSection()
 
     @model_validator(mode="after")
     def _etcd_timeout_fits(self) -> "Config":

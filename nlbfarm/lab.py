@@ -19,6 +19,7 @@ import base64
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -74,8 +75,20 @@ class Lab:
     etcd_members: int = 1
     # Run every agent under a supervisor that restarts it, like systemd's Restart=always.
     supervise: bool = False
+    # The application on each node: "python" (the lab app, started by the lab)
+    # or "nginx" (Debian's nginx, started and health-checked by farmd's farm module).
+    app: str = "python"
+    # nginx farm module: check interval and fall/rise counts.
+    check_interval: float = 0.5
+    check_fall: int = 2
+    check_rise: int = 2
+    # Per node: fields that replace the nginx module's (e.g. on_failure),
+    # "extra_checks" appended to its checks. Applied when the agent (re)starts.
+    module_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.app not in ("python", "nginx"):
+            raise LabError(f"app must be python or nginx, got {self.app!r}")
         if self.etcd_members not in (1, 3):
             raise LabError(f"etcd_members must be 1 or 3, got {self.etcd_members}")
         if not _PREFIX_RE.match(self.prefix):
@@ -103,6 +116,22 @@ class Lab:
         tmp = self._state_file().with_suffix(".tmp")
         tmp.write_text(json.dumps(st, indent=2))
         tmp.replace(self._state_file())
+
+    @property
+    def token_file(self) -> Path:
+        """The agents' API token: farmctl needs it for drain and undrain."""
+        return self.dir / "token"
+
+    def _write_token(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(24) + "\n")
+
+    def farmctl(self, node: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """farmctl inside a node's namespace, with the lab's token."""
+        return self.run(node, [str(Path(self.python).with_name("farmctl")), *args], timeout=timeout, check=False,
+                        env=dict(os.environ, NLBFARM_TOKEN_FILE=str(self.token_file)))
 
     def node_names(self) -> list[str]:
         return list(self.load_state()["nodes"])
@@ -201,8 +230,9 @@ class Lab:
                   "subnet": f"{SUBNET}.0/24", "cluster": CLUSTER_NAME, "nodes": names,
                   "etcd": {"endpoint": ",".join(self.etcd_endpoints()), "netns": self.ns("etcd"),
                            "pids": {}},
-                  "pids": {}, "dir": str(self.dir)}
+                  "pids": {}, "dir": str(self.dir), "app": self.app}
             self._save_state(st)
+            self._write_token()
             self.start_etcd()
             for n in names:
                 self.start_node(n)
@@ -344,8 +374,59 @@ class Lab:
             "timing": {"lease_ttl": t.lease_ttl, "fence_timeout": t.fence_timeout,
                        "keepalive_interval": t.keepalive_interval, "leave_timeout": t.leave_timeout,
                        "drain_timeout": t.drain_timeout, "stop_drain_timeout": t.stop_drain_timeout},
-            "status": {"listen": GRPC_LISTEN, "peer_listen": f"{node_addr(i)}:{PEER_PORT}"},
+            "status": {"listen": GRPC_LISTEN, "peer_listen": f"{node_addr(i)}:{PEER_PORT}",
+                       "token_file": str(self.token_file)},
+            **({"module": self.nginx_module(name)} if self.app == "nginx" else {}),
         }
+
+    # ---- nginx as the farm module ------------------------------------------
+
+    def nginx_conf(self, name: str) -> Path:
+        return self.dir / f"{name}.nginx.conf"
+
+    def nginx_pidfile(self, name: str) -> Path:
+        return self.dir / f"{name}.nginx.pid"
+
+    def nginx_module(self, name: str) -> dict:
+        conf = self.nginx_conf(name)
+        common = {"interval": self.check_interval, "timeout": min(0.5, self.check_interval),
+                  "rise": self.check_rise, "fall": self.check_fall}
+        over = dict(self.module_overrides.get(name, {}))
+        extra = [{**common, **c} for c in over.pop("extra_checks", [])]
+        return {"name": "nginx", "start": f"nginx -c {conf}", "stop": f"nginx -c {conf} -s quit && while [ -e {self.nginx_pidfile(name)} ]; do sleep 0.1; done",
+                "command_timeout": 10, "on_failure": "withdraw",
+                "checks": [{"name": "http", "type": "http", "url": f"http://127.0.0.1:{APP_PORT}/",
+                            "body_match": f"^{name}$", **common},
+                           {"name": "master", "type": "process", "pid_file": str(self.nginx_pidfile(name)),
+                            **common}] + extra, **over}
+
+    def write_nginx_conf(self, name: str) -> None:
+        tmp = self.dir / f"{name}.nginx-tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        temps = "\n".join(f"  {k}_temp_path {tmp}/{k};" for k in ("client_body", "proxy", "fastcgi",
+                                                                    "uwsgi", "scgi"))
+        self.nginx_conf(name).write_text(f"""# nginx of lab node {name}: the farm module's application
+daemon on;
+worker_processes 1;
+pid {self.nginx_pidfile(name)};
+error_log {self.dir}/{name}.nginx.error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+{temps}
+  server {{
+    listen {APP_PORT};
+    location / {{ default_type text/plain; return 200 "{name}\\n"; }}
+  }}
+}}
+""")
+
+    def stop_nginx(self, name: str) -> None:
+        """Stop the node's nginx behind farmd's back, as a crash or an operator would."""
+        self.run(name, ["nginx", "-c", str(self.nginx_conf(name)), "-s", "stop"])
+
+    def start_nginx(self, name: str) -> None:
+        self.run(name, ["nginx", "-c", str(self.nginx_conf(name))])
 
     def config_path(self, name: str) -> Path:
         return self.dir / f"{name}.yaml"
@@ -382,8 +463,12 @@ class Lab:
         self._save_state(st)
 
     def start_node(self, name: str) -> None:
-        self.progress(f"starting {name}: app on :{APP_PORT} and farmd")
-        self.start_app(name)
+        if self.app == "nginx":
+            self.progress(f"starting {name}: farmd, whose farm module starts nginx on :{APP_PORT}")
+            self.write_nginx_conf(name)
+        else:
+            self.progress(f"starting {name}: app on :{APP_PORT} and farmd")
+            self.start_app(name)
         self.start_agent(name)
 
     def pid(self, name: str, what: str) -> int | None:
@@ -391,6 +476,11 @@ class Lab:
             # the supervisor restarts the agent under a new pid
             try:
                 return int((self.dir / f"{name}.agent.pid").read_text())
+            except (FileNotFoundError, ValueError):
+                return None
+        if what == "app" and self.app == "nginx":
+            try:
+                return int(self.nginx_pidfile(name).read_text())
             except (FileNotFoundError, ValueError):
                 return None
         return self.load_state()["pids"].get(name, {}).get(what)
@@ -454,13 +544,14 @@ class Lab:
         for n in st["nodes"]:
             i = int(n[1:])
             hosts[n] = {"netns": self.ns(n), "address": node_addr(i)}
-            agents[n] = {"netns": self.ns(n), "grpc": GRPC_LISTEN,
+            agents[n] = {"netns": self.ns(n), "grpc": GRPC_LISTEN, "metrics": "127.0.0.1:9740",
                          "agent_running": self.alive(n, "agent"), "app_running": self.alive(n, "app"),
                          "config": str(self.config_path(n))}
         return {"prefix": self.prefix, "vip": st["vip"], "url": st["url"], "subnet": st["subnet"],
                 "etcd": {"endpoint": st["etcd"]["endpoint"], "netns": self.ns("etcd"),
                          "running": all(self._alive(p) for p in st["etcd"]["pids"].values())},
-                "hosts": hosts, "agents": agents, "dir": st["dir"]}
+                "hosts": hosts, "agents": agents, "dir": st["dir"], "token_file": str(self.token_file),
+                "app": st.get("app", "python")}
 
     def client_cmd(self, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns("client"), *argv]

@@ -5,15 +5,21 @@ Threads and who decides what (Patroni's shape):
 * the etcd watch thread only updates ``ClusterCache`` and wakes the loop;
 * the keepalive thread only refreshes the lease, records when a refresh last
   succeeded, and wakes the loop;
-* the gRPC status server only reads ``Agent.status()``;
+* the checker threads (farm module health checks) only record results, publish
+  a check_transition event and wake the loop;
+* the gRPC status server and the metrics endpoint only read, apart from
+  drain/undrain requests, which are written to etcd like any operator's;
 * ONE reconcile loop (``Agent.cycle``) makes every decision: writing a new
   table, which buckets the kernel accepts, whether the fence stays open, what
-  is published as applied. Each cycle returns a sentence that is logged when
-  it changes and that tests assert on.
+  is published as applied, which state this node announces, and when the farm
+  module's application is restarted or stopped. Each cycle returns a sentence
+  that is logged when it changes and that tests assert on. The application's
+  start/stop commands run on a worker thread so a slow script never stalls it.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import random
 import secrets
@@ -22,6 +28,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from nlbfarm import __version__
@@ -36,8 +43,12 @@ from nlbfarm.coordinator.table import bucket_ranges
 from nlbfarm.errors import (
     ConfigError, DataPlaneError, DuplicateMember, FarmError, StoreError, StoreUnavailable)
 from nlbfarm.logs import setup_logging
+from nlbfarm.node.checks import HealthMonitor
 from nlbfarm.node.conntrack import live_connections_by_bucket
 from nlbfarm.node.dataplane import DataPlane, DataPlaneSpec, cluster_mac_for
+from nlbfarm.node.events import EventBus
+from nlbfarm.node.metrics import AgentMetrics
+from nlbfarm.node.module import FarmModule
 from nlbfarm.node.peers import PeerProbe
 from nlbfarm.node.vip import Vip
 
@@ -56,6 +67,9 @@ class ClusterCache:
     def __init__(self, prefix: str, wake: threading.Event):
         self.prefix = prefix
         self._wake = wake
+        # (monotonic time, revision) of the first membership change not yet
+        # applied, for the change-to-apply histogram; the loop clears it.
+        self.member_change_at: tuple[float, int] | None = None
         self._lock = threading.Lock()
         self._items: dict[str, tuple[bytes, int]] = {}
         self._revision = 0
@@ -87,6 +101,10 @@ class ClusterCache:
         with self._lock:
             if ev.mod_revision <= self._floor:
                 return
+            if "/members/" in ev.key and self.member_change_at is None:
+                old = self._items.get(ev.key)
+                if ev.kind == "delete" or old is None or old[0] != ev.value:
+                    self.member_change_at = (time.monotonic(), ev.mod_revision)
             if ev.kind == "put":
                 self._items[ev.key] = (ev.value, ev.mod_revision)
                 self._revision = max(self._revision, ev.mod_revision)
@@ -121,6 +139,8 @@ class LocalState:
     published: Applied | None = None  # last record written to applied/<me>
     last_sentence: str = "starting"
     etcd_state: str = "connecting"
+    node_state: str = "starting"
+    state_reason: str = "agent starting"
 
     @property
     def published_generation(self) -> int:
@@ -159,6 +179,21 @@ class Agent:
         self._watch = None
         self._keepalive_stop = threading.Event()
         self.leave_started: float | None = None
+        self.events = EventBus()
+        self.metrics = AgentMetrics(self)
+        self.ready = None  # the gRPC health service's readiness, set by main()
+        # The farm module: the application's commands and health checks.
+        self.module = FarmModule(cfg.module, env={"NLBFARM_NODE": self.me, "NLBFARM_CLUSTER": cfg.cluster.name})
+        self.health = HealthMonitor(cfg.module.checks, on_transition=self._on_check_transition)
+        self._module_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="module")
+        self._module_busy: str | None = None  # "start", "restart", "stop" while a command runs
+        self._module_idle_since = time.monotonic()
+        self._module_started = not cfg.module.start  # the first start command finished
+        self._module_stopped = False  # on_failure: stop has stopped the application
+        self._restart_limit_logged = False
+        self._seen_members: dict[str, str] | None = None
+        self._seen_generation = 0
+        self._change_base_generation = 0
 
     # ---- start-up -------------------------------------------------------
 
@@ -201,9 +236,9 @@ class Agent:
             return settings
         return None
 
-    def _member(self, state: str) -> Member:
+    def _member(self, state: str, reason: str = "") -> Member:
         return Member(self.me, self.cfg.node.weight, state, self.cfg.node.addresses, __version__,
-                      self.instance, self.cfg.status.peer_listen or "")
+                      self.instance, self.cfg.status.peer_listen or "", reason)
 
     def _register(self) -> None:
         """Create members/<me> bound to a new lease, then re-read the cluster.
@@ -214,8 +249,9 @@ class Agent:
         key = member_key(self.prefix, self.me)
         sent = time.monotonic()
         lease = self.store.grant_lease(self.cfg.timing.lease_ttl).id
+        first, reason = self._desired_state(None)
         try:
-            created = self.store.create(key, self._member("active").encode(), lease_id=lease)
+            created = self.store.create(key, self._member(first, reason).encode(), lease_id=lease)
             if not created:
                 kv = self.store.get(key)
                 mine = False
@@ -228,7 +264,7 @@ class Agent:
                     # An earlier attempt of this very process registered, but
                     # its reply was lost: retire that lease and register again.
                     self.store.revoke_lease(kv.lease)
-                    created = self.store.create(key, self._member("active").encode(), lease_id=lease)
+                    created = self.store.create(key, self._member(first, reason).encode(), lease_id=lease)
             if not created:
                 raise DuplicateMember(
                     f"node id {self.me!r} is already registered in cluster {self.cfg.cluster.name!r} "
@@ -274,6 +310,7 @@ class Agent:
         self._watch = self.store.watch_prefix(self.prefix, self.cache.on_event,
                                               start_revision=self.cache.revision + 1)
         threading.Thread(target=self._keepalive_loop, name="keepalive", daemon=True).start()
+        self._run_module("start")
 
     def _base_spec(self, fence_open: bool) -> DataPlaneSpec:
         return DataPlaneSpec(interface=self.cfg.node.interface, vips=self.cfg.cluster.vips,
@@ -363,10 +400,122 @@ class Agent:
                      t.lease_ttl - t.fence_timeout - FENCE_MARGIN_S)
         return now - self._consensus_at < window
 
-    def _desired_state(self, snap: ClusterSnapshot) -> str:
+    def _desired_state(self, snap: ClusterSnapshot | None) -> tuple[str, str]:
+        """The member state this node should announce, and why."""
         if self.leave_started is not None:
-            return "leaving"
-        return "draining" if self.me in snap.drains else "active"
+            return "leaving", "the agent is stopping"
+        if self._module_stopped:
+            return "stopped", ("a health check failed and on_failure is stop: application stopped; "
+                               "restart the agent to rejoin")
+        failing = self.health.failing()
+        if failing:
+            st = {c.name: c for c in self.health.statuses()}
+            what = "; ".join(f"check {n} failing: {st[n].detail}" for n in failing)
+            if self._module_busy == "restart":
+                what += "; restarting the application"
+            return "failed", what
+        if not self._module_started:
+            return "starting", f"application starting ({self._module_busy or 'start'} command running)"
+        if not self.health.healthy():
+            waiting = [c.name for c in self.health.statuses() if c.state != "passing"]
+            return "starting", f"waiting for checks to pass: {', '.join(waiting)}"
+        if snap is not None and self.me in snap.drains:
+            return "draining", "an operator asked this node to drain"
+        if self.cfg.module.checks:
+            return "active", "all checks passing"
+        return "active", "no checks configured"
+
+    # ---- farm module: health checks and the application's commands ---------
+
+    def _on_check_transition(self, name: str, old: str, new: str, detail: str) -> None:
+        # Checker thread: record and wake; the loop decides what follows.
+        self.events.publish("check_transition", self.me, f"check {name} {old} -> {new}: {detail}",
+                            check=name, old=old, new=new)
+        self.wake.set()
+
+    def _run_module(self, action: str) -> None:
+        """Run start, restart or stop on the module worker; the loop sees the outcome."""
+        if action in ("start", "restart") and not self.cfg.module.start:
+            self._module_started = True
+            self.health.start()
+            return
+        if action == "stop" and not self.cfg.module.stop:
+            return
+        self._module_busy = action
+        self.events.publish("module_action", self.me, f"{action} of {self.cfg.module.name} begins",
+                            action=action)
+
+        def work():
+            try:
+                res = getattr(self.module, action)()
+                self.events.publish("module_action", self.me,
+                                    f"{action} of {self.cfg.module.name} "
+                                    f"{'done' if res.ok else 'FAILED'}: {res.detail}",
+                                    action=action, ok=res.ok)
+                if action == "start":
+                    self._module_started = True
+                    # Checks begin after the start command, as SafeKit's
+                    # checkers do after start_both: a starting application
+                    # must not count as failing.
+                    self.health.start()
+            finally:
+                self._module_busy = None
+                self._module_idle_since = time.monotonic()
+                self.wake.set()
+
+        self._module_worker.submit(work)
+
+    def _module_action(self, state: str) -> None:
+        """on_failure for a failed node: the withdraw already happened through the state."""
+        m = self.cfg.module
+        if state != "failed" or self._module_busy or m.on_failure == "withdraw":
+            return
+        if m.on_failure == "stop":
+            log.warning("check failed node=%s action=stop: stopping %s and staying out of the farm",
+                        self.me, m.name)
+            self._module_stopped = True
+            self._run_module("stop")
+            return
+        # Give a restarted application one full check window to come back
+        # before counting it as still failing.
+        settle = max((c.interval * (c.rise + c.fall) for c in m.checks), default=0)
+        if time.monotonic() - self._module_idle_since < settle:
+            return
+        if self.module.may_restart():
+            log.warning("check failed node=%s action=restart restarts_in_window=%d limit=%d", self.me,
+                        self.module.restarts_in_window(), m.restart_limit)
+            self._restart_limit_logged = False
+            self._run_module("restart")
+        elif not self._restart_limit_logged:
+            self._restart_limit_logged = True
+            log.error("restart limit reached node=%s restarts=%d window=%.0fs: staying withdrawn until "
+                      "the checks pass again", self.me, self.module.restarts_in_window(), m.restart_window)
+            self.events.publish("module_action", self.me,
+                                f"restart limit reached ({m.restart_limit} in {m.restart_window:.0f} s): "
+                                "staying withdrawn", action="restart_limit")
+
+    def _note_changes(self, snap: ClusterSnapshot) -> None:
+        """Turn differences between snapshots into events."""
+        members = {m.id: m.state for m in snap.members.values()}
+        reasons = {m.id: m.reason for m in snap.members.values()}
+        if self._seen_members is not None:
+            for nid in sorted(members.keys() - self._seen_members.keys()):
+                self.events.publish("member_joined", nid, f"{nid} joined as {members[nid]}",
+                                    state=members[nid])
+            for nid in sorted(self._seen_members.keys() - members.keys()):
+                self.events.publish("member_left", nid, f"{nid} left (its lease ended)")
+            for nid in sorted(members.keys() & self._seen_members.keys()):
+                if members[nid] != self._seen_members[nid]:
+                    self.events.publish("member_state", nid,
+                                        f"{nid} {self._seen_members[nid]} -> {members[nid]}: {reasons[nid]}",
+                                        old=self._seen_members[nid], new=members[nid])
+        self._seen_members = members
+        g = snap.table.generation if snap.table else 0
+        if g != self._seen_generation:
+            counts = snap.counts()
+            self.events.publish("table_changed", "", f"table generation {g}: " + ", ".join(
+                f"{n}={counts[n]}" for n in sorted(counts)), generation=g)
+            self._seen_generation = g
 
     def _drain_deadline(self, snap: ClusterSnapshot, now: float) -> float:
         """When buckets released now stop serving their old connections."""
@@ -411,15 +560,27 @@ class Agent:
             return self._recover_lease()
         snap = self.cache.snapshot()
         self._remember_table(snap)
+        self._note_changes(snap)
         mine = snap.members.get(self.me)
-        desired = self._desired_state(snap)
-        if mine is not None and mine.state != desired:
-            self.store.put(member_key(self.prefix, self.me), self._member(desired).encode(),
+        desired, reason = self._desired_state(snap)
+        self._module_action(desired)
+        if mine is not None and (mine.state, mine.reason) != (desired, reason):
+            self.store.put(member_key(self.prefix, self.me), self._member(desired, reason).encode(),
                            lease_id=self.lease_id)
-            return f"state {desired}: " + {
+            if desired != self.state.node_state:
+                log.info("state change node=%s from=%s to=%s reason=%r", self.me, self.state.node_state,
+                         desired, reason)
+                self.events.publish("node_state", self.me, f"{self.state.node_state} -> {desired}: {reason}",
+                                    old=self.state.node_state, new=desired)
+            self.state.node_state, self.state.state_reason = desired, reason
+            return f"state {desired} ({reason}): " + {
                 "leaving": "peers will take over this node's buckets",
                 "draining": "no new connections; established ones are kept until they close",
-                "active": "taking buckets again"}[desired]
+                "failed": "withdrawing: peers take over this node's buckets",
+                "stopped": "withdrawing: peers take over this node's buckets",
+                "starting": "taking no buckets until every check passes",
+                "active": "taking buckets"}[desired]
+        self.state.node_state, self.state.state_reason = desired, reason
         update = plan_table(snap)
         if update is not None:
             ok = self.store.compare_and_swap(
@@ -447,7 +608,9 @@ class Agent:
         spec = self._base_spec(fence_open).with_buckets(
             bucket_ranges(plan.accepting), bucket_ranges(self.state.draining), bucket_ranges(guarded))
         rebuilt = self.dp.current is None
+        t0 = time.monotonic()
         if self.dp.apply(spec):
+            self.metrics.apply_seconds.observe(time.monotonic() - t0)
             self.state.accepting = plan.accepting
             if rebuilt:
                 # Our tables had vanished (flushed by another tool): while the ARP
@@ -475,6 +638,9 @@ class Agent:
             # so a new owner guards those buckets from its first packet.
             self.store.put(applied_key(self.prefix, self.me), report.encode(), lease_id=self.lease_id)
             self.state.published = report
+        self._observe_change_applied(snap, plan)
+        if self.ready is not None:
+            self.ready.set_ready(self.state.node_state == "active" and plan.complete and g > 0)
         if g == 0:
             return "waiting for the first table"
         draining = (f"; draining {len(self.state.draining)} buckets with {conns} connections"
@@ -486,6 +652,22 @@ class Agent:
                    else "holding buckets of vanished nodes until they surely stopped serving")
         return (f"generation {g}: accepting {len(plan.accepting)} of {len(plan.target)} owned buckets, "
                 f"{waiting}{draining}")
+
+    def _observe_change_applied(self, snap: ClusterSnapshot, plan: AcceptPlan) -> None:
+        """Membership change -> this node's kernel runs the resulting table: one histogram sample."""
+        if not plan.complete or plan_table(snap) is not None:
+            return
+        g = snap.table.generation if snap.table else 0
+        change = self.cache.member_change_at
+        if change is None or snap.revision < change[1]:
+            if change is None:
+                self._change_base_generation = g
+            return
+        self.cache.member_change_at = None
+        # A change that needed no new table (say a weight-0 member) has nothing to time.
+        if g != self._change_base_generation:
+            self.metrics.change_to_apply_seconds.observe(time.monotonic() - change[0])
+        self._change_base_generation = g
 
     def _remember_table(self, snap: ClusterSnapshot) -> None:
         if snap.table is not None and snap.table.generation not in self._seen_tables:
@@ -572,6 +754,9 @@ class Agent:
     def shutdown(self) -> None:
         """Stop serving, remove the VIP, then the rules, then the lease (never the other way round)."""
         self._keepalive_stop.set()
+        self.health.stop()
+        if self.ready is not None:
+            self.ready.set_ready(False)
         if self.dp.current is not None and self.settings is not None:
             try:
                 self.dp.apply(self._base_spec(fence_open=False).with_buckets((), ()))
@@ -597,7 +782,19 @@ class Agent:
         self.lease_id = None
         self.probe.close()
         self.store.close()
+        self.stop_module()
+        self.events.close()
         log.info("stopped node=%s", self.me)
+
+    def stop_module(self) -> None:
+        """The application's stop command, once no VIP traffic can reach it any more."""
+        self._module_worker.shutdown(wait=True)  # a running start/restart finishes first
+        if self.cfg.module.stop and not self._module_stopped:
+            self._module_stopped = True
+            res = self.module.stop()
+            if not res.ok:
+                log.error("module stop failed node=%s module=%s reason=%s", self.me, self.cfg.module.name,
+                          res.detail)
 
     # ---- operator requests and peer questions (gRPC threads) ---------------
 
@@ -608,6 +805,8 @@ class Agent:
                            f"(members: {', '.join(sorted(snap.members)) or 'none'})")
         self.store.put(drain_key(self.prefix, node_id), DrainRequest(timeout).encode())
         log.info("drain requested node=%s timeout=%s via=%s", node_id, timeout or "default", self.me)
+        self.events.publish("drain_requested", node_id, f"drain of {node_id} requested through {self.me}",
+                            timeout=timeout or "default")
         return f"{node_id} is draining: it takes no new connections and keeps established ones " \
                f"until they close or {timeout or 'its drain_timeout'} s pass"
 
@@ -617,6 +816,7 @@ class Agent:
             raise KeyError(f"no member named {node_id!r} in cluster {self.cfg.cluster.name!r}")
         existed = self.store.delete(drain_key(self.prefix, node_id))
         log.info("undrain requested node=%s via=%s", node_id, self.me)
+        self.events.publish("undrain_requested", node_id, f"undrain of {node_id} requested through {self.me}")
         return f"{node_id} takes buckets again" if existed else f"{node_id} was not draining"
 
     def table_view(self) -> dict:
@@ -674,7 +874,7 @@ class Agent:
                  "draining_buckets": snap.applied[m.id].draining_buckets if m.id in snap.applied else 0,
                  "draining_connections": (snap.applied[m.id].draining_connections
                                           if m.id in snap.applied else 0),
-                 "drain_requested": m.id in snap.drains}
+                 "drain_requested": m.id in snap.drains, "reason": m.reason}
                 for m in sorted(snap.members.values(), key=lambda m: m.id)],
             "applied_generation": max(self.state.published_generation, 0),
             "owned_buckets": len(snap.table.owned_by(self.me)) if snap.table else 0,
@@ -684,6 +884,41 @@ class Agent:
             "etcd_state": self.state.etcd_state,
             "last_cycle": self.state.last_sentence,
             "vips": list(self.cfg.cluster.vips),
+        }
+
+    def node_view(self, with_counters: bool = True) -> dict:
+        """This node's own view (GetNode, metrics): state, buckets, kernel, etcd, checks."""
+        snap = self.cache.snapshot()
+        counters = []
+        if with_counters:
+            try:
+                counters = [dataclasses.asdict(c) for c in self.dp.counters()]
+            except DataPlaneError as exc:
+                log.warning("cannot read nft counters node=%s reason=%s", self.me, exc)
+        st = self.state
+        return {
+            "node_id": self.me,
+            "state": st.node_state,
+            "state_reason": st.state_reason,
+            "generation": snap.table.generation if snap.table else 0,
+            "applied_generation": max(st.published_generation, 0),
+            "owned_buckets": len(snap.table.owned_by(self.me)) if snap.table else 0,
+            "accepting_buckets": len(st.accepting),
+            "draining_buckets": len(st.draining),
+            "draining_connections": sum(st.conn_counts.get(b, 0) for b in st.draining),
+            "accepting_ranges": bucket_ranges(st.accepting),
+            "fence_open": self.dp.fence_is_open(),
+            "etcd_state": st.etcd_state,
+            "last_keepalive_age_s": (time.monotonic() - self._last_keepalive_ok
+                                     if self._last_keepalive_ok else -1.0),
+            "lease_id": f"{self.lease_id:x}" if self.lease_id else "",
+            "counters": counters,
+            "checks": [dataclasses.asdict(c) for c in self.health.statuses()],
+            "module": self.cfg.module.name,
+            "restarts_in_window": self.module.restarts_in_window(),
+            "last_cycle": st.last_sentence,
+            "vips": list(self.cfg.cluster.vips),
+            "version": __version__,
         }
 
 
@@ -704,9 +939,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"farmd: configuration {args.config} is valid")
         return 0
 
-    from nlbfarm.node.status import serve_status  # grpc is only needed once we run
+    from nlbfarm.node.status import ReadyTracker, read_token, serve_status  # grpc only once we run
 
+    try:
+        token = read_token(cfg.status.token_file) if cfg.status.token_file else None
+    except ConfigError as exc:
+        print(f"farmd: {exc}", file=sys.stderr)
+        return 2
+    if token is None:
+        log.warning("status.token_file is not set: drain and undrain through the API are refused")
     agent = Agent(cfg)
+    agent.ready = ReadyTracker()
 
     def on_signal(signum, _frame):
         log.info("signal=%s: graceful stop", signal.Signals(signum).name)
@@ -720,13 +963,16 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     try:
         # Bind first: a busy port is a config error found before anything changes.
-        servers = serve_status(agent, cfg.status.listen, cfg.status.peer_listen)
+        servers = serve_status(agent, cfg.status.listen, cfg.status.peer_listen, token, agent.ready)
+        if cfg.metrics.listen:
+            agent.metrics.serve(cfg.metrics.listen)
         agent.start()
         if agent.lease_id is None:  # stopped before registering: nothing to undo
             log.info("stopped node=%s before joining", agent.me)
             return 0
-        log.info("running node=%s vips=%s status=%s", agent.me, ",".join(cfg.cluster.vips),
-                 cfg.status.listen)
+        log.info("running node=%s vips=%s status=%s metrics=%s module=%s checks=%d", agent.me,
+                 ",".join(cfg.cluster.vips), cfg.status.listen, cfg.metrics.listen or "off",
+                 cfg.module.name, len(cfg.module.checks))
         agent.run_loop()
     except DuplicateMember as exc:
         log.error("refusing to start: %s", exc)
@@ -743,8 +989,11 @@ def main(argv: list[str] | None = None) -> int:
         agent.stopping.set()
         if agent.lease_id is not None or agent.dp.current is not None:
             agent.shutdown()
+        if agent.ready is not None:
+            agent.ready.shutdown()
         for server in servers:
             server.stop(grace=0.5)
+        agent.metrics.close()
     return rc
 
 

@@ -20,6 +20,16 @@ Shape of what a node programs (two tables, both owned by nlbfarm only):
   reaches the TCP stack, which answers an unknown connection with a reset:
   that is how clients of a dead node learn at once that their connection is gone.
 
+Each accept or drop rule of ``vip_in``, ``drain_in`` and ``vip_ct`` (not the
+ICMP error and established-connection accepts) counts its packets in a named
+counter object of the inet table, one per VIP and rule (``COUNTER_RULES``):
+the rule picks the VIP's counter with ``counter name ip daddr map { VIP :
+name }`` (a plain ``counter name`` when there is one VIP), so per-VIP
+accounting costs one map lookup and no extra rules. A packet counted as
+accepted or draining before conntrack may be counted again by a drop after it.
+``DataPlane.counters`` reads them back and keeps them monotonic across
+``apply``, which replaces the table and so resets them in the kernel.
+
 The fence is a set element with a kernel timeout. The agent refreshes it while
 its etcd session is healthy; if the agent dies the element expires and the
 node drops all VIP traffic on its own, before its lease can expire.
@@ -43,6 +53,17 @@ log = logging.getLogger(__name__)
 DEFAULT_TABLE = "nlbfarm"
 PRIO_RAW = -300  # before conntrack (-200): foreign packets cost no conntrack entry
 PRIO_POST_CT = -150  # after conntrack: ct state is known
+
+# The per-VIP counters, named after what happened to the packets they count.
+COUNTER_RULES = (
+    "accepted",                  # owned bucket, let through (vip_in)
+    "draining",                  # draining bucket, not a new SYN, let through (drain_in)
+    "dropped_fenced",            # fence closed (vip_in)
+    "dropped_foreign",           # bucket of another node, or not TCP/UDP/ICMP error (vip_in)
+    "dropped_draining_syn",      # new connection in a draining bucket (drain_in)
+    "dropped_draining_unknown",  # no established connection of ours in a draining bucket (vip_ct)
+    "dropped_guarded",           # unknown mid-stream TCP in a guarded bucket: the peer's (vip_ct)
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +99,21 @@ def cluster_mac_for(vip: str) -> str:
     """
     packed = ipaddress.IPv4Address(vip).packed
     return "03:bf:" + ":".join(f"{b:02x}" for b in packed)
+
+
+@dataclass(frozen=True)
+class RuleCounter:
+    """Packets and bytes one counted rule saw for one VIP."""
+
+    vip: str
+    rule: str  # one of COUNTER_RULES
+    packets: int
+    bytes: int
+
+
+def counter_name(vip: str, rule: str) -> str:
+    """The name of the nft counter object for ``rule`` and ``vip`` (a plain identifier)."""
+    return f"{rule}_" + vip.replace(".", "_").replace(":", "_")
 
 
 def _payload(proto: str, fld: str) -> dict:
@@ -142,8 +178,23 @@ def _in_buckets(spec: DataPlaneSpec, ranges) -> dict:
                       "right": {"set": _range_elems(ranges)}}}
 
 
+def _count(spec: DataPlaneSpec, rule: str) -> dict:
+    """The counter statement that counts a packet under ``rule`` for its VIP.
+
+    Only packets to one of ``spec.vips`` reach the counted chains (the jumps
+    into them match the same VIPs), so the map lookup always hits; a miss
+    would end the rule without its verdict.
+    """
+    names = [(vip, counter_name(vip, rule)) for vip in spec.vips]
+    if len(names) == 1:
+        return {"counter": names[0][1]}
+    return {"counter": {"map": {"key": _payload("ip", "daddr"),
+                                "data": {"set": [[vip, name] for vip, name in names]}}}}
+
+
 def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
     fam, tbl = "inet", spec.table
+    count = lambda rule: _count(spec, rule)  # noqa: E731
 
     def rule(chain: str, *expr: dict) -> dict:
         return {"add": {"rule": {"family": fam, "table": tbl, "chain": chain, "expr": list(expr)}}}
@@ -159,6 +210,10 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
         {"add": {"set": {"family": fam, "table": tbl, "name": "fence", "type": "ifname",
                          "flags": ["timeout"]}}},
     ]
+    # Every counter exists for every VIP, also while its rule is absent, so
+    # the set of counters depends on the VIPs only.
+    cmds += [{"add": {"counter": {"family": fam, "table": tbl, "name": counter_name(vip, r)}}}
+             for vip in spec.vips for r in COUNTER_RULES]
     if spec.fence_open:
         cmds.append({"add": fence_element(spec)})
     cmds += [
@@ -170,7 +225,7 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
         rule("vip_in", {"mangle": {"key": {"meta": {"key": "pkttype"}}, "value": "host"}}),
         rule("vip_in",
              {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "@fence"}},
-             {"counter": None}, {"drop": None}),
+             count("dropped_fenced"), {"drop": None}),
         # ICMP errors (fragmentation needed, unreachable) carry no client port;
         # every node takes them and its stack delivers them to the matching
         # socket, if it has one. Path MTU discovery depends on it.
@@ -181,15 +236,15 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
     ]
     if spec.accepting:
         cmds.append(rule("vip_in", _l4(["tcp", "udp"]), _in_buckets(spec, spec.accepting),
-                         {"counter": None}, {"accept": None}))
+                         count("accepted"), {"accept": None}))
     if spec.draining:
         cmds.append(rule("vip_in", _l4(["tcp"]), _in_buckets(spec, spec.draining),
                          {"jump": {"target": "drain_in"}}))
         # A new connection in a released bucket belongs to its new owner.
         cmds.append(rule("drain_in", {"match": {"op": "==", "left": _SYN_ONLY, "right": "syn"}},
-                         {"counter": None}, {"drop": None}))
-        cmds.append(rule("drain_in", {"counter": None}, {"accept": None}))
-    cmds.append(rule("vip_in", {"counter": None}, {"drop": None}))
+                         count("dropped_draining_syn"), {"drop": None}))
+        cmds.append(rule("drain_in", count("draining"), {"accept": None}))
+    cmds.append(rule("vip_in", count("dropped_foreign"), {"drop": None}))
 
     cmds += [
         rule("postct", to_vip, {"jump": {"target": "vip_ct"}}),
@@ -199,13 +254,13 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
     if spec.draining:
         # Not an established connection of ours: nothing to keep serving.
         cmds.append(rule("vip_ct", _l4(["tcp"]), _in_buckets(spec, spec.draining),
-                         {"counter": None}, {"drop": None}))
+                         count("dropped_draining_unknown"), {"drop": None}))
     if spec.guarded:
         # Mid-stream packet of a connection this node does not know, in a bucket
         # a live peer still drains: it is the peer's. Drop it without a reset.
         cmds.append(rule("vip_ct", _l4(["tcp"]),
                          {"match": {"op": "!=", "left": _SYN_ONLY, "right": "syn"}},
-                         _in_buckets(spec, spec.guarded), {"counter": None}, {"drop": None}))
+                         _in_buckets(spec, spec.guarded), count("dropped_guarded"), {"drop": None}))
     return cmds
 
 
@@ -229,6 +284,27 @@ def build_teardown(table: str = DEFAULT_TABLE) -> list[dict]:
     return cmds
 
 
+def build_counters_list(table: str = DEFAULT_TABLE) -> list[dict]:
+    return [{"list": {"counters": {"family": "inet", "table": table}}}]
+
+
+def parse_counters(listing, spec: DataPlaneSpec) -> list[RuleCounter]:
+    """The per-VIP counters of ``spec`` in a libnftables JSON listing (``list counters`` or ``list table``).
+
+    One entry per VIP of ``spec`` and rule of ``COUNTER_RULES``, sorted by VIP
+    then rule; a counter missing from the listing reads as zero.
+    """
+    found: dict[str, tuple[int, int]] = {}
+    items = listing.get("nftables", []) if isinstance(listing, dict) else []
+    for item in items:
+        obj = item.get("counter") if isinstance(item, dict) else None
+        if (isinstance(obj, dict) and obj.get("family") == "inet" and obj.get("table") == spec.table
+                and isinstance(obj.get("name"), str)):
+            found[obj["name"]] = (int(obj.get("packets", 0)), int(obj.get("bytes", 0)))
+    return sorted((RuleCounter(vip, rule, *found.get(counter_name(vip, rule), (0, 0)))
+                   for vip in spec.vips for rule in COUNTER_RULES), key=lambda c: (c.vip, c.rule))
+
+
 @dataclass
 class DataPlane:
     """Applies specs to the kernel of the current network namespace.
@@ -240,6 +316,16 @@ class DataPlane:
     current: DataPlaneSpec | None = None
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _nft: object = field(default=None, repr=False)
+    # Counts of earlier incarnations of the table, (vip, rule) -> [packets, bytes];
+    # counters() adds the live kernel counters on top.
+    _counter_base: dict = field(default_factory=dict, repr=False)
+    # The last spec this object applied, also after refresh_fence forgot
+    # ``current``: its table's counters are folded into the base before the
+    # next replace. None before the first apply and after teardown.
+    _counted: DataPlaneSpec | None = field(default=None, repr=False)
+    # The live values of the current table that counters() last returned, so
+    # a table that vanished (flushed by someone) cannot make a count go back.
+    _live_seen: dict = field(default_factory=dict, repr=False)
 
     def _ctx(self):
         if self._nft is None:
@@ -267,9 +353,51 @@ class DataPlane:
         with self._lock:
             if spec == self.current:
                 return False
+            # The replace resets the kernel counters: read them first and fold
+            # them into the base once the kernel accepted the new table. The
+            # lock keeps other callers out, but packets keep flowing: those the
+            # old table counts between this read and the swap (a few
+            # microseconds) are missed by counters(); a count never goes back.
+            old = self._read_old_counters()
             self.run(build_ruleset(spec), "ruleset replace")
-            self.current = spec
+            for key in old.keys() | self._live_seen.keys():
+                # Never less than counters() already reported from that table.
+                (p_old, b_old), (p_seen, b_seen) = old.get(key, (0, 0)), self._live_seen.get(key, (0, 0))
+                base = self._counter_base.setdefault(key, [0, 0])
+                base[0] += max(p_old, p_seen)
+                base[1] += max(b_old, b_seen)
+            self._live_seen = {}
+            self.current = self._counted = spec
             return True
+
+    def _read_old_counters(self) -> dict[tuple[str, str], tuple[int, int]]:
+        if self._counted is None:
+            return {}
+        try:
+            out = self.run(build_counters_list(self._counted.table), "counter listing")
+            return {(c.vip, c.rule): (c.packets, c.bytes) for c in parse_counters(out, self._counted)}
+        except Exception as exc:  # noqa: BLE001 - counters must never fail an apply
+            # E.g. someone flushed our table: keep the old base (plus what
+            # counters() last saw of that table) and go on.
+            log.debug("could not read counters before replacing the ruleset: %s", exc)
+            return {}
+
+    def counters(self) -> list[RuleCounter]:
+        """Packets and bytes per VIP and counted rule since this object first applied a spec.
+
+        One entry per VIP of the applied spec and rule of ``COUNTER_RULES``,
+        sorted by VIP then rule; [] when nothing is applied. Raises
+        DataPlaneError if the kernel cannot list the counters.
+        """
+        with self._lock:
+            spec = self.current
+            if spec is None:
+                return []
+            live = parse_counters(self.run(build_counters_list(spec.table), "counter listing"), spec)
+            self._live_seen = {(c.vip, c.rule): (c.packets, c.bytes) for c in live}
+            base = {k: tuple(v) for k, v in self._counter_base.items()}
+        return [replace(c, packets=c.packets + base.get((c.vip, c.rule), (0, 0))[0],
+                        bytes=c.bytes + base.get((c.vip, c.rule), (0, 0))[1]) for c in live]
 
     def refresh_fence(self, still_ok) -> bool:
         """Extend the fence if the applied spec has it open and ``still_ok()`` holds now.
@@ -308,4 +436,6 @@ class DataPlane:
         with self._lock:
             name = table or (self.current.table if self.current else DEFAULT_TABLE)
             self.run(build_teardown(name), "teardown")
-            self.current = None
+            self.current = self._counted = None
+            self._counter_base.clear()
+            self._live_seen = {}

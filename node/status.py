@@ -2,20 +2,82 @@
 
 Two listeners: ``status.listen`` (loopback by default) serves every call;
 ``status.peer_listen`` (optional, on the LAN address) serves only what peers
-and read-only tools need (status and etcd reachability) and refuses changes.
+and read-only tools need and refuses changes.
+
+Mutating calls (Drain, Undrain) also need the bearer token from
+``status.token_file`` in the ``authorization`` metadata; without a configured
+token they are refused on every listener. Read-only calls are open: they show
+no secret.
+
+Both listeners also serve the standard ``grpc.health.v1.Health`` service
+(service "" = the agent answers; service ``nlbfarm.ready`` = this node is an
+active member accepting all its buckets) and server reflection, so grpcurl
+and Kubernetes-style gRPC probes work without the .proto file.
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import math
+import os
+import stat
+import threading
 from concurrent import futures
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from nlbfarm.errors import ConfigError, StoreError
 from nlbfarm.proto import farm_pb2, farm_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+READY_SERVICE = "nlbfarm.ready"
+FARM_SERVICE = farm_pb2.DESCRIPTOR.services_by_name["Farm"].full_name
+# Event streams each hold a server thread; past this many, new followers are refused.
+MAX_STREAMS = 8
+MIN_TOKEN_LEN = 16
+
+
+def read_token(path: str) -> str:
+    """The API token from status.token_file; a ConfigError names what is wrong with the file."""
+    try:
+        st = os.stat(path)
+        with open(path) as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"status.token_file: cannot read {path}: {exc.strerror}") from None
+    if len(token) < MIN_TOKEN_LEN or any(c.isspace() for c in token):
+        raise ConfigError(f"status.token_file: {path} must hold one token of at least {MIN_TOKEN_LEN} "
+                          "characters without spaces (e.g. `openssl rand -hex 32`)")
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("token file readable by others path=%s mode=%o: chmod 600 it", path,
+                    stat.S_IMODE(st.st_mode))
+    return token
+
+
+class Auth:
+    """Who may change the farm: callers presenting the configured bearer token."""
+
+    def __init__(self, token: str | None):
+        self._token = token.encode() if token else None
+
+    def check(self, context, what: str) -> None:
+        if self._token is None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"{what} refused: this agent accepts changes only with a token, and "
+                          "status.token_file is not configured")
+        meta = {k: v for k, v in context.invocation_metadata()}
+        given = meta.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if not given or scheme.lower() != "bearer":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          f"{what} needs credentials: send 'authorization: Bearer <token>' "
+                          "(farmctl --token-file)")
+        if not hmac.compare_digest(value.strip().encode(), self._token):
+            log.warning("refused %s: wrong token peer=%s", what, context.peer())
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{what} refused: wrong token")
 
 
 def status_to_proto(st: dict) -> farm_pb2.GetStatusResponse:
@@ -24,13 +86,54 @@ def status_to_proto(st: dict) -> farm_pb2.GetStatusResponse:
     return farm_pb2.GetStatusResponse(members=members, **rest)
 
 
+def node_to_proto(v: dict) -> farm_pb2.NodeView:
+    v = dict(v)
+    v["accepting_ranges"] = [farm_pb2.BucketRange(first=a, last=b) for a, b in v["accepting_ranges"]]
+    v["counters"] = [farm_pb2.RuleCounter(**c) for c in v["counters"]]
+    v["checks"] = [farm_pb2.CheckStatus(**{k: (False if k == "last_ok" and x is None else x)
+                                           for k, x in c.items()}) for c in v["checks"]]
+    return farm_pb2.NodeView(**v)
+
+
+def event_to_proto(ev) -> farm_pb2.Event:
+    return farm_pb2.Event(seq=ev.seq, time=ev.time, kind=ev.kind, node_id=ev.node_id,
+                          message=ev.message, fields=ev.fields)
+
+
 class FarmService(farm_pb2_grpc.FarmServicer):
-    def __init__(self, agent, allow_changes: bool = True):
+    def __init__(self, agent, allow_changes: bool = True, auth: Auth | None = None):
         self.agent = agent
         self.allow_changes = allow_changes
+        self.auth = auth or Auth(None)
+        self._streams = 0
+        self._streams_lock = threading.Lock()
 
     def GetStatus(self, request, context):
         return status_to_proto(self.agent.status())
+
+    def GetNode(self, request, context):
+        return node_to_proto(self.agent.node_view())
+
+    def WatchEvents(self, request, context):
+        with self._streams_lock:
+            if self._streams >= MAX_STREAMS:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"at most {MAX_STREAMS} event streams at once; try again later")
+            self._streams += 1
+        try:
+            bus = self.agent.events
+            seq = 0 if request.replay else bus.last_seq
+            if request.replay:
+                for ev in bus.since(0):
+                    seq = max(seq, ev.seq)
+                    yield event_to_proto(ev)
+            while request.follow and context.is_active() and not bus.closed:
+                for ev in bus.wait(seq, timeout=1.0):
+                    seq = max(seq, ev.seq)
+                    yield event_to_proto(ev)
+        finally:
+            with self._streams_lock:
+                self._streams -= 1
 
     def EtcdReachability(self, request, context):
         reachable, age = self.agent.etcd_reachability()
@@ -54,10 +157,11 @@ class FarmService(farm_pb2_grpc.FarmServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return farm_pb2.WhichResponse(**w)
 
-    def _change(self, context, node_id: str, fn):
+    def _change(self, context, what: str, node_id: str, fn):
         if not self.allow_changes:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           "changes are only accepted on the status.listen address, not the peer address")
+        self.auth.check(context, what)
         if not node_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id is required")
         try:
@@ -74,13 +178,33 @@ class FarmService(farm_pb2_grpc.FarmServicer):
         if math.isnan(timeout) or timeout < 0 or timeout > 86400:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"timeout_s must be from 0 to 86400 seconds, got {timeout}")
-        msg = self._change(context, request.node_id,
+        msg = self._change(context, "Drain", request.node_id,
                            lambda: self.agent.request_drain(request.node_id, timeout or None))
         return farm_pb2.DrainResponse(node_id=request.node_id, message=msg)
 
     def Undrain(self, request, context):
-        msg = self._change(context, request.node_id, lambda: self.agent.request_undrain(request.node_id))
+        msg = self._change(context, "Undrain", request.node_id, lambda: self.agent.request_undrain(request.node_id))
         return farm_pb2.UndrainResponse(node_id=request.node_id, message=msg)
+
+
+class ReadyTracker:
+    """Keeps the standard health service's answers in step with the agent."""
+
+    def __init__(self):
+        self.servicer = health.HealthServicer()
+        self._ready: bool | None = None
+        for svc in ("", FARM_SERVICE):
+            self.servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        self.set_ready(False)
+
+    def set_ready(self, ready: bool) -> None:
+        if ready != self._ready:
+            self._ready = ready
+            self.servicer.set(READY_SERVICE, health_pb2.HealthCheckResponse.SERVING if ready
+                              else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def shutdown(self) -> None:
+        self.servicer.enter_graceful_shutdown()
 
 
 def _bind(server: grpc.Server, listen: str, field: str) -> None:
@@ -92,15 +216,24 @@ def _bind(server: grpc.Server, listen: str, field: str) -> None:
         raise ConfigError(f"{field}: cannot bind {listen}")
 
 
-def serve_status(agent, listen: str, peer_listen: str | None = None) -> list[grpc.Server]:
-    servers = []
-    main = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="grpc"))
-    farm_pb2_grpc.add_FarmServicer_to_server(FarmService(agent), main)
+def _server(agent, ready: ReadyTracker, auth: Auth, allow_changes: bool, name: str) -> grpc.Server:
+    # Event streams hold a thread each; leave room for ordinary calls.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 8, thread_name_prefix=name))
+    farm_pb2_grpc.add_FarmServicer_to_server(FarmService(agent, allow_changes, auth), server)
+    health_pb2_grpc.add_HealthServicer_to_server(ready.servicer, server)
+    reflection.enable_server_reflection((FARM_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    return server
+
+
+def serve_status(agent, listen: str, peer_listen: str | None = None, token: str | None = None,
+                 ready: ReadyTracker | None = None) -> list[grpc.Server]:
+    ready = ready or ReadyTracker()
+    auth = Auth(token)
+    main = _server(agent, ready, auth, True, "grpc")
     _bind(main, listen, "status.listen")
-    servers.append(main)
+    servers = [main]
     if peer_listen:
-        peer = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="grpc-peer"))
-        farm_pb2_grpc.add_FarmServicer_to_server(FarmService(agent, allow_changes=False), peer)
+        peer = _server(agent, ready, auth, False, "grpc-peer")
         _bind(peer, peer_listen, "status.peer_listen")
         servers.append(peer)
     for s in servers:

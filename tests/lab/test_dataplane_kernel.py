@@ -1,9 +1,14 @@
 """The rendered rules against the real kernel, inside a throwaway namespace."""
 import json
+import random
 import subprocess
 import sys
 import time
+import uuid
 
+import pytest
+
+from nlbfarm.coordinator.hashing import bucket_of
 from nlbfarm.node.dataplane import cluster_mac_for
 
 SPEC = dict(interface="eth0", vips=["198.18.0.100"], cluster_mac=cluster_mac_for("198.18.0.100"),
@@ -86,3 +91,106 @@ def test_refresh_after_a_flush_forgets_the_spec(netns):
         "try:\n    dp.refresh_fence(lambda: True)\nexcept DataPlaneError:\n    print('failed', dp.current is None)\n"
         "print(dp.apply(spec), dp.fence_is_open())\n")
     assert in_ns(netns, code).split() == ["failed", "True", "True", "True"]
+
+
+# --- per-VIP counters, with real packets from a client namespace ------------------
+
+CLIENT_IP = "198.18.0.1"
+PAYLOAD = 32  # UDP payload bytes: the counters see 20 + 8 + 32 bytes per packet
+
+
+@pytest.fixture
+def client(netns):
+    """A second throwaway namespace wired to ``netns``: its ``c0`` is the node's ``eth0``."""
+    from nlbfarm.node import iplib
+    name = f"nft-{uuid.uuid4().hex[:8]}"
+    iplib.ensure_netns(name)
+    try:
+        iplib.ensure_veth_pair("eth0", "c0", netns=netns, peer_netns=name)
+        for cmd in (["-n", netns, "addr", "add", "198.18.0.2/24", "dev", "eth0"],
+                    ["-n", netns, "addr", "add", f"{SPEC['vips'][0]}/32", "dev", "eth0"],
+                    ["-n", name, "addr", "add", f"{CLIENT_IP}/24", "dev", "c0"],
+                    ["-n", netns, "link", "set", "eth0", "up"], ["-n", name, "link", "set", "c0", "up"]):
+            subprocess.run(["ip", *cmd], check=True, capture_output=True, timeout=10)
+        yield name
+    finally:
+        iplib.delete_netns(name)
+
+
+def owned(port: int, ranges) -> bool:
+    b = bucket_of(CLIENT_IP, port, SPEC["buckets"], SPEC["seed"])
+    return any(lo <= b <= hi for lo, hi in ranges)
+
+
+def test_counters_per_vip_rule_are_monotonic_across_reapply_and_fence(netns, client):
+    first, second = SPEC["accepting"], [[1365, 3999]]
+    rnd = random.Random(7)
+    p1, p2, p3 = (rnd.sample(range(20000, 60000), 60) for _ in range(3))
+    assert any(owned(p, first) for p in p1) and not all(owned(p, first) for p in p1)
+    # Each batch is one bounded sender run: one UDP datagram per source port.
+    sender = ("import socket, sys\nfor p in map(int, sys.argv[1:]):\n"
+              "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('" + CLIENT_IP + "', p))\n"
+              f"    s.sendto(b'x' * {PAYLOAD}, ('{SPEC['vips'][0]}', 9)); s.close()\n")
+    code = spec_code(SPEC) + (
+        "import dataclasses, subprocess, sys, time\n"
+        f"def send(ports):\n"
+        f"    subprocess.run(['ip', 'netns', 'exec', {client!r}, sys.executable, '-c', {sender!r},"
+        " *map(str, ports)], check=True, timeout=30)\n"
+        "    time.sleep(0.3)  # let the veth backlog drain into prerouting\n"
+        "snap = lambda: {c.rule: [c.packets, c.bytes] for c in dp.counters()}\n"
+        "snaps = [dp.counters()]\n"
+        "dp.apply(spec); snaps.append(snap())\n"
+        f"send({p1!r}); snaps.append(snap())\n"
+        f"dp.apply(spec.with_buckets({second!r})); snaps.append(snap())\n"
+        f"send({p2!r}); snaps.append(snap())\n"
+        "dp.apply(dataclasses.replace(spec.with_buckets(" + repr(second) + "), fence_open=False))\n"
+        "snaps.append(snap())\n"
+        f"send({p3!r}); snaps.append(snap())\n"
+        "print(json.dumps(snaps))\n")
+    snaps = json.loads(in_ns(netns, code).strip().splitlines()[-1])
+    assert snaps[0] == []  # nothing applied yet
+    fresh, after1, reapplied, after2, fenced, after3 = snaps[1:]
+    size = 20 + 8 + PAYLOAD
+    assert set(fresh) == {"accepted", "draining", "dropped_fenced", "dropped_foreign",
+                          "dropped_draining_syn", "dropped_draining_unknown", "dropped_guarded"}
+    assert all(v == [0, 0] for v in fresh.values())
+
+    def grew(a, b, rule):
+        return [b[rule][0] - a[rule][0], b[rule][1] - a[rule][1]]
+
+    # Batch 1: owned buckets are accepted, the others dropped as foreign.
+    n_own = sum(owned(p, first) for p in p1)
+    assert grew(fresh, after1, "accepted") == [n_own, n_own * size]
+    assert grew(fresh, after1, "dropped_foreign") == [len(p1) - n_own, (len(p1) - n_own) * size]
+    assert after1["accepted"][0] > 0 and after1["dropped_foreign"][0] > 0
+    assert after1["accepted"][0] + after1["dropped_foreign"][0] >= len(p1)
+    # The re-apply resets the kernel counters; counters() must not go back.
+    assert reapplied == after1
+    n_own = sum(owned(p, second) for p in p2)
+    assert grew(reapplied, after2, "accepted") == [n_own, n_own * size]
+    assert grew(reapplied, after2, "dropped_foreign") == [len(p2) - n_own, (len(p2) - n_own) * size]
+    # Fence closed: everything is dropped as fenced, nothing else moves.
+    assert fenced == after2
+    assert grew(fenced, after3, "dropped_fenced") == [len(p3), len(p3) * size]
+    assert grew(fenced, after3, "accepted") == [0, 0] and grew(fenced, after3, "dropped_foreign") == [0, 0]
+    for a, b in zip(snaps[1:], snaps[2:]):
+        assert all(b[r][0] >= a[r][0] and b[r][1] >= a[r][1] for r in a), (a, b)
+
+
+def test_two_vip_counters_load_and_read_back(netns):
+    two = dict(SPEC, vips=["198.18.0.100", "198.18.0.101"])
+    code = spec_code(two) + (
+        "spec = spec.with_buckets(((0, 1023),), ((2048, 2100),), ((1000, 1023),))\n"
+        "print(dp.counters() == [], dp.apply(spec))\n"
+        "cs = dp.counters()\n"
+        "print(len(cs), cs == sorted(cs, key=lambda c: (c.vip, c.rule)), {c.vip for c in cs} == set(spec.vips),"
+        " all(c.packets == 0 for c in cs))\n"
+        "import subprocess\nlisting = subprocess.run(['nft', 'list', 'chain', 'inet', 'nlbfarm', 'vip_ct'],"
+        " check=True, capture_output=True, text=True).stdout\n"
+        "print('counter name ip daddr map { 198.18.0.100 : \"dropped_guarded_198_18_0_100\", '\n"
+        "      '198.18.0.101 : \"dropped_guarded_198_18_0_101\" } drop' in listing)\n"
+        "subprocess.run(['nft', 'flush', 'ruleset'], check=True)\n"
+        "try:\n    dp.counters(); print('read')\nexcept DataPlaneError:\n    print('failed')\n"
+        "print(dp.apply(spec.with_buckets(((0, 10),))), len(dp.counters()))\n")
+    assert in_ns(netns, code).split() == ["True", "True", "14", "True", "True", "True", "True", "failed", "True",
+                                            "14"]

@@ -121,7 +121,7 @@ def timeline(lab: Lab, nodes: list[str]) -> str:
 
 
 def farmctl(lab: Lab, node: str, *args: str) -> subprocess.CompletedProcess:
-    return lab.run(node, [str(Path(lab.python).with_name("farmctl")), *args], timeout=120, check=False)
+    return lab.farmctl(node, *args)
 
 
 def restart_gracefully(lab: Lab, node: str, nodes: list[str]) -> None:

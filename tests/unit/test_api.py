@@ -1,9 +1,21 @@
-"""The gRPC handlers with a stand-in agent: status codes and messages for bad requests."""
+"""The gRPC handlers with a stand-in agent: status codes and messages for bad requests,
+credentials for changes, the event stream, standard health checking and reflection."""
+import os
+import threading
+import time
+
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from nlbfarm.node.status import serve_status
+from nlbfarm.errors import ConfigError
+from nlbfarm.node.events import EventBus
+from nlbfarm.node.status import READY_SERVICE, ReadyTracker, read_token, serve_status
 from nlbfarm.proto import farm_pb2, farm_pb2_grpc
+
+TOKEN = "s3cret-token-0123456789abcdef"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 
 class FakeAgent:
@@ -11,6 +23,22 @@ class FakeAgent:
 
     def __init__(self):
         self.drains = {}
+        self.events = EventBus()
+
+    def node_view(self):
+        return {"node_id": "n1", "state": "failed", "state_reason": "check http failing: HTTP 503",
+                "generation": 3, "applied_generation": 3, "owned_buckets": 0, "accepting_buckets": 0,
+                "draining_buckets": 2, "draining_connections": 5, "accepting_ranges": [(0, 3), (9, 9)],
+                "fence_open": True, "etcd_state": "connected", "last_keepalive_age_s": 0.2, "lease_id": "abc",
+                "counters": [{"vip": "198.18.0.100", "rule": "accepted", "packets": 10, "bytes": 600}],
+                "checks": [{"name": "http", "type": "http", "state": "failing", "last_ok": False,
+                            "detail": "HTTP 503", "consecutive": 3, "checked_age_s": 0.1, "transitions": 2,
+                            "since_s": 1.5},
+                           {"name": "pid", "type": "process", "state": "unknown", "last_ok": None,
+                            "detail": "", "consecutive": 0, "checked_age_s": -1.0, "transitions": 0,
+                            "since_s": 0.0}],
+                "module": "nginx", "restarts_in_window": 1, "last_cycle": "state failed",
+                "vips": ["198.18.0.100"], "version": "0.1.0"}
 
     def status(self):
         return {"node_id": "n1", "cluster": "/nlbfarm/t", "generation": 3, "bucket_count": 64, "members": [],
@@ -37,21 +65,48 @@ class FakeAgent:
         return f"{node} takes buckets again"
 
 
-@pytest.fixture
-def api():
+def _ports(n):
     import socket
-    agent = FakeAgent()
     ports = []
-    for _ in range(2):
+    for _ in range(n):
         with socket.socket() as sk:
             sk.bind(("127.0.0.1", 0))
             ports.append(sk.getsockname()[1])
-    servers = serve_status(agent, f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}")
-    main = farm_pb2_grpc.FarmStub(grpc.insecure_channel(f"127.0.0.1:{ports[0]}"))
-    peer = farm_pb2_grpc.FarmStub(grpc.insecure_channel(f"127.0.0.1:{ports[1]}"))
-    yield agent, main, peer
-    for s in servers:
+    return ports
+
+
+@pytest.fixture
+def served():
+    """Start a server for a FakeAgent; returns (agent, main stub, peer stub, main channel)."""
+    started = []
+
+    def start(token=TOKEN, ready=None):
+        agent = FakeAgent()
+        ports = _ports(2)
+        started.extend(serve_status(agent, f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", token, ready))
+        ch = grpc.insecure_channel(f"127.0.0.1:{ports[0]}")
+        return (agent, farm_pb2_grpc.FarmStub(ch),
+                farm_pb2_grpc.FarmStub(grpc.insecure_channel(f"127.0.0.1:{ports[1]}")), ch)
+    yield start
+    for s in started:
         s.stop(None)
+
+
+class AuthedStub:
+    """The main stub with the right token on every call."""
+
+    def __init__(self, stub):
+        self._stub = stub
+
+    def __getattr__(self, name):
+        fn = getattr(self._stub, name)
+        return lambda req, **kw: fn(req, metadata=AUTH, **kw)
+
+
+@pytest.fixture
+def api(served):
+    agent, main, peer, _ = served()
+    return agent, AuthedStub(main), peer
 
 
 def code_of(call):
@@ -97,3 +152,134 @@ def test_which(api):
     got, details = code_of(lambda: main.Which(farm_pb2.WhichRequest(client_ip="198.18.0.3", client_port=1,
                                                                     vip="10.1.1.1"), timeout=5))
     assert got == grpc.StatusCode.INVALID_ARGUMENT and "not one of this farm's VIPs" in details
+
+
+# ---- credentials for changes -------------------------------------------------
+
+def test_change_without_a_token_is_unauthenticated(served):
+    agent, main, _, _ = served()
+    got, details = code_of(lambda: main.Drain(farm_pb2.DrainRequest(node_id="n2"), timeout=5))
+    assert got == grpc.StatusCode.UNAUTHENTICATED and "authorization: Bearer" in details
+    got, details = code_of(lambda: main.Undrain(farm_pb2.UndrainRequest(node_id="n2"), timeout=5,
+                                                metadata=(("authorization", "Basic xyz"),)))
+    assert got == grpc.StatusCode.UNAUTHENTICATED
+    assert agent.drains == {}
+
+
+def test_change_with_a_wrong_token_is_unauthenticated(served):
+    agent, main, _, _ = served()
+    got, details = code_of(lambda: main.Drain(farm_pb2.DrainRequest(node_id="n2"), timeout=5,
+                                              metadata=(("authorization", "Bearer " + "x" * 28),)))
+    assert got == grpc.StatusCode.UNAUTHENTICATED and "wrong token" in details
+    assert agent.drains == {}
+
+
+def test_changes_refused_when_no_token_is_configured(served):
+    agent, main, _, _ = served(token=None)
+    got, details = code_of(lambda: main.Drain(farm_pb2.DrainRequest(node_id="n2"), timeout=5, metadata=AUTH))
+    assert got == grpc.StatusCode.PERMISSION_DENIED and "status.token_file is not configured" in details
+    assert agent.drains == {}
+    # read-only calls stay open
+    assert main.GetStatus(farm_pb2.GetStatusRequest(), timeout=5).node_id == "n1"
+
+
+def test_peer_address_refuses_changes_even_with_the_token(served):
+    agent, _, peer, _ = served()
+    got, _ = code_of(lambda: peer.Drain(farm_pb2.DrainRequest(node_id="n2"), timeout=5, metadata=AUTH))
+    assert got == grpc.StatusCode.PERMISSION_DENIED and agent.drains == {}
+
+
+@pytest.mark.parametrize("content, words", [
+    ("short\n", "at least 16 characters"),
+    ("two words-0123456789\n", "without spaces"),
+    ("", "at least 16"),
+])
+def test_read_token_rejects_bad_files(tmp_path, content, words):
+    p = tmp_path / "token"
+    p.write_text(content)
+    with pytest.raises(ConfigError, match=words):
+        read_token(str(p))
+
+
+def test_read_token(tmp_path):
+    p = tmp_path / "token"
+    p.write_text(TOKEN + "\n")
+    os.chmod(p, 0o600)
+    assert read_token(str(p)) == TOKEN
+    with pytest.raises(ConfigError, match="status.token_file: cannot read"):
+        read_token(str(tmp_path / "missing"))
+
+
+# ---- node view and events ------------------------------------------------------
+
+def test_get_node(api):
+    _, main, _ = api
+    v = main.GetNode(farm_pb2.GetNodeRequest(), timeout=5)
+    assert (v.state, v.state_reason) == ("failed", "check http failing: HTTP 503")
+    assert [(r.first, r.last) for r in v.accepting_ranges] == [(0, 3), (9, 9)]
+    assert [(c.vip, c.rule, c.packets, c.bytes) for c in v.counters] == [("198.18.0.100", "accepted", 10, 600)]
+    assert [(c.name, c.state, c.last_ok) for c in v.checks] == [("http", "failing", False),
+                                                                 ("pid", "unknown", False)]
+    assert v.module == "nginx" and v.restarts_in_window == 1 and v.draining_connections == 5
+
+
+def test_events_replay_then_end(api):
+    agent, main, _ = api
+    agent.events.publish("member_joined", "n2", "n2 joined as active", state="active")
+    agent.events.publish("table_changed", "", "table generation 4: n1=32, n2=32", generation=4)
+    got = list(main.WatchEvents(farm_pb2.WatchEventsRequest(replay=True, follow=False), timeout=5))
+    assert [(e.seq, e.kind, e.node_id) for e in got] == [(1, "member_joined", "n2"), (2, "table_changed", "")]
+    assert got[1].fields["generation"] == "4"
+
+
+def test_events_follow_sees_new_events(api):
+    agent, main, _ = api
+    agent.events.publish("member_joined", "n2", "old news")
+    call = main.WatchEvents(farm_pb2.WatchEventsRequest(replay=False, follow=True), timeout=10)
+
+    def later():
+        time.sleep(0.3)
+        agent.events.publish("check_transition", "n1", "check http passing -> failing: HTTP 503",
+                             check="http", old="passing", new="failing")
+    threading.Thread(target=later, daemon=True).start()
+    first = next(iter(call))
+    call.cancel()
+    assert (first.kind, first.fields["new"]) == ("check_transition", "failing")
+
+
+def test_event_bus_reports_what_a_slow_follower_missed():
+    bus = EventBus(capacity=3)
+    for i in range(5):
+        bus.publish("table_changed", "", f"generation {i}")
+    got = bus.since(0)
+    assert got[0].kind == "missed" and got[0].fields["count"] == "2"
+    assert [e.message for e in got[1:]] == ["generation 2", "generation 3", "generation 4"]
+    assert bus.since(5) == []
+    with pytest.raises(ValueError, match="unknown event kind"):
+        bus.publish("nonsense", "", "x")
+
+
+# ---- standard health checking and reflection -------------------------------------
+
+def test_health_service_and_readiness(served):
+    ready = ReadyTracker()
+    _, _, _, ch = served(ready=ready)
+    health = health_pb2_grpc.HealthStub(ch)
+    SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(service="nlbfarm.v1.Farm"), timeout=5).status == SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(service=READY_SERVICE), timeout=5).status == NOT_SERVING
+    ready.set_ready(True)
+    assert health.Check(health_pb2.HealthCheckRequest(service=READY_SERVICE), timeout=5).status == SERVING
+    got, _ = code_of(lambda: health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5))
+    assert got == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_describes_the_api(served):
+    _, _, _, ch = served()
+    db = ProtoReflectionDescriptorDatabase(ch)
+    services = set(db.get_services())
+    assert {"nlbfarm.v1.Farm", "grpc.health.v1.Health"} <= services
+    fd = db.FindFileContainingSymbol("nlbfarm.v1.Farm")
+    methods = {m.name for m in fd.service[0].method}
+    assert {"GetStatus", "GetNode", "WatchEvents", "Drain", "Undrain", "Which", "GetTable"} <= methods

@@ -108,3 +108,75 @@ def test_timing_rules_that_keep_the_fence_alive(timing, etcd, words):
     with pytest.raises(ConfigError) as ei:
         parse_config(merged(timing=timing, etcd=etcd))
     assert words in str(ei.value)
+
+
+# ---- farm module, metrics, token --------------------------------------------
+
+def check(**kw):
+    return {"name": "c", "type": "tcp", "port": 80, **kw}
+
+
+def test_module_defaults_and_a_full_module():
+    cfg = parse_config(GOOD)
+    assert cfg.module.checks == () and cfg.module.on_failure == "withdraw"
+    assert cfg.metrics.listen == "127.0.0.1:9740" and cfg.status.token_file is None
+    cfg = parse_config(merged(module={
+        "start": "systemctl start nginx", "stop": "systemctl stop nginx", "on_failure": "restart",
+        "checks": [check(), {"name": "h", "type": "https", "url": "https://127.0.0.1/", "insecure": True,
+                             "expect_status": [200, 204], "body_match": "ok"},
+                   {"name": "p", "type": "process", "pid_file": "/run/nginx.pid"},
+                   {"name": "x", "type": "command", "command": "true", "interval": 5, "timeout": 5}]}))
+    c = cfg.module.checks
+    assert [x.type for x in c] == ["tcp", "https", "process", "command"]
+    assert (c[0].interval, c[0].timeout, c[0].rise, c[0].fall) == (1.0, 0.5, 2, 2)
+
+
+@pytest.mark.parametrize("module, field, words", [
+    ({"checks": [check(type="icmp")]}, "module.checks.0.type", "must be one of tcp, http, https, process, "
+                                                               "command, got 'icmp'"),
+    ({"checks": [{"name": "c", "type": "tcp"}]}, "module.checks.0", "check 'c' of type tcp needs port"),
+    ({"checks": [check(url="http://x/")]}, "module.checks.0", "of type tcp does not take url"),
+    ({"checks": [{"name": "c", "type": "http", "url": "https://x/"}]}, "module.checks.0",
+     "needs a http:// url"),
+    ({"checks": [{"name": "c", "type": "process"}]}, "module.checks.0", "exactly one of process, pid_file"),
+    ({"checks": [{"name": "c", "type": "process", "process": "a", "pid_file": "/p"}]}, "module.checks.0",
+     "exactly one of process, pid_file"),
+    ({"checks": [check(timeout=2, interval=1)]}, "module.checks.0", "timeout (2.0 s) must not exceed interval"),
+    ({"checks": [check(rise=0)]}, "module.checks.0.rise", "greater than or equal to 1"),
+    ({"checks": [{"name": "c", "type": "http", "url": "http://x/", "body_match": "("}]},
+     "module.checks.0.body_match", "not a valid regular expression"),
+    ({"checks": [{"name": "c", "type": "http", "url": "http://x/", "expect_status": [99]}]},
+     "module.checks.0.expect_status", "99 is not an HTTP status code"),
+    ({"checks": [check(), check()]}, "module", "check names must be unique: c used twice"),
+    ({"on_failure": "reboot"}, "module.on_failure", "must be one of withdraw, restart, stop"),
+    ({"on_failure": "restart", "start": "x"}, "module", "restart needs both start and stop"),
+    ({"on_failure": "stop"}, "module", "on_failure: stop needs a stop command"),
+    ({"checks": [check(nmae="x")]}, "module.checks.0.nmae", "unknown field"),
+])
+def test_module_errors_name_the_field(module, field, words):
+    with pytest.raises(ConfigError) as ei:
+        parse_config(merged(module=module), "farmd.yaml")
+    msg = str(ei.value)
+    assert f"  {field}" in msg and words in msg, msg
+
+
+@pytest.mark.parametrize("sections, field, words", [
+    ({"status": {"token_file": "relative/token"}}, "status.token_file", "must be an absolute path"),
+    ({"metrics": {"listen": "9740"}}, "metrics.listen", "is not host:port"),
+])
+def test_status_and_metrics_errors(sections, field, words):
+    with pytest.raises(ConfigError) as ei:
+        parse_config(merged(**sections), "farmd.yaml")
+    assert f"  {field}" in str(ei.value) and words in str(ei.value)
+
+
+def test_metrics_can_be_turned_off():
+    assert parse_config(merged(metrics={"listen": None})).metrics.listen is None
+
+
+@pytest.mark.parametrize("name", ["farmd.yaml", "modules/nginx.yaml", "modules/generic.yaml"])
+def test_example_configs_are_valid(name):
+    from pathlib import Path
+    cfg = load_config(Path(__file__).parents[2] / "deploy" / "examples" / name)
+    if name.startswith("modules/"):
+        assert cfg.module.start and cfg.module.stop and cfg.module.checks

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from dataclasses import replace
 
+from nlbfarm.errors import DataPlaneError
 from nlbfarm.node.dataplane import (
-    DataPlaneSpec, build_fence_refresh, build_ruleset, build_teardown, cluster_mac_for)
+    COUNTER_RULES, DataPlane, DataPlaneSpec, RuleCounter, build_counters_list, build_fence_refresh,
+    build_ruleset, build_teardown, cluster_mac_for, counter_name, parse_counters)
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -26,6 +28,9 @@ CASES = {
     # that still drains them) and drains 2048-2100, which it gave away.
     "handover_draining_and_guarded": replace(BASE, accepting=((0, 1023),), draining=((2048, 2100),),
                                              guarded=((1000, 1023),), fence_open=True),
+    # Per-VIP counters through a map in every counted rule.
+    "handover_two_vips": replace(BASE, vips=("198.18.0.100", "198.18.0.101"), accepting=((0, 1023),),
+                                 draining=((2048, 2100),), guarded=((1000, 1023),), fence_open=True),
 }
 
 
@@ -49,6 +54,10 @@ def test_fence_refresh_golden():
 
 def test_teardown_golden():
     _check("teardown", build_teardown("nlbfarm"))
+
+
+def test_counters_list_golden():
+    _check("counters_list", build_counters_list("nlbfarm"))
 
 
 def test_one_transaction_replaces_both_tables_and_nothing_else():
@@ -77,3 +86,199 @@ def test_spec_equality_drives_idempotence():
     a = BASE.with_buckets([(0, 10)])
     b = BASE.with_buckets([(0, 10)])
     assert a == b and build_ruleset(a) == build_ruleset(b)
+
+
+# --- per-VIP counters -------------------------------------------------------
+
+def _counter_refs(cmds):
+    """(chain, counter statement) for every counted rule."""
+    return [(c["add"]["rule"]["chain"], e["counter"]) for c in cmds if "rule" in c.get("add", {})
+            for e in c["add"]["rule"]["expr"] if "counter" in e]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_counted_rule_uses_declared_per_vip_counters(name):
+    spec = CASES[name]
+    cmds = build_ruleset(spec)
+    declared = {c["add"]["counter"]["name"] for c in cmds if "counter" in c.get("add", {})}
+    assert declared == {counter_name(v, r) for v in spec.vips for r in COUNTER_RULES}
+    refs = _counter_refs(cmds)
+    assert refs, "no counted rule"
+    for _chain, ref in refs:
+        if isinstance(ref, str):  # one VIP: a plain named counter
+            assert len(spec.vips) == 1 and ref in declared
+            continue
+        # Several VIPs: the map must hit for every packet that reaches the
+        # counted chains, i.e. its keys are exactly the VIPs of the jump rules.
+        m = ref["map"]
+        assert m["key"] == {"payload": {"protocol": "ip", "field": "daddr"}}
+        pairs = m["data"]["set"]
+        assert [vip for vip, _ in pairs] == list(spec.vips)
+        rules = [r for r in COUNTER_RULES if all(n == counter_name(vip, r) for vip, n in pairs)]
+        assert len(rules) == 1, pairs  # one rule's counters, one per VIP
+
+
+def test_counted_rules_by_chain():
+    spec = CASES["handover_draining_and_guarded"]
+    vip = spec.vips[0]
+    by_chain = [(chain, ref) for chain, ref in _counter_refs(build_ruleset(spec))]
+    assert by_chain == [("vip_in", counter_name(vip, "dropped_fenced")),
+                        ("vip_in", counter_name(vip, "accepted")),
+                        ("drain_in", counter_name(vip, "dropped_draining_syn")),
+                        ("drain_in", counter_name(vip, "draining")),
+                        ("vip_in", counter_name(vip, "dropped_foreign")),
+                        ("vip_ct", counter_name(vip, "dropped_draining_unknown")),
+                        ("vip_ct", counter_name(vip, "dropped_guarded"))]
+
+
+def test_a_counter_sits_just_before_its_rule_verdict():
+    """Counting happens only once all of a rule's matches held: it changes no verdict."""
+    for name, spec in CASES.items():
+        rules = [c["add"]["rule"] for c in build_ruleset(spec) if "rule" in c.get("add", {})]
+        for chain, kinds in [(r["chain"], [next(iter(e)) for e in r["expr"]]) for r in rules]:
+            assert kinds.count("counter") <= 1
+            if "counter" in kinds:
+                assert kinds.index("counter") == len(kinds) - 2, (name, chain, kinds)  # just before the verdict
+                assert kinds[-1] in ("accept", "drop"), (name, chain, kinds)
+
+
+# A trimmed `nft -j list table inet nlbfarm` of the two-VIP handover spec
+# (nft 1.0.6): counter objects come with handles and values, rules and sets
+# in between; another table's counter of the same name must be ignored.
+CANNED_LISTING = {"nftables": [
+    {"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}},
+    {"table": {"family": "inet", "name": "nlbfarm", "handle": 7}},
+    {"set": {"family": "inet", "name": "fence", "table": "nlbfarm", "type": "ifname", "handle": 1,
+             "flags": ["timeout"], "elem": [{"elem": {"val": "eth0", "timeout": 1, "expires": 0}}]}},
+    {"counter": {"family": "inet", "name": "accepted_198_18_0_100", "table": "nlbfarm", "handle": 2,
+                 "packets": 120, "bytes": 9600}},
+    {"counter": {"family": "inet", "name": "draining_198_18_0_100", "table": "nlbfarm", "handle": 3,
+                 "packets": 4, "bytes": 208}},
+    {"counter": {"family": "inet", "name": "dropped_fenced_198_18_0_100", "table": "nlbfarm", "handle": 4,
+                 "packets": 0, "bytes": 0}},
+    {"counter": {"family": "inet", "name": "dropped_foreign_198_18_0_100", "table": "nlbfarm", "handle": 5,
+                 "packets": 241, "bytes": 19280}},
+    {"counter": {"family": "inet", "name": "dropped_draining_syn_198_18_0_100", "table": "nlbfarm",
+                 "handle": 6, "packets": 1, "bytes": 60}},
+    {"counter": {"family": "inet", "name": "dropped_draining_unknown_198_18_0_100", "table": "nlbfarm",
+                 "handle": 7, "packets": 0, "bytes": 0}},
+    {"counter": {"family": "inet", "name": "dropped_guarded_198_18_0_100", "table": "nlbfarm", "handle": 8,
+                 "packets": 2, "bytes": 104}},
+    {"counter": {"family": "inet", "name": "accepted_198_18_0_101", "table": "nlbfarm", "handle": 9,
+                 "packets": 7, "bytes": 420}},
+    {"counter": {"family": "inet", "name": "dropped_foreign_198_18_0_101", "table": "nlbfarm",
+                 "handle": 12, "packets": 9, "bytes": 540}},
+    {"counter": {"family": "inet", "name": "accepted_198_18_0_101", "table": "other", "handle": 1,
+                 "packets": 99999, "bytes": 99999}},
+    {"chain": {"family": "inet", "table": "nlbfarm", "name": "vip_in", "handle": 17}},
+    {"rule": {"family": "inet", "table": "nlbfarm", "chain": "vip_in", "handle": 30, "expr": [
+        {"counter": {"map": {"key": {"payload": {"protocol": "ip", "field": "daddr"}}, "data": {"set": [
+            ["198.18.0.100", "dropped_foreign_198_18_0_100"],
+            ["198.18.0.101", "dropped_foreign_198_18_0_101"]]}}}},
+        {"drop": None}]}},
+]}
+
+
+def test_parse_counters_from_a_canned_listing():
+    spec = CASES["handover_two_vips"]
+    got = parse_counters(CANNED_LISTING, spec)
+    assert len(got) == 2 * len(COUNTER_RULES)
+    assert got == sorted(got, key=lambda c: (c.vip, c.rule))
+    by = {(c.vip, c.rule): (c.packets, c.bytes) for c in got}
+    assert by[("198.18.0.100", "accepted")] == (120, 9600)
+    assert by[("198.18.0.100", "draining")] == (4, 208)
+    assert by[("198.18.0.100", "dropped_foreign")] == (241, 19280)
+    assert by[("198.18.0.100", "dropped_draining_syn")] == (1, 60)
+    assert by[("198.18.0.100", "dropped_guarded")] == (2, 104)
+    assert by[("198.18.0.101", "accepted")] == (7, 420)  # not the other table's
+    assert by[("198.18.0.101", "dropped_foreign")] == (9, 540)
+    assert by[("198.18.0.101", "dropped_fenced")] == (0, 0)  # missing from the listing
+    assert got[0] == RuleCounter("198.18.0.100", "accepted", 120, 9600)
+
+
+def test_parse_counters_only_reports_the_spec_vips():
+    spec = replace(CASES["handover_two_vips"], vips=("198.18.0.101",))
+    assert {c.vip for c in parse_counters(CANNED_LISTING, spec)} == {"198.18.0.101"}
+    assert parse_counters({"nftables": []}, spec) == [RuleCounter("198.18.0.101", r, 0, 0)
+                                                      for r in sorted(COUNTER_RULES)]
+    assert parse_counters("", spec)[0].packets == 0  # libnftables returns "" for no output
+
+
+class FakeNft:
+    """The libnftables JSON API, reduced to one table's counter objects."""
+
+    def __init__(self):
+        self.counters = {}   # name -> [packets, bytes]
+        self.table = False
+        self.fail_listing = False
+        self.refuse_next = False
+
+    def hit(self, name, packets, nbytes):
+        self.counters[name][0] += packets
+        self.counters[name][1] += nbytes
+
+    def json_cmd(self, doc):
+        cmds = doc["nftables"]
+        if "list" in cmds[0]:
+            if self.fail_listing or not self.table:
+                return 1, "", "Error: No such file or directory"
+            return 0, {"nftables": [{"counter": {"family": "inet", "table": "nlbfarm", "name": n,
+                                                 "packets": p, "bytes": b}}
+                                    for n, (p, b) in self.counters.items()]}, ""
+        if self.refuse_next:
+            self.refuse_next = False
+            return 1, "", "Error: refused"
+        if any("delete" in c and "table" in c["delete"] for c in cmds):
+            self.counters, self.table = {}, False   # replace or teardown: counters reset
+        for c in cmds:
+            if "counter" in c.get("add", {}):
+                self.counters[c["add"]["counter"]["name"]] = [0, 0]
+                self.table = True
+        return 0, "", ""
+
+
+def _values(dp):
+    return {(c.vip, c.rule): (c.packets, c.bytes) for c in dp.counters()}
+
+
+def test_counters_stay_monotonic_across_replace_refusal_and_flush():
+    fake = FakeNft()
+    dp = DataPlane(_nft=fake)
+    assert dp.counters() == []
+    spec = CASES["owner_fence_open"]
+    vip = spec.vips[0]
+    acc = ("198.18.0.100", "accepted")
+    assert dp.apply(spec)
+    fake.hit(counter_name(vip, "accepted"), 10, 1000)
+    assert _values(dp)[acc] == (10, 1000)
+    # A replace resets the kernel counters; the base carries them.
+    assert dp.apply(spec.with_buckets([(0, 10)]))
+    assert fake.counters[counter_name(vip, "accepted")] == [0, 0]
+    assert _values(dp)[acc] == (10, 1000)
+    fake.hit(counter_name(vip, "accepted"), 5, 500)
+    assert _values(dp)[acc] == (15, 1500)
+    # A refused replace resets nothing and adds nothing.
+    fake.refuse_next = True
+    with pytest.raises(DataPlaneError):
+        dp.apply(spec.with_buckets([(0, 20)]))
+    assert _values(dp)[acc] == (15, 1500)
+    # The pre-read fails (table flushed): apply still works, nothing reported goes back.
+    fake.hit(counter_name(vip, "accepted"), 1, 100)
+    assert _values(dp)[acc] == (16, 1600)
+    fake.fail_listing = True
+    assert dp.apply(spec.with_buckets([(0, 30)]))
+    fake.fail_listing = False
+    assert _values(dp)[acc] == (16, 1600)
+    fake.hit(counter_name(vip, "dropped_foreign"), 3, 300)
+    v = _values(dp)
+    assert v[acc] == (16, 1600) and v[(vip, "dropped_foreign")] == (3, 300)
+    # counters() reports the kernel's failure.
+    fake.fail_listing = True
+    with pytest.raises(DataPlaneError):
+        dp.counters()
+    fake.fail_listing = False
+    # teardown starts over.
+    dp.teardown()
+    assert dp.counters() == []
+    assert dp.apply(spec)
+    assert set(_values(dp).values()) == {(0, 0)}
