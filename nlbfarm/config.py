@@ -11,8 +11,11 @@ import ipaddress
 import re
 from pathlib import Path
 
+from typing import Annotated
+
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from nlbfarm.errors import ConfigError
 
@@ -26,6 +29,24 @@ def _host_port(v: str, min_port: int = 1) -> str:
     if not sep or not host or not port.isdigit() or not min_port <= int(port) < 65536:
         raise ValueError(f"{v!r} is not host:port")
     return v
+
+
+def _simple_name(v: str) -> str:
+    if not _ID_RE.match(v):
+        raise ValueError("must be 1-63 characters of letters, digits, '_', '.', '-'")
+    return v
+
+
+def _one_of(choices: tuple[str, ...]) -> AfterValidator:
+    def check(v: str) -> str:
+        if v not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {v!r}")
+        return v
+    return AfterValidator(check)
+
+
+# A cluster, module or check name: safe in etcd keys, metric labels and logs.
+SimpleName = Annotated[str, AfterValidator(_simple_name)]
 
 
 class _Strict(BaseModel):
@@ -56,18 +77,11 @@ class NodeSection(_Strict):
 
 
 class ClusterSection(_Strict):
-    name: str = "default"
+    name: SimpleName = "default"
     vips: tuple[str, ...] = Field(min_length=1)
     buckets: int = 4096
     # "auto" derives a multicast MAC from the first VIP (03:bf:<IPv4 bytes>).
     cluster_mac: str = "auto"
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _ID_RE.match(v):
-            raise ValueError("must be 1-63 characters of letters, digits, '_', '.', '-'")
-        return v
 
     @field_validator("vips")
     @classmethod
@@ -216,8 +230,8 @@ _COMMON_CHECK_FIELDS = {"name", "type", "interval", "timeout", "rise", "fall"}
 class CheckSpec(_Strict):
     """One health check of the farm module; all must pass for the node to take buckets."""
 
-    name: str
-    type: str
+    name: SimpleName
+    type: Annotated[str, _one_of(CHECK_TYPES)]
     interval: float = Field(default=1.0, ge=0.1, le=3600)
     timeout: float = Field(default=0.5, gt=0, le=600)
     # Consecutive results needed to flip: `rise` passes to become healthy,
@@ -234,20 +248,6 @@ class CheckSpec(_Strict):
     process: str | None = None           # process name (comm) to look for
     pid_file: str | None = None
     command: str | None = None           # run by /bin/sh -c; exit 0 passes
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _ID_RE.match(v):
-            raise ValueError("must be 1-63 characters of letters, digits, '_', '.', '-'")
-        return v
-
-    @field_validator("type")
-    @classmethod
-    def _type(cls, v: str) -> str:
-        if v not in CHECK_TYPES:
-            raise ValueError(f"must be one of {', '.join(CHECK_TYPES)}, got {v!r}")
-        return v
 
     @field_validator("expect_status")
     @classmethod
@@ -300,7 +300,7 @@ class ModuleSection(_Strict):
     commands that return once the application is started or stopped.
     """
 
-    name: str = "app"
+    name: SimpleName = "app"
     start: str | None = None
     stop: str | None = None
     command_timeout: float = Field(default=30.0, gt=0, le=3600)
@@ -309,23 +309,9 @@ class ModuleSection(_Strict):
     # the table; "restart" then runs stop + start (at most restart_limit times
     # in restart_window s, then it stays withdrawn), "stop" stops the
     # application and keeps the node out until the agent restarts.
-    on_failure: str = "withdraw"
+    on_failure: Annotated[str, _one_of(MODULE_ACTIONS)] = "withdraw"
     restart_limit: int = Field(default=3, ge=1, le=100)
     restart_window: float = Field(default=600.0, gt=0, le=86400)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _ID_RE.match(v):
-            raise ValueError("must be 1-63 characters of letters, digits, '_', '.', '-'")
-        return v
-
-    @field_validator("on_failure")
-    @classmethod
-    def _action(cls, v: str) -> str:
-        if v not in MODULE_ACTIONS:
-            raise ValueError(f"must be one of {', '.join(MODULE_ACTIONS)}, got {v!r}")
-        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModuleSection":
