@@ -137,16 +137,23 @@ def cmd_drain(args) -> int:
         time.sleep(0.5)
 
 
-def parse_client(text: str) -> tuple[str, int]:
-    """CLIENT[:PORT] -> (ip, port); the bucket hash needs the port (affinity by address and port)."""
+# Source ports sampled for a client given without a port: spread over the
+# whole range Linux, Windows and BSD clients pick ephemeral ports from.
+SAMPLE_PORTS = tuple(range(1024, 65536, 1009))
+
+
+def parse_client(text: str) -> tuple[str, int | None]:
+    """CLIENT[:PORT] -> (ip, port or None); the bucket depends on address and port."""
     import ipaddress
     host, sep, port = text.rpartition(":")
     if not sep:
-        raise FarmError(f"{text!r}: give the client as ADDRESS:PORT; the bucket depends on the client port")
+        host, port = text, None
     try:
         ipaddress.IPv4Address(host)
     except ValueError:
         raise FarmError(f"{text!r}: {host!r} is not an IPv4 address") from None
+    if port is None:
+        return host, None
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise FarmError(f"{text!r}: port must be 1..65535")
     return host, int(port)
@@ -165,19 +172,38 @@ def cmd_which(args) -> int:
     import grpc
     ch, stub = _stub(args.target)
     out = []
+
+    def which(ip, port):
+        try:
+            return stub.Which(farm_pb2.WhichRequest(client_ip=ip, client_port=port, vip=args.vip or ""),
+                              timeout=args.rpc_timeout)
+        except grpc.RpcError as exc:
+            raise FarmError(f"Which on {args.target} failed: {exc.code().name}: {exc.details()}") from None
+
     with ch:
         for ip, port in clients:
-            try:
-                r = stub.Which(farm_pb2.WhichRequest(client_ip=ip, client_port=port, vip=args.vip or ""),
-                               timeout=args.rpc_timeout)
-            except grpc.RpcError as exc:
-                raise FarmError(f"Which on {args.target} failed: {exc.code().name}: {exc.details()}") from None
+            if port is None:
+                # No port: the answer is a spread, not one node.
+                rs = [which(ip, p) for p in SAMPLE_PORTS]
+                spread: dict[str, int] = {}
+                for r in rs:
+                    spread[r.node_id or "nobody"] = spread.get(r.node_id or "nobody", 0) + 1
+                out.append({"client": ip, "port": None, "sampled_ports": len(rs),
+                            "nodes": dict(sorted(spread.items())), "generation": rs[-1].generation})
+                continue
+            r = which(ip, port)
             out.append({"client": f"{ip}:{port}", "bucket": r.bucket, "node": r.node_id,
                         "generation": r.generation, "draining_on": list(r.draining_on)})
     if args.json:
         print(json.dumps(out if args.from_file else out[0], indent=None if args.from_file else 2))
     else:
         for o in out:
+            if "nodes" in o:
+                print(f"{o['client']} (no port given): the bucket depends on the client's source port; of "
+                      f"{o['sampled_ports']} sampled ports: "
+                      + ", ".join(f"{n} {c}" for n, c in o["nodes"].items())
+                      + f" (table generation {o['generation']})")
+                continue
             extra = f" (old connections still on {','.join(o['draining_on'])})" if o["draining_on"] else ""
             print(f"{o['client']} -> bucket {o['bucket']} -> {o['node'] or 'nobody'} "
                   f"(table generation {o['generation']}){extra}")
@@ -457,8 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     tb = sub.add_parser("table", help="the bucket table as ranges per node")
     target_opts(tb)
     tb.set_defaults(func=cmd_table)
-    wh = sub.add_parser("which", help="the bucket and node that serve CLIENT:PORT")
-    wh.add_argument("client", nargs="?", help="client ADDRESS:PORT")
+    wh = sub.add_parser("which", help="the bucket and node that serve CLIENT[:PORT]")
+    wh.add_argument("client", nargs="?", help="client ADDRESS:PORT (without a port: the spread over "
+                                              "sampled source ports)")
     wh.add_argument("--vip", help="the VIP the client talks to (default: the first)")
     wh.add_argument("--from-file", help="many clients, one ADDRESS:PORT per line ('-' for stdin)")
     target_opts(wh)

@@ -201,3 +201,8 @@ def test_which_predicts_the_serving_node_for_1000_connections(lab, tmp_path):
     predicted = json.loads(cp.stdout)
     wrong = [(r["port"], r["node"], p["node"]) for r, p in zip(results, predicted) if r["node"] != p["node"]]
     assert wrong == [], f"{len(wrong)} of 1000 connections served elsewhere than predicted: {wrong[:5]}"
+    # Without a port the answer is the spread over sampled source ports.
+    cp = lab.run("n1", [farmctl, "which", CLIENT_ADDR, "--json"], timeout=60)
+    spread = json.loads(cp.stdout)
+    assert spread["port"] is None and set(spread["nodes"]) == set(NODES)
+    assert sum(spread["nodes"].values()) == spread["sampled_ports"] == 64
