@@ -368,6 +368,10 @@ def render_status(st: dict) -> str:
         lines.append(f"{m['id']:<12} {m.get('state', ''):<9} {int(m.get('weight', 0)):>6} {n:>8} "
                      f"{100 * n / b:>6.1f}% {int(m.get('applied_generation', 0)):>8} {draining:>9}  "
                      f"{','.join(m.get('addresses', []))}")
+    why = [f"  {m['id']}: {m['reason']}" for m in st.get("members", [])
+           if m.get("state") != "active" and m.get("reason")]
+    if why:
+        lines += ["", "why not active:", *why]
     return "\n".join(lines)
 
 
