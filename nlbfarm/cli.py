@@ -288,6 +288,11 @@ def cmd_events(args) -> int:
             raise FarmError(f"WatchEvents on {args.target} failed: {exc.code().name}: {exc.details()}") from None
         except KeyboardInterrupt:
             call.cancel()
+            return EXIT_OK
+    if args.follow:
+        # The agent ended the stream: it is stopping (or restarting).
+        print(f"farmctl: the event stream from {args.target} ended: the agent stopped", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_OK
 
 

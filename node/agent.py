@@ -190,7 +190,9 @@ class Agent:
         self._module_idle_since = time.monotonic()
         self._module_started = not cfg.module.start  # the first start command finished
         self._module_stopped = False  # on_failure: stop has stopped the application
-        self._restart_limit_logged = False
+        self._start_failed: str | None = None  # why the last start/restart command failed
+        self._restarts_exhausted = False  # loop protection hit: no restart until healthy again
+        self._failed_since: float | None = None
         self._seen_members: dict[str, str] | None = None
         self._seen_generation = 0
         self._change_base_generation = 0
@@ -409,11 +411,17 @@ class Agent:
                                "restart the agent to rejoin")
         failing = self.health.failing()
         if failing:
+            # The cause, not the latest probe's detail: the reason goes to
+            # etcd, and must not change (and be rewritten) with every probe.
             st = {c.name: c for c in self.health.statuses()}
-            what = "; ".join(f"check {n} failing: {st[n].detail}" for n in failing)
+            what = "; ".join(f"check {n} failing: {st[n].cause}" for n in failing)
             if self._module_busy == "restart":
                 what += "; restarting the application"
+            elif self._restarts_exhausted:
+                what += "; restart limit reached"
             return "failed", what
+        if self._start_failed is not None and not self.cfg.module.checks and not self._module_busy:
+            return "failed", f"{self.cfg.module.name} failed to start: {self._start_failed}"
         if not self._module_started:
             return "starting", f"application starting ({self._module_busy or 'start'} command running)"
         if not self.health.healthy():
@@ -452,23 +460,44 @@ class Agent:
                                     f"{action} of {self.cfg.module.name} "
                                     f"{'done' if res.ok else 'FAILED'}: {res.detail}",
                                     action=action, ok=res.ok)
+                if action in ("start", "restart"):
+                    self._start_failed = None if res.ok else res.detail
                 if action == "start":
                     self._module_started = True
                     # Checks begin after the start command, as SafeKit's
                     # checkers do after start_both: a starting application
-                    # must not count as failing.
-                    self.health.start()
+                    # must not count as failing. Not once the agent stops.
+                    if not self.stopping.is_set():
+                        self.health.start()
             finally:
-                self._module_busy = None
+                # idle_since first: the loop reads busy, then idle_since.
                 self._module_idle_since = time.monotonic()
+                self._module_busy = None
                 self.wake.set()
 
         self._module_worker.submit(work)
 
-    def _module_action(self, state: str) -> None:
-        """on_failure for a failed node: the withdraw already happened through the state."""
+    def _module_action(self, state: str, announced: Member | None) -> None:
+        """on_failure for a failed node, once it has withdrawn.
+
+        Restarting or stopping the application while the node still accepts
+        its buckets would reset new connections that peers could serve, so
+        the action waits until the failed state is announced and this node
+        accepts nothing (or leave_timeout passed, say in a one-node farm).
+        """
         m = self.cfg.module
-        if state != "failed" or self._module_busy or m.on_failure == "withdraw":
+        now = time.monotonic()
+        if state != "failed":
+            self._failed_since = None
+            if state == "active":
+                self._restarts_exhausted = False
+            return
+        if self._failed_since is None:
+            self._failed_since = now
+        if self._module_busy or m.on_failure == "withdraw" or self._restarts_exhausted or self._module_stopped:
+            return
+        withdrawn = announced is not None and announced.state == "failed" and not self.state.accepting
+        if not withdrawn and now - self._failed_since < self.cfg.timing.leave_timeout:
             return
         if m.on_failure == "stop":
             log.warning("check failed node=%s action=stop: stopping %s and staying out of the farm",
@@ -484,10 +513,11 @@ class Agent:
         if self.module.may_restart():
             log.warning("check failed node=%s action=restart restarts_in_window=%d limit=%d", self.me,
                         self.module.restarts_in_window(), m.restart_limit)
-            self._restart_limit_logged = False
             self._run_module("restart")
-        elif not self._restart_limit_logged:
-            self._restart_limit_logged = True
+        else:
+            # SafeKit's loop protection: no more restarts until the checks
+            # pass again, however long that takes.
+            self._restarts_exhausted = True
             log.error("restart limit reached node=%s restarts=%d window=%.0fs: staying withdrawn until "
                       "the checks pass again", self.me, self.module.restarts_in_window(), m.restart_window)
             self.events.publish("module_action", self.me,
@@ -563,7 +593,7 @@ class Agent:
         self._note_changes(snap)
         mine = snap.members.get(self.me)
         desired, reason = self._desired_state(snap)
-        self._module_action(desired)
+        self._module_action(desired, mine)
         if mine is not None and (mine.state, mine.reason) != (desired, reason):
             self.store.put(member_key(self.prefix, self.me), self._member(desired, reason).encode(),
                            lease_id=self.lease_id)
@@ -789,6 +819,7 @@ class Agent:
     def stop_module(self) -> None:
         """The application's stop command, once no VIP traffic can reach it any more."""
         self._module_worker.shutdown(wait=True)  # a running start/restart finishes first
+        self.health.stop()  # in case a start finished after shutdown() stopped the checks
         if self.cfg.module.stop and not self._module_stopped:
             self._module_stopped = True
             res = self.module.stop()

@@ -114,11 +114,16 @@ class _Watchdog:
         self._timer.cancel()
 
 
+def _shown_url(url: urllib.parse.SplitResult) -> str:
+    """The URL as details show it: no query or credentials, which may hold secrets."""
+    return f"{url.scheme}://{url.hostname}{f':{url.port}' if url.port else ''}{url.path or '/'}"
+
+
 def _probe_http(spec: CheckSpec) -> tuple[bool, str]:
     url = urllib.parse.urlsplit(spec.url)
     host, port = url.hostname, url.port  # .port raises ValueError on a bad port: probe() reports it
     if not host:
-        return False, f"no host in url {spec.url!r}"
+        return False, "no host in the check's url"
     target = (url.path or "/") + (f"?{url.query}" if url.query else "")
     if url.scheme == "https":
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(host, port, timeout=spec.timeout,
@@ -142,13 +147,13 @@ def _probe_http(spec: CheckSpec) -> tuple[bool, str]:
                     break
                 body += chunk
         if watchdog.fired:  # the shutdown may surface as a clean EOF, not an error
-            return False, f"GET {spec.url}: timed out after {spec.timeout:g} s"
+            return False, f"GET {_shown_url(url)}: timed out after {spec.timeout:g} s"
         if re.search(spec.body_match, body.decode("utf-8", errors="replace")):
             return True, f"HTTP {resp.status}, body matches {spec.body_match!r}"
         return False, f"body does not match {spec.body_match!r} (HTTP {resp.status}, {len(body)} bytes read)"
     except (OSError, http.client.HTTPException) as exc:
         reason = f"timed out after {spec.timeout:g} s" if watchdog.fired else _reason(exc, spec.timeout)
-        return False, f"GET {spec.url}: {reason}"
+        return False, f"GET {_shown_url(url)}: {reason}"
     finally:
         conn.close()
 
@@ -248,6 +253,9 @@ class CheckState:
         self.checked_at: float | None = None
         self.changed_at = clock()
         self.transitions = 0
+        # The detail of the result that caused the last transition: stable
+        # while the state lasts, unlike the latest probe's detail.
+        self.cause = ""
 
     def record(self, result: CheckResult) -> str | None:
         """Count one result; return the new state if this result changed it, else None."""
@@ -267,6 +275,7 @@ class CheckState:
         self.state = new
         self.changed_at = now
         self.transitions += 1
+        self.cause = result.detail
         return new
 
 
@@ -281,6 +290,7 @@ class CheckStatus:
     checked_age_s: float  # -1 before the first result
     transitions: int
     since_s: float
+    cause: str = ""  # the detail that caused the current state
 
 
 class HealthMonitor:
@@ -387,7 +397,7 @@ class HealthMonitor:
                     consecutive=st.consecutive,
                     checked_age_s=-1.0 if st.checked_at is None else max(0.0, now - st.checked_at),
                     transitions=st.transitions,
-                    since_s=max(0.0, now - st.changed_at)))
+                    since_s=max(0.0, now - st.changed_at), cause=st.cause))
             return tuple(out)
 
     def healthy(self) -> bool:
