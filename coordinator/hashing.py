@@ -3,15 +3,15 @@
 nftables' ``jhash ip saddr . th sport mod B seed S`` hashes an 8-byte key:
 the IPv4 source address (4 bytes, network order) and the source port (2 bytes,
 network order) padded with two zero bytes to a full 32-bit register. The
-kernel's ``jhash()`` (include/linux/jhash.h) reads those bytes as two
-little-endian words on x86 (``__get_unaligned_cpu32``) and ``nft_jhash_eval``
-maps the 32-bit hash onto 0..B-1 with ``reciprocal_scale`` (multiply, shift).
+kernel's ``jhash()`` (include/linux/jhash.h) adds keys of up to 12 bytes in
+its tail switch as little-endian 32-bit words and ``nft_jhash_eval`` maps the
+32-bit hash onto 0..B-1 with ``reciprocal_scale`` (multiply, shift). ICMP
+echo hashes the 4-byte address alone.
 The lab tests check this against the buckets real connections land in.
 """
 from __future__ import annotations
 
 import ipaddress
-import sys
 
 _M = 0xFFFFFFFF
 JHASH_INITVAL = 0xDEADBEEF
@@ -32,19 +32,41 @@ def _final(a: int, b: int, c: int) -> int:
     return c
 
 
+def jhash_short(key: bytes, initval: int) -> int:
+    """Linux ``jhash(key, len, initval)`` for keys of 1 to 12 bytes.
+
+    Up to 12 bytes the kernel adds everything in its tail switch, which
+    assembles each 4-byte group little-endian (k[0] + k[1] << 8 + ...)
+    whatever the CPU, then runs ``__jhash_final``.
+    """
+    n = len(key)
+    if not 1 <= n <= 12:
+        raise ValueError(f"jhash_short takes 1 to 12 bytes, got {n}")
+    a = b = c = (JHASH_INITVAL + n + initval) & _M
+    words = [int.from_bytes(key[i:i + 4], "little") for i in range(0, n, 4)]
+    a = (a + words[0]) & _M
+    if len(words) > 1:
+        b = (b + words[1]) & _M
+    if len(words) > 2:
+        c = (c + words[2]) & _M
+    return _final(a, b, c)
+
+
 def jhash_8(key: bytes, initval: int) -> int:
-    """Linux ``jhash(key, 8, initval)`` for an 8-byte key (the only length we hash)."""
+    """Linux ``jhash(key, 8, initval)``: the (address . port) key."""
     if len(key) != 8:
         raise ValueError("jhash_8 takes exactly 8 bytes")
-    order = "little" if sys.byteorder == "little" else "big"
-    a = b = c = (JHASH_INITVAL + 8 + initval) & _M
-    a = (a + int.from_bytes(key[0:4], order)) & _M
-    b = (b + int.from_bytes(key[4:8], order)) & _M
-    return _final(a, b, c)
+    return jhash_short(key, initval)
 
 
 def reciprocal_scale(val: int, ep_ro: int) -> int:
     return (val * ep_ro) >> 32
+
+
+def bucket_of_address(client_ip: str, buckets: int, seed: int) -> int:
+    """The bucket of ``jhash ip saddr mod B seed S``: ICMP echo, which has no client port."""
+    key = ipaddress.IPv4Address(client_ip).packed
+    return reciprocal_scale(jhash_short(key, seed & _M), buckets)
 
 
 def bucket_of(client_ip: str, client_port: int, buckets: int, seed: int) -> int:

@@ -44,6 +44,7 @@ GRPC_LISTEN = "127.0.0.1:7400"
 PEER_PORT = 7401
 ETCD_MEMBER_ADDRS = [ETCD_ADDR, f"{SUBNET}.4", f"{SUBNET}.5"]
 APP_PORT = 80
+UDP_PORT = 5300  # the lab app's UDP echo
 CLUSTER_NAME = "lab"
 ETCD_PREFIX = "/nlbfarm"
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
@@ -85,6 +86,8 @@ class Lab:
     # Per node: fields that replace the nginx module's (e.g. on_failure),
     # "extra_checks" appended to its checks. Applied when the agent (re)starts.
     module_overrides: dict = field(default_factory=dict)
+    # node -> weight (default 1; 0 = standby).
+    weights: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.app not in ("python", "nginx"):
@@ -212,7 +215,8 @@ class Lab:
             shutil.rmtree(self.dir, ignore_errors=True)
         return removed
 
-    def up(self, nodes: int = 3, wait: float = 60.0) -> dict:
+    def up(self, nodes: int = 3, wait: float = 60.0, converge: list[str] | None = None) -> dict:
+        """Build the lab; ``converge``: the nodes that must end up serving (default: all)."""
         if not 1 <= nodes <= 64:
             raise LabError(f"--nodes must be from 1 to 64, got {nodes}")
         if os.geteuid() != 0:
@@ -237,7 +241,10 @@ class Lab:
             for n in names:
                 self.start_node(n)
             self.progress(f"waiting for {nodes} nodes to converge")
-            self.wait_converged(names, timeout=wait)
+            if converge is None:
+                self.wait_converged(names, timeout=wait)
+            else:
+                self.wait_serving(converge, timeout=wait)
         except BaseException:
             self.down(keep_logs=True)  # the error message points at these logs
             raise
@@ -367,7 +374,8 @@ class Lab:
         i = int(name[1:])
         t = self.timing
         return {
-            "node": {"id": name, "interface": "eth0", "weight": 1, "addresses": [node_addr(i)]},
+            "node": {"id": name, "interface": "eth0", "weight": self.weights.get(name, 1),
+                     "addresses": [node_addr(i)]},
             "cluster": {"name": CLUSTER_NAME, "vips": [VIP], "buckets": self.buckets},
             "etcd": {"endpoints": self.etcd_endpoints(), "prefix": ETCD_PREFIX, "timeout": 0.5,
                      "retry_deadline": 5.0},
@@ -437,7 +445,8 @@ http {{
     def start_app(self, name: str) -> None:
         st = self.load_state()
         pid = self.spawn(name, [self.python, "-m", "nlbfarm.node.app", "--name", name,
-                                "--listen", f"0.0.0.0:{APP_PORT}", "--accept-log", str(self.accept_log(name))],
+                                "--listen", f"0.0.0.0:{APP_PORT}", "--accept-log", str(self.accept_log(name)),
+                                "--udp-listen", f"0.0.0.0:{UDP_PORT}"],
                          f"{name}.app.log")
         st["pids"].setdefault(name, {})["app"] = pid
         self._save_state(st)
@@ -512,7 +521,14 @@ http {{
     @staticmethod
     def converged(snap: ClusterSnapshot, names: list[str]) -> bool:
         """Table holds exactly ``names`` and every one of them accepts its whole share."""
-        if snap.table is None or set(snap.candidates()) != set(names):
+        if set(snap.candidates()) != set(names):
+            return False
+        return Lab.serving(snap, names)
+
+    @staticmethod
+    def serving(snap: ClusterSnapshot, names: list[str]) -> bool:
+        """Exactly ``names`` own buckets and accept all of them (other members may idle: standby)."""
+        if snap.table is None:
             return False
         counts = snap.counts()
         if set(counts) != set(names):
@@ -522,12 +538,18 @@ http {{
                    and a.accepting == counts[n] for n in names)
 
     def wait_converged(self, names: list[str], timeout: float = 30.0) -> ClusterSnapshot:
+        return self._wait_table(self.converged, names, timeout)
+
+    def wait_serving(self, names: list[str], timeout: float = 30.0) -> ClusterSnapshot:
+        return self._wait_table(self.serving, names, timeout)
+
+    def _wait_table(self, done, names: list[str], timeout: float) -> ClusterSnapshot:
         deadline = time.monotonic() + timeout
         snap = None
         while time.monotonic() < deadline:
             try:
                 snap = self.snapshot()
-                if self.converged(snap, names):
+                if done(snap, names):
                     return snap
             except (LabError, ValueError):
                 pass

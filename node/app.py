@@ -62,6 +62,15 @@ class _Handler(socketserver.BaseRequestHandler):
             return
 
 
+def serve_udp(addr, node_name: str) -> None:
+    """Answer every datagram with "<node> <length>": tells a test who got it, and whether whole."""
+    sk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sk.bind(addr)
+    while True:
+        data, peer = sk.recvfrom(65535)
+        sk.sendto(f"{node_name} {len(data)}\n".encode(), peer)
+
+
 class AppServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -86,7 +95,11 @@ def main(argv=None) -> int:
     ap.add_argument("--name", required=True)
     ap.add_argument("--listen", default="0.0.0.0:80")
     ap.add_argument("--accept-log", help="append 'time client_ip client_port' per accepted connection")
+    ap.add_argument("--udp-listen", help="also answer UDP datagrams here with '<name> <length>'")
     args = ap.parse_args(argv)
+    if args.udp_listen:
+        uhost, _, uport = args.udp_listen.rpartition(":")
+        threading.Thread(target=serve_udp, args=((uhost, int(uport)), args.name), daemon=True).start()
     host, _, port = args.listen.rpartition(":")
     log = open(args.accept_log, "a", buffering=1) if args.accept_log else None
     srv = AppServer((host, int(port)), args.name, log)

@@ -135,6 +135,11 @@ def bucket_hash_expr(buckets: int, seed: int) -> dict:
     }
 
 
+def address_hash_expr(buckets: int, seed: int) -> dict:
+    """jhash over the client address alone mod B: for ICMP echo, which has no port."""
+    return {"jhash": {"mod": buckets, "seed": seed, "expr": _payload("ip", "saddr")}}
+
+
 def _range_elems(ranges: Iterable[tuple[int, int]]) -> list:
     return [lo if lo == hi else {"range": [lo, hi]} for lo, hi in ranges]
 
@@ -236,6 +241,13 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
     ]
     if spec.accepting:
         cmds.append(rule("vip_in", _l4(["tcp", "udp"]), _in_buckets(spec, spec.accepting),
+                         count("accepted"), {"accept": None}))
+        # Ping the VIP: exactly one node answers, the owner of the client
+        # address's bucket. Echo has no connection to keep, so it moves at once.
+        cmds.append(rule("vip_in",
+                         {"match": {"op": "==", "left": _payload("icmp", "type"), "right": "echo-request"}},
+                         {"match": {"op": "==", "left": address_hash_expr(spec.buckets, spec.seed),
+                                    "right": {"set": _range_elems(spec.accepting)}}},
                          count("accepted"), {"accept": None}))
     if spec.draining:
         cmds.append(rule("vip_in", _l4(["tcp"]), _in_buckets(spec, spec.draining),

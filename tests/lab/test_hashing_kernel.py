@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from nlbfarm.coordinator.hashing import bucket_of
+from nlbfarm.coordinator.hashing import bucket_of, bucket_of_address
 
 
 @pytest.fixture
@@ -50,3 +50,26 @@ def test_python_bucket_equals_kernel_jhash(pair, buckets, seed):
     assert len(hits) == len(ports)
     missed = [p for p, h in zip(ports, hits) if h == 0]
     assert missed == [], f"kernel put these ports in other buckets than Python predicted: {missed}"
+
+
+@pytest.mark.parametrize("buckets, seed", [(4096, 0x1234ABCD), (64, 7)])
+def test_python_address_bucket_equals_kernel_jhash(pair, buckets, seed):
+    """ICMP echo is hashed on the client address alone (a 4-byte jhash key)."""
+    a, b = pair
+    clients = [f"198.18.77.{i}" for i in range(10, 30)]
+    for c in clients:
+        subprocess.run(["ip", "-n", a, "addr", "add", f"{c}/24", "dev", "h0"], check=True)
+    rules = ["table inet h {", "chain p {", "type filter hook prerouting priority -300; policy accept;"]
+    rules += [f"ip saddr {c} icmp type echo-request jhash ip saddr mod {buckets} seed {seed:#x} "
+              f"{bucket_of_address(c, buckets, seed)} counter" for c in clients]
+    rules += ["}", "}"]
+    subprocess.run(["ip", "netns", "exec", b, "nft", "-f", "-"], input="\n".join(rules), text=True, check=True)
+    for c in clients:
+        subprocess.run(["ip", "netns", "exec", a, "ping", "-n", "-c", "1", "-W", "1", "-I", c, "198.18.77.2"],
+                       capture_output=True, timeout=10)
+    out = json.loads(subprocess.run(["ip", "netns", "exec", b, "nft", "-j", "list", "ruleset"],
+                                    capture_output=True, text=True, check=True).stdout)
+    hits = [e["counter"]["packets"] for x in out["nftables"] if "rule" in x
+            for e in x["rule"]["expr"] if "counter" in e]
+    missed = [c for c, h in zip(clients, hits) if h == 0]
+    assert len(hits) == len(clients) and missed == [], f"kernel put these clients elsewhere: {missed}"

@@ -124,6 +124,7 @@ def test_counted_rules_by_chain():
     by_chain = [(chain, ref) for chain, ref in _counter_refs(build_ruleset(spec))]
     assert by_chain == [("vip_in", counter_name(vip, "dropped_fenced")),
                         ("vip_in", counter_name(vip, "accepted")),
+                        ("vip_in", counter_name(vip, "accepted")),  # ICMP echo, by client address
                         ("drain_in", counter_name(vip, "dropped_draining_syn")),
                         ("drain_in", counter_name(vip, "draining")),
                         ("vip_in", counter_name(vip, "dropped_foreign")),

@@ -25,3 +25,13 @@ def test_bad_input():
         jhash_8(b"short", 0)
     with pytest.raises(ValueError):
         bucket_of("198.18.0.3", 70000, 64, 0)
+
+
+def test_jhash_short_lengths():
+    from nlbfarm.coordinator.hashing import bucket_of_address, jhash_short
+    key = bytes(range(1, 9))
+    assert jhash_short(key, 5) == jhash_8(key, 5)
+    for bad in (b"", bytes(13)):
+        with pytest.raises(ValueError):
+            jhash_short(bad, 0)
+    assert 0 <= bucket_of_address("198.18.0.3", 4096, 0x1234) < 4096
