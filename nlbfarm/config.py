@@ -76,11 +76,20 @@ class NodeSection(_Strict):
         return v
 
 
+MAC_MODES = ("multicast", "unicast-flood")
+
+
 class ClusterSection(_Strict):
     name: SimpleName = "default"
     vips: tuple[str, ...] = Field(min_length=1)
     buckets: int = 4096
-    # "auto" derives a multicast MAC from the first VIP (03:bf:<IPv4 bytes>).
+    # "multicast": clients reach every node through a multicast cluster MAC
+    # (NLB multicast). "unicast-flood": through a locally administered unicast
+    # MAC no node ever sends from, so switches never learn it and flood it
+    # (SafeKit's vmac_invisible); nodes run their NIC promiscuous.
+    mac_mode: str = "multicast"
+    # "auto" derives the MAC from the first VIP: 03:bf:<IPv4 bytes> for
+    # multicast, 02:bf:<IPv4 bytes> for unicast-flood.
     cluster_mac: str = "auto"
 
     @field_validator("vips")
@@ -114,9 +123,28 @@ class ClusterSection(_Strict):
             return v
         if not _MAC_RE.match(v):
             raise ValueError(f"{v!r} is not a MAC address like 03:bf:c6:12:00:64")
-        if not int(v[:2], 16) & 1:
-            raise ValueError(f"{v} is not a multicast MAC (the first octet must be odd)")
         return v
+
+    @field_validator("mac_mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        if v not in MAC_MODES:
+            raise ValueError(f"must be one of {', '.join(MAC_MODES)}, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _mac_fits_mode(self) -> "ClusterSection":
+        if self.cluster_mac == "auto":
+            return self
+        first = int(self.cluster_mac[:2], 16)
+        if self.mac_mode == "multicast" and not first & 1:
+            raise ValueError(f"cluster_mac {self.cluster_mac} is not a multicast MAC (the first octet must "
+                             "be odd) as mac_mode multicast needs")
+        if self.mac_mode == "unicast-flood" and (first & 1 or not first & 2):
+            raise ValueError(f"cluster_mac {self.cluster_mac} must be a locally administered unicast MAC "
+                             "(first octet with bit 1 set and bit 0 clear, e.g. 02:...) for mac_mode "
+                             "unicast-flood")
+        return self
 
 
 class EtcdSection(_Strict):

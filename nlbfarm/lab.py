@@ -88,6 +88,7 @@ class Lab:
     module_overrides: dict = field(default_factory=dict)
     # node -> weight (default 1; 0 = standby).
     weights: dict = field(default_factory=dict)
+    mac_mode: str = "multicast"
 
     def __post_init__(self):
         if self.app not in ("python", "nginx"):
@@ -376,7 +377,7 @@ class Lab:
         return {
             "node": {"id": name, "interface": "eth0", "weight": self.weights.get(name, 1),
                      "addresses": [node_addr(i)]},
-            "cluster": {"name": CLUSTER_NAME, "vips": [VIP], "buckets": self.buckets},
+            "cluster": {"name": CLUSTER_NAME, "vips": [VIP], "buckets": self.buckets, "mac_mode": self.mac_mode},
             "etcd": {"endpoints": self.etcd_endpoints(), "prefix": ETCD_PREFIX, "timeout": 0.5,
                      "retry_deadline": 5.0},
             "timing": {"lease_ttl": t.lease_ttl, "fence_timeout": t.fence_timeout,

@@ -157,8 +157,9 @@ class Agent:
                                         retry_deadline=cfg.etcd.retry_deadline)
         self.dp = dataplane or DataPlane()
         mac = cfg.cluster.cluster_mac
-        self.cluster_mac = cluster_mac_for(cfg.cluster.vips[0]) if mac == "auto" else mac
-        self.vip = vip or Vip(cfg.node.interface, cfg.cluster.vips, self.cluster_mac)
+        self.cluster_mac = cluster_mac_for(cfg.cluster.vips[0], cfg.cluster.mac_mode) if mac == "auto" else mac
+        self.vip = vip or Vip(cfg.node.interface, cfg.cluster.vips, self.cluster_mac,
+                              mac_mode=cfg.cluster.mac_mode)
         self.instance = secrets.token_hex(8)
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -318,7 +319,7 @@ class Agent:
         return DataPlaneSpec(interface=self.cfg.node.interface, vips=self.cfg.cluster.vips,
                              cluster_mac=self.cluster_mac, buckets=self.settings.buckets,
                              seed=self.settings.seed, fence_open=fence_open, fence_timeout=self.cfg.timing.fence_timeout,
-                             table=self.cfg.nft.table)
+                             table=self.cfg.nft.table, mac_mode=self.cfg.cluster.mac_mode)
 
     # ---- keepalive thread: refreshes the lease and extends an open fence ----
 

@@ -84,6 +84,7 @@ class DataPlaneSpec:
     fence_open: bool = False
     fence_timeout: int = 2
     table: str = DEFAULT_TABLE
+    mac_mode: str = "multicast"
 
     def with_buckets(self, accepting, draining=(), guarded=()) -> "DataPlaneSpec":
         as_tuple = lambda rs: tuple(tuple(r) for r in rs)  # noqa: E731
@@ -91,14 +92,16 @@ class DataPlaneSpec:
                        guarded=as_tuple(guarded))
 
 
-def cluster_mac_for(vip: str) -> str:
-    """The multicast cluster MAC for a VIP, as Windows NLB derives it: 03:bf + the IPv4 bytes.
+def cluster_mac_for(vip: str, mode: str = "multicast") -> str:
+    """The cluster MAC for a VIP, as Windows NLB derives it: 03:bf (02:bf) + the IPv4 bytes.
 
-    Bit 0 of the first octet makes it multicast (every NIC that joined it
-    accepts, switches flood it), bit 1 marks it locally administered.
+    Multicast: bit 0 of the first octet makes it multicast (every NIC that
+    joined it accepts, switches flood it), bit 1 marks it locally
+    administered. Unicast-flood: 02 is locally administered unicast; since no
+    node ever sends from it, no switch learns it and every switch floods it.
     """
     packed = ipaddress.IPv4Address(vip).packed
-    return "03:bf:" + ":".join(f"{b:02x}" for b in packed)
+    return ("03:bf:" if mode == "multicast" else "02:bf:") + ":".join(f"{b:02x}" for b in packed)
 
 
 @dataclass(frozen=True)
@@ -276,9 +279,35 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
     return cmds
 
 
+PRIO_INGRESS = -500
+
+
+def build_netdev_table(spec: DataPlaneSpec) -> list[dict]:
+    """unicast-flood: frames to the cluster MAC are this node's to deliver.
+
+    The NIC is promiscuous, so it passes flooded frames for the cluster MAC,
+    but the stack marks them PACKET_OTHERHOST and IP input drops those before
+    prerouting; an ingress hook runs earlier and relabels them. In multicast
+    mode the table is still replaced (empty), so switching modes leaves nothing.
+    """
+    fam, tbl = "netdev", spec.table
+    cmds = _replace_table(fam, tbl)
+    if spec.mac_mode == "unicast-flood":
+        cmds += [
+            {"add": {"chain": {"family": fam, "table": tbl, "name": "ingress", "type": "filter",
+                               "hook": "ingress", "dev": spec.interface, "prio": PRIO_INGRESS,
+                               "policy": "accept"}}},
+            {"add": {"rule": {"family": fam, "table": tbl, "chain": "ingress", "expr": [
+                {"match": {"op": "==", "left": _payload("ether", "daddr"), "right": spec.cluster_mac}},
+                {"mangle": {"key": {"meta": {"key": "pkttype"}}, "value": "host"}},
+            ]}}},
+        ]
+    return cmds
+
+
 def build_ruleset(spec: DataPlaneSpec) -> list[dict]:
     """The whole nlbfarm ruleset for one node, as one list of JSON commands."""
-    return build_arp_table(spec) + build_inet_table(spec)
+    return build_arp_table(spec) + build_inet_table(spec) + build_netdev_table(spec)
 
 
 def build_fence_refresh(spec: DataPlaneSpec) -> list[dict]:
@@ -290,7 +319,7 @@ def build_fence_refresh(spec: DataPlaneSpec) -> list[dict]:
 
 def build_teardown(table: str = DEFAULT_TABLE) -> list[dict]:
     cmds = []
-    for fam in ("inet", "arp"):
+    for fam in ("inet", "arp", "netdev"):
         t = {"family": fam, "name": table}
         cmds += [{"add": {"table": dict(t)}}, {"delete": {"table": dict(t)}}]
     return cmds

@@ -121,6 +121,7 @@ T = TypeVar("T")
 NETNS_RUN_DIR = _pr_netns.NETNS_RUN_DIR  # "/var/run/netns" == "/run/netns"
 CLONE_NEWNET = 0x40000000
 IFF_UP = 0x1
+IFF_PROMISC = 0x100
 IFNAMSIZ = 16  # including the trailing NUL: names are at most 15 characters
 
 ETH_P_ARP = 0x0806
@@ -675,6 +676,18 @@ def set_link_up(name: str, netns: str | None = None) -> bool:
 def set_link_down(name: str, netns: str | None = None) -> bool:
     """Administratively disable the link. Returns changed."""
     return _set_state(name, netns, False)
+
+
+def set_promisc(name: str, on: bool, netns: str | None = None) -> bool:
+    """``ip link set NAME promisc on|off``. Returns changed."""
+    validate_ifname(name)
+    with _translated(f"set promisc {'on' if on else 'off'}", f"{name!r} {_where(netns)}"):
+        with ip_for(netns) as ipr:
+            msg = _get_link(ipr, name, netns)
+            if bool(msg["flags"] & IFF_PROMISC) == on:
+                return False
+            ipr.link("set", index=msg["index"], flags=IFF_PROMISC if on else 0, change=IFF_PROMISC)
+    return True
 
 
 def set_master(name: str, bridge: str | None, netns: str | None = None) -> bool:

@@ -14,18 +14,24 @@ log = logging.getLogger(__name__)
 
 
 class Vip:
-    def __init__(self, interface: str, vips: tuple[str, ...], cluster_mac: str, netns: str | None = None):
+    def __init__(self, interface: str, vips: tuple[str, ...], cluster_mac: str, netns: str | None = None,
+                 mac_mode: str = "multicast"):
         self.interface = interface
         self.vips = tuple(vips)
         self.cluster_mac = cluster_mac
         self.netns = netns
+        self.mac_mode = mac_mode
 
     def up(self) -> None:
         # Requests this node sends must not carry the VIP as sender address:
         # arp_announce=2 picks the interface's primary address instead (the
         # nft rewrite covers the rest).
         iplib.set_sysctl(self.netns, f"net.ipv4.conf.{self.interface}.arp_announce", "2")
-        if iplib.add_multicast_mac(self.interface, self.cluster_mac, netns=self.netns):
+        if self.mac_mode == "unicast-flood":
+            # The NIC must pass frames for a unicast MAC that is not its own.
+            if iplib.set_promisc(self.interface, True, netns=self.netns):
+                log.info("promiscuous on for cluster mac=%s dev=%s", self.cluster_mac, self.interface)
+        elif iplib.add_multicast_mac(self.interface, self.cluster_mac, netns=self.netns):
             log.info("joined cluster mac=%s dev=%s", self.cluster_mac, self.interface)
         for vip in self.vips:
             if iplib.add_address(self.interface, f"{vip}/32", netns=self.netns):
@@ -63,7 +69,10 @@ class Vip:
                 all_gone = False
                 log.error("vip removal failed address=%s dev=%s reason=%s", vip, self.interface, exc)
         try:
-            iplib.delete_multicast_mac(self.interface, self.cluster_mac, netns=self.netns)
+            if self.mac_mode == "unicast-flood":
+                iplib.set_promisc(self.interface, False, netns=self.netns)
+            else:
+                iplib.delete_multicast_mac(self.interface, self.cluster_mac, netns=self.netns)
         except iplib.NetError as exc:  # NotFound included: nothing to leave
             log.warning("cluster mac removal failed mac=%s dev=%s reason=%s", self.cluster_mac,
                         self.interface, exc)

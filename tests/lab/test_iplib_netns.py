@@ -243,3 +243,15 @@ def test_handles_are_closed_and_thread_safe(pair):
         t.join()
     assert not errors
     assert _fds() == fds
+
+
+def test_promisc(pair):
+    _, b = pair
+    assert iplib.set_promisc("eth0", True, b) is True
+    assert iplib.set_promisc("eth0", True, b) is False
+    assert "PROMISC" in ip("-n", b, "link", "show", "dev", "eth0")
+    assert iplib.set_promisc("eth0", False, b) is True
+    assert iplib.set_promisc("eth0", False, b) is False
+    assert "PROMISC" not in ip("-n", b, "link", "show", "dev", "eth0")
+    with pytest.raises(NotFound, match="nope0"):
+        iplib.set_promisc("nope0", True, b)

@@ -81,3 +81,34 @@ def test_standby_takes_over_only_when_every_weighted_node_is_gone(lab, tmp_path)
                 lab.start_node(n)
     snap = lab.wait_serving(["n1", "n2"], timeout=30)
     assert "n3" not in snap.counts(), "the standby gives its buckets back when weighted nodes return"
+
+
+@pytest.fixture
+def ucast_lab(tmp_path):
+    lab = Lab(prefix="tucast", state_root=tmp_path / "lab", mac_mode="unicast-flood")
+    try:
+        lab.up(nodes=3, wait=60)
+        yield lab
+    finally:
+        lab.down()
+    assert not lab.lab_namespaces()
+
+
+def test_unicast_flood_mode(ucast_lab, tmp_path):
+    """Clients learn a unicast cluster MAC that no node sends from; the switch floods it to all."""
+    lab = ucast_lab
+    mac = "02:bf:c6:12:00:64"
+    out = tmp_path / "load.jsonl"
+    subprocess.run(lab.loadclient_argv(count=600, duration=60, out=out, workers=4), check=True, timeout=90)
+    results = read_results(out)
+    assert not failures(results) and set(shares(results)) == {"n1", "n2", "n3"}
+    neigh = lab.run("client", ["ip", "neigh", "show", VIP]).stdout
+    assert mac in neigh, neigh
+    # The bridge never learned the MAC (nobody sends from it), so it keeps flooding.
+    fdb = lab.run("lan", ["bridge", "fdb", "show", "br", "br0"]).stdout
+    assert mac not in fdb, fdb
+    for n in ("n1", "n2", "n3"):
+        assert "PROMISC" in lab.run(n, ["ip", "link", "show", "eth0"]).stdout
+        assert lab.run(n, ["ip", "maddr", "show", "dev", "eth0"]).stdout.count("03:bf") == 0
+    ping = lab.run("client", ["ping", "-n", "-c", "5", "-i", "0.2", "-W", "1", VIP], check=False, timeout=30)
+    assert " 5 received" in ping.stdout and "DUP!" not in ping.stdout, ping.stdout

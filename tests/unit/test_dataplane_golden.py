@@ -31,6 +31,9 @@ CASES = {
     # Per-VIP counters through a map in every counted rule.
     "handover_two_vips": replace(BASE, vips=("198.18.0.100", "198.18.0.101"), accepting=((0, 1023),),
                                  draining=((2048, 2100),), guarded=((1000, 1023),), fence_open=True),
+    # The cluster MAC is a flooded unicast MAC: an ingress hook relabels its frames.
+    "unicast_flood": replace(BASE, cluster_mac=cluster_mac_for("198.18.0.100", "unicast-flood"),
+                             mac_mode="unicast-flood", accepting=((0, 2047),), fence_open=True),
 }
 
 
@@ -60,10 +63,11 @@ def test_counters_list_golden():
     _check("counters_list", build_counters_list("nlbfarm"))
 
 
-def test_one_transaction_replaces_both_tables_and_nothing_else():
+def test_one_transaction_replaces_our_tables_and_nothing_else():
     cmds = build_ruleset(CASES["owner_fence_open"])
     tables = {(c[v]["table"]["family"], c[v]["table"]["name"]) for c in cmds for v in c if "table" in c[v]}
-    assert tables == {("arp", "nlbfarm"), ("inet", "nlbfarm")}
+    # netdev is replaced empty in multicast mode, so a switch of mac_mode leaves nothing behind.
+    assert tables == {("arp", "nlbfarm"), ("inet", "nlbfarm"), ("netdev", "nlbfarm")}
     for c in cmds:
         (verb, obj), = c.items()
         (_kind, body), = obj.items()
