@@ -175,7 +175,8 @@ def cmd_which(args) -> int:
 
     def which(ip, port):
         try:
-            return stub.Which(farm_pb2.WhichRequest(client_ip=ip, client_port=port, vip=args.vip or ""),
+            return stub.Which(farm_pb2.WhichRequest(client_ip=ip, client_port=port, vip=args.vip or "",
+                                                    vip_port=args.port or 0, protocol=args.protocol or ""),
                               timeout=args.rpc_timeout)
         except grpc.RpcError as exc:
             raise FarmError(f"Which on {args.target} failed: {exc.code().name}: {exc.details()}") from None
@@ -193,7 +194,7 @@ def cmd_which(args) -> int:
                 continue
             r = which(ip, port)
             out.append({"client": f"{ip}:{port}", "bucket": r.bucket, "node": r.node_id,
-                        "generation": r.generation, "draining_on": list(r.draining_on)})
+                        "generation": r.generation, "draining_on": list(r.draining_on), "rule": r.rule})
     if args.json:
         print(json.dumps(out if args.from_file else out[0], indent=None if args.from_file else 2))
     else:
@@ -206,7 +207,7 @@ def cmd_which(args) -> int:
                 continue
             extra = f" (old connections still on {','.join(o['draining_on'])})" if o["draining_on"] else ""
             print(f"{o['client']} -> bucket {o['bucket']} -> {o['node'] or 'nobody'} "
-                  f"(table generation {o['generation']}){extra}")
+                  f"(table generation {o['generation']}; rule: {o['rule']}){extra}")
     return EXIT_OK
 
 
@@ -496,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     wh.add_argument("client", nargs="?", help="client ADDRESS:PORT (without a port: the spread over "
                                               "sampled source ports)")
     wh.add_argument("--vip", help="the VIP the client talks to (default: the first)")
+    wh.add_argument("--port", type=int, help="the VIP port (default: the VIP's first port rule)")
+    wh.add_argument("--protocol", choices=["tcp", "udp"], help="default: the VIP's first port rule's")
     wh.add_argument("--from-file", help="many clients, one ADDRESS:PORT per line ('-' for stdin)")
     target_opts(wh)
     wh.set_defaults(func=cmd_which)

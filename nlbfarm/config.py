@@ -77,6 +77,68 @@ class NodeSection(_Strict):
 
 
 MAC_MODES = ("multicast", "unicast-flood")
+PROTOCOLS = ("tcp", "udp", "both")
+AFFINITIES = ("none", "client", "network")
+UNMATCHED = ("drop", "one-node")
+
+
+def port_range(v: int | str) -> tuple[int, int]:
+    """80, "80", "8000-8100" or "all" -> (first, last); ValueError naming the problem."""
+    if isinstance(v, bool):
+        raise ValueError(f"{v!r} is not a port or a range")
+    if isinstance(v, int):
+        lo = hi = v
+    elif v == "all":
+        lo, hi = 1, 65535
+    else:
+        a, sep, b = str(v).partition("-")
+        if not a.strip().isdigit() or (sep and not b.strip().isdigit()):
+            raise ValueError(f"{v!r} is not a port, a range like 8000-8100, or 'all'")
+        lo, hi = int(a), int(b) if sep else int(a)
+    if not 1 <= lo <= hi <= 65535:
+        raise ValueError(f"{v!r}: ports must be 1..65535 and the range first <= last")
+    return lo, hi
+
+
+class PortRule(_Strict):
+    """Which traffic to a VIP the farm serves, and what keeps a client on one node.
+
+    Windows NLB's port rules: a VIP (or all), a protocol, a port range, an affinity.
+    """
+
+    # None: every VIP of the farm.
+    vip: str | None = None
+    protocol: Annotated[str, _one_of(PROTOCOLS)] = "both"
+    # A port (80) or a range ("8000-8100"); "all" is 1-65535.
+    ports: int | str = "all"
+    # none: client address and port (SafeKit on_port; the best spread).
+    # client: client address (SafeKit on_addr, NLB Single): session affinity.
+    # network: the client's /24 (NLB Network): clients behind proxy pools.
+    affinity: Annotated[str, _one_of(AFFINITIES)] = "none"
+
+    @field_validator("vip")
+    @classmethod
+    def _vip(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            return str(ipaddress.ip_address(v))
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address") from None
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v: int | str) -> int | str:
+        lo, hi = port_range(v)
+        return lo if lo == hi else f"{lo}-{hi}"
+
+    @property
+    def port_range(self) -> tuple[int, int]:
+        return port_range(self.ports)
+
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        return ("tcp", "udp") if self.protocol == "both" else (self.protocol,)
 
 
 class ClusterSection(_Strict):
@@ -91,6 +153,12 @@ class ClusterSection(_Strict):
     # "auto" derives the MAC from the first VIP: 03:bf:<IPv4 bytes> for
     # multicast, 02:bf:<IPv4 bytes> for unicast-flood.
     cluster_mac: str = "auto"
+    # Port rules; they may not overlap. Default: every TCP and UDP port of every
+    # VIP, affinity none. Identical on every node, like buckets.
+    rules: tuple[PortRule, ...] = ()
+    # Traffic to a VIP that matches no rule: dropped, or served by one node
+    # (the owner of bucket 0: NLB's default host, which moves like any bucket).
+    unmatched: Annotated[str, _one_of(UNMATCHED)] = "drop"
 
     @field_validator("vips")
     @classmethod
@@ -131,6 +199,26 @@ class ClusterSection(_Strict):
         if v not in MAC_MODES:
             raise ValueError(f"must be one of {', '.join(MAC_MODES)}, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _rules_fit(self) -> "ClusterSection":
+        seen: list[tuple[int, str, str, int, int]] = []
+        for i, r in enumerate(self.rules):
+            if r.vip is not None and r.vip not in self.vips:
+                raise ValueError(f"rules[{i}]: vip {r.vip} is not one of cluster.vips")
+            lo, hi = r.port_range
+            for vip in ([r.vip] if r.vip else self.vips):
+                for proto in r.protocols:
+                    for j, v2, p2, lo2, hi2 in seen:
+                        if v2 == vip and p2 == proto and lo <= hi2 and lo2 <= hi:
+                            raise ValueError(f"rules[{i}] overlaps rules[{j}] ({vip} {proto} "
+                                             f"{max(lo, lo2)}-{min(hi, hi2)}); a packet must match one rule")
+                    seen.append((i, vip, proto, lo, hi))
+        return self
+
+    @property
+    def effective_rules(self) -> tuple[PortRule, ...]:
+        return self.rules or (PortRule(),)
 
     @model_validator(mode="after")
     def _mac_fits_mode(self) -> "ClusterSection":

@@ -89,6 +89,10 @@ class Lab:
     # node -> weight (default 1; 0 = standby).
     weights: dict = field(default_factory=dict)
     mac_mode: str = "multicast"
+    # Extra VIPs (after VIP), port rules and the unmatched policy (config syntax).
+    extra_vips: tuple = ()
+    rules: tuple = ()
+    unmatched: str = "drop"
 
     def __post_init__(self):
         if self.app not in ("python", "nginx"):
@@ -377,7 +381,9 @@ class Lab:
         return {
             "node": {"id": name, "interface": "eth0", "weight": self.weights.get(name, 1),
                      "addresses": [node_addr(i)]},
-            "cluster": {"name": CLUSTER_NAME, "vips": [VIP], "buckets": self.buckets, "mac_mode": self.mac_mode},
+            "cluster": {"name": CLUSTER_NAME, "vips": [VIP, *self.extra_vips], "buckets": self.buckets,
+                        "mac_mode": self.mac_mode, "rules": [dict(r) for r in self.rules],
+                        "unmatched": self.unmatched},
             "etcd": {"endpoints": self.etcd_endpoints(), "prefix": ETCD_PREFIX, "timeout": 0.5,
                      "retry_deadline": 5.0},
             "timing": {"lease_ttl": t.lease_ttl, "fence_timeout": t.fence_timeout,
@@ -586,7 +592,9 @@ http {{
                                 "--period", str(period), "--timeout", str(timeout), "--out", str(out)])
 
     def loadclient_argv(self, count: int, duration: float, out: Path, workers: int = 4,
-                        interval: float = 0.0, timeout: float = 1.0) -> list[str]:
-        return self.client_cmd([self.python, "-m", "nlbfarm.loadclient", "--vip", VIP, "--port", str(APP_PORT),
+                        interval: float = 0.0, timeout: float = 1.0, vip: str = VIP,
+                        sources: list[str] | None = None) -> list[str]:
+        return self.client_cmd([self.python, "-m", "nlbfarm.loadclient", "--vip", vip, "--port", str(APP_PORT),
                                 "--count", str(count), "--duration", str(duration), "--workers", str(workers),
-                                "--interval", str(interval), "--timeout", str(timeout), "--out", str(out)])
+                                "--interval", str(interval), "--timeout", str(timeout), "--out", str(out),
+                                *(["--sources", ",".join(sources)] if sources else [])])

@@ -15,13 +15,15 @@ import threading
 import time
 
 
-def one_request(vip: str, port: int, timeout: float) -> dict:
+def one_request(vip: str, port: int, timeout: float, source: str = "0.0.0.0") -> dict:
     t0 = time.time()
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(timeout)
     rec = {"t": t0, "port": 0, "node": None, "error": None, "ms": 0.0}
+    if source != "0.0.0.0":
+        rec["src"] = source
     try:
-        s.bind(("0.0.0.0", 0))
+        s.bind((source, 0))
         rec["port"] = s.getsockname()[1]
         s.connect((vip, port))
         s.sendall(f"GET / HTTP/1.1\r\nHost: {vip}\r\nConnection: close\r\n\r\n".encode())
@@ -45,7 +47,8 @@ def one_request(vip: str, port: int, timeout: float) -> dict:
 
 
 def run(vip: str, port: int, count: int, duration: float, interval: float, workers: int,
-        timeout: float, out, stop: threading.Event | None = None) -> list[dict]:
+        timeout: float, out, stop: threading.Event | None = None, sources: list[str] | None = None) -> list[dict]:
+    sources = sources or ["0.0.0.0"]
     stop = stop or threading.Event()
     deadline = time.monotonic() + duration
     lock = threading.Lock()
@@ -58,7 +61,8 @@ def run(vip: str, port: int, count: int, duration: float, interval: float, worke
                 if issued[0] >= count:
                     return
                 issued[0] += 1
-            rec = one_request(vip, port, timeout)
+                source = sources[issued[0] % len(sources)]
+            rec = one_request(vip, port, timeout, source)
             with lock:
                 results.append(rec)
                 if out is not None:
@@ -85,6 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=1.0, help="connect/read timeout per connection")
     ap.add_argument("--out", help="JSON lines file (default: stdout)")
+    ap.add_argument("--sources", help="comma-separated client addresses to connect from, in turn")
     args = ap.parse_args(argv)
     if not 0 < args.count <= 1_000_000 or not 0 < args.duration <= 3600:
         ap.error("--count must be 1..1000000 and --duration 0..3600 s")
@@ -93,7 +98,7 @@ def main(argv=None) -> int:
     import signal
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     res = run(args.vip, args.port, args.count, args.duration, args.interval, args.workers,
-              args.timeout, out, stop)
+              args.timeout, out, stop, args.sources.split(",") if args.sources else None)
     failed = sum(1 for r in res if r["error"])
     print(f"loadclient: {len(res)} connections, {failed} failed", file=sys.stderr)
     return 0

@@ -36,7 +36,7 @@ from nlbfarm.config import Config, load_config
 from nlbfarm.coordinator.cluster import (
     Applied, ClusterSettings, ClusterSnapshot, DrainRequest, Member, applied_key, build_snapshot,
     cluster_key, drain_key, expand, member_key, table_key, TableRecord)
-from nlbfarm.coordinator.hashing import bucket_of
+from nlbfarm.coordinator.rules import bucket_for, match as match_rule, resolve as resolve_rules
 from nlbfarm.coordinator.handover import AcceptPlan, plan_accept, plan_table
 from nlbfarm.coordinator.store import EtcdStore, LeaseExpired, Store
 from nlbfarm.coordinator.table import bucket_ranges
@@ -160,6 +160,7 @@ class Agent:
         self.cluster_mac = cluster_mac_for(cfg.cluster.vips[0], cfg.cluster.mac_mode) if mac == "auto" else mac
         self.vip = vip or Vip(cfg.node.interface, cfg.cluster.vips, self.cluster_mac,
                               mac_mode=cfg.cluster.mac_mode)
+        self.rules = resolve_rules(cfg.cluster.vips, cfg.cluster.effective_rules)
         self.instance = secrets.token_hex(8)
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -319,7 +320,8 @@ class Agent:
         return DataPlaneSpec(interface=self.cfg.node.interface, vips=self.cfg.cluster.vips,
                              cluster_mac=self.cluster_mac, buckets=self.settings.buckets,
                              seed=self.settings.seed, fence_open=fence_open, fence_timeout=self.cfg.timing.fence_timeout,
-                             table=self.cfg.nft.table, mac_mode=self.cfg.cluster.mac_mode)
+                             table=self.cfg.nft.table, mac_mode=self.cfg.cluster.mac_mode, rules=self.rules,
+                             unmatched=self.cfg.cluster.unmatched)
 
     # ---- keepalive thread: refreshes the lease and extends an open fence ----
 
@@ -570,7 +572,8 @@ class Agent:
             draining = {b: (min(d, deadline), since) for b, (d, since) in draining.items()}
         if draining and now - st.conn_scan_at >= CONNTRACK_SCAN_S:
             try:
-                st.conn_counts = live_connections_by_bucket(self.cfg.cluster.vips, self.settings.buckets,
+                st.conn_counts = live_connections_by_bucket(self.rules, self.cfg.cluster.unmatched,
+                                                            self.settings.buckets,
                                                             self.settings.seed)
                 st.conn_scan_at = now
             except DataPlaneError as exc:
@@ -863,8 +866,12 @@ class Agent:
                            "ranges": bucket_ranges(i for i, o in enumerate(owners) if o == n)} for n in nodes],
                 "unowned": sum(1 for o in owners if o is None)}
 
-    def which(self, client_ip: str, client_port: int, vip: str | None) -> dict:
-        """The bucket a client lands in and the node that serves it now."""
+    def which(self, client_ip: str, client_port: int, vip: str | None, vip_port: int = 0,
+              protocol: str = "") -> dict:
+        """The bucket a client lands in and the node that serves it now.
+
+        vip_port 0 / protocol "": the first port rule of the VIP decides.
+        """
         import ipaddress
         try:
             ipaddress.IPv4Address(client_ip)
@@ -874,13 +881,34 @@ class Agent:
             raise ValueError(f"client_port must be 1..65535, got {client_port}")
         if vip is not None and vip not in self.cfg.cluster.vips:
             raise ValueError(f"vip {vip} is not one of this farm's VIPs ({', '.join(self.cfg.cluster.vips)})")
+        if protocol not in ("", "tcp", "udp"):
+            raise ValueError(f"protocol must be tcp or udp, got {protocol!r}")
+        if not 0 <= vip_port < 65536:
+            raise ValueError(f"vip_port must be 0..65535, got {vip_port}")
         snap = self.cache.snapshot()
         if snap.settings is None or snap.table is None:
             raise LookupError("the cluster has no bucket table yet")
-        b = bucket_of(client_ip, client_port, snap.settings.buckets, snap.settings.seed)
+        vip = vip or self.cfg.cluster.vips[0]
+        if not vip_port or not protocol:
+            first = next(r for r in self.rules if r.vip == vip) if any(r.vip == vip for r in self.rules) else None
+            vip_port = vip_port or (first.first if first else 1)
+            protocol = protocol or (first.protocols[0] if first else "tcp")
+        rule = match_rule(self.rules, vip, protocol, vip_port)
+        b = bucket_for(self.rules, self.cfg.cluster.unmatched, vip, protocol, vip_port, client_ip, client_port,
+                       snap.settings.buckets, snap.settings.seed)
+        if rule is not None:
+            why = (f"{vip} {protocol} {rule.first}" + (f"-{rule.last}" if rule.last != rule.first else "")
+                   + f" affinity {rule.affinity}")
+        elif b is not None:
+            why = "no port rule matches: served by the owner of bucket 0 (unmatched: one-node)"
+        else:
+            why = "no port rule matches: dropped (unmatched: drop)"
+        if b is None:
+            return {"bucket": 0, "node_id": "", "generation": snap.table.generation, "draining_on": [],
+                    "rule": why}
         draining = sorted(n for n, a in snap.applied.items() if b in expand(a.draining))
         return {"bucket": b, "node_id": snap.table.owners[b] or "", "generation": snap.table.generation,
-                "draining_on": draining}
+                "draining_on": draining, "rule": why}
 
     def etcd_reachability(self) -> tuple[bool, float]:
         """Did a keepalive succeed recently? Peers ask this during an etcd outage."""

@@ -11,7 +11,7 @@ import subprocess
 from collections import Counter
 from typing import Iterable
 
-from nlbfarm.coordinator.hashing import bucket_of
+from nlbfarm.coordinator.rules import TrafficRule, bucket_for
 from nlbfarm.errors import DataPlaneError
 
 log = logging.getLogger(__name__)
@@ -21,19 +21,24 @@ LIVE_TCP_STATES = frozenset({"SYN_SENT", "SYN_SENT2", "SYN_RECV", "ESTABLISHED",
                              "CLOSE_WAIT", "LAST_ACK"})
 
 
-def count_by_bucket(entries: Iterable[tuple[str, int, str, str]], vips: Iterable[str], buckets: int,
-                    seed: int) -> Counter:
-    """``entries`` are (client_ip, client_port, destination_ip, tcp_state) of TCP conntrack entries."""
-    vipset = set(vips)
+def count_by_bucket(entries: Iterable[tuple[str, int, str, int, str]], rules: tuple[TrafficRule, ...],
+                    unmatched: str, buckets: int, seed: int) -> Counter:
+    """``entries`` are (client_ip, client_port, vip, vip_port, tcp_state) of TCP conntrack entries.
+
+    Each connection counts in the bucket its port rule's affinity gives it.
+    """
+    vipset = {r.vip for r in rules}
     out: Counter = Counter()
-    for saddr, sport, daddr, state in entries:
+    for saddr, sport, daddr, dport, state in entries:
         if daddr in vipset and state in LIVE_TCP_STATES:
-            out[bucket_of(saddr, sport, buckets, seed)] += 1
+            b = bucket_for(rules, unmatched, daddr, "tcp", dport, saddr, sport, buckets, seed)
+            if b is not None:
+                out[b] += 1
     return out
 
 
-def parse_conntrack_lines(text: str) -> list[tuple[str, int, str, str]]:
-    """Parse ``conntrack -L -p tcp`` lines into (client_ip, client_port, destination_ip, state)."""
+def parse_conntrack_lines(text: str) -> list[tuple[str, int, str, int, str]]:
+    """Parse ``conntrack -L -p tcp`` lines into (client_ip, client_port, vip, vip_port, state)."""
     out = []
     for line in text.splitlines():
         parts = line.split()
@@ -46,13 +51,13 @@ def parse_conntrack_lines(text: str) -> list[tuple[str, int, str, str]]:
             if sep and k not in fields:  # the first src/dst/sport belong to the original direction
                 fields[k] = v
         try:
-            out.append((fields["src"], int(fields["sport"]), fields["dst"], state))
+            out.append((fields["src"], int(fields["sport"]), fields["dst"], int(fields["dport"]), state))
         except (KeyError, ValueError):
             continue
     return out
 
 
-def tcp_entries(vips: Iterable[str]) -> list[tuple[str, int, str, str]]:
+def tcp_entries(vips: Iterable[str]) -> list[tuple[str, int, str, int, str]]:
     """TCP conntrack entries towards the VIPs in this network namespace.
 
     The conntrack tool (C, ctnetlink with a kernel-side filter) reads tens of
@@ -72,5 +77,6 @@ def tcp_entries(vips: Iterable[str]) -> list[tuple[str, int, str, str]]:
     return out
 
 
-def live_connections_by_bucket(vips, buckets: int, seed: int) -> Counter:
-    return count_by_bucket(tcp_entries(vips), vips, buckets, seed)
+def live_connections_by_bucket(rules: tuple[TrafficRule, ...], unmatched: str, buckets: int,
+                               seed: int) -> Counter:
+    return count_by_bucket(tcp_entries(sorted({r.vip for r in rules})), rules, unmatched, buckets, seed)

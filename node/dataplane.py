@@ -46,6 +46,8 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
+from nlbfarm.coordinator.hashing import network_hash_payload
+from nlbfarm.coordinator.rules import UNMATCHED_BUCKET, TrafficRule
 from nlbfarm.errors import DataPlaneError
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,8 @@ COUNTER_RULES = (
     "accepted",                  # owned bucket, let through (vip_in)
     "draining",                  # draining bucket, not a new SYN, let through (drain_in)
     "dropped_fenced",            # fence closed (vip_in)
-    "dropped_foreign",           # bucket of another node, or not TCP/UDP/ICMP error (vip_in)
+    "dropped_foreign",           # bucket of another node (pick_* chains)
+    "dropped_unmatched",         # VIP traffic no port rule matches (vip_in)
     "dropped_draining_syn",      # new connection in a draining bucket (drain_in)
     "dropped_draining_unknown",  # no established connection of ours in a draining bucket (vip_ct)
     "dropped_guarded",           # unknown mid-stream TCP in a guarded bucket: the peer's (vip_ct)
@@ -85,6 +88,10 @@ class DataPlaneSpec:
     fence_timeout: int = 2
     table: str = DEFAULT_TABLE
     mac_mode: str = "multicast"
+    # Port rules per VIP (empty: every TCP and UDP port, affinity none) and
+    # what happens to VIP traffic no rule matches: "drop" or "one-node".
+    rules: tuple[TrafficRule, ...] = ()
+    unmatched: str = "drop"
 
     def with_buckets(self, accepting, draining=(), guarded=()) -> "DataPlaneSpec":
         as_tuple = lambda rs: tuple(tuple(r) for r in rs)  # noqa: E731
@@ -181,9 +188,44 @@ def _l4(protos: list[str]) -> dict:
     return {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": _set_or_value(protos)}}
 
 
-def _in_buckets(spec: DataPlaneSpec, ranges) -> dict:
-    return {"match": {"op": "==", "left": bucket_hash_expr(spec.buckets, spec.seed),
+def affinity_hash_expr(affinity: str, buckets: int, seed: int) -> dict:
+    """The jhash of a rule's affinity (coordinator/rules.py has the Python twin)."""
+    if affinity == "none":
+        return bucket_hash_expr(buckets, seed)
+    if affinity == "client":
+        return address_hash_expr(buckets, seed)
+    if affinity == "network":
+        return {"jhash": {"mod": buckets, "seed": seed, "expr": network_hash_payload()}}
+    raise ValueError(f"unknown affinity {affinity!r}")
+
+
+def _in_buckets(spec: DataPlaneSpec, ranges, affinity: str = "none") -> dict:
+    return {"match": {"op": "==", "left": affinity_hash_expr(affinity, spec.buckets, spec.seed),
                       "right": {"set": _range_elems(ranges)}}}
+
+
+def effective_rules(spec: DataPlaneSpec) -> tuple[TrafficRule, ...]:
+    """The spec's port rules; none given: every TCP and UDP port of every VIP, affinity none."""
+    return spec.rules or tuple(TrafficRule(v, ("tcp", "udp"), 1, 65535, "none") for v in spec.vips)
+
+
+def _affinities(rules) -> list[str]:
+    return sorted({r.affinity for r in rules})
+
+
+def _has(ranges, bucket: int) -> bool:
+    return any(lo <= bucket <= hi for lo, hi in ranges)
+
+
+def _rule_match(r: TrafficRule, spec: DataPlaneSpec, tcp_only: bool = False) -> list[dict]:
+    out = []
+    if len(spec.vips) > 1:
+        out.append({"match": {"op": "==", "left": _payload("ip", "daddr"), "right": r.vip}})
+    out.append(_l4(["tcp"] if tcp_only else list(r.protocols)))
+    if (r.first, r.last) != (1, 65535):
+        port = r.first if r.first == r.last else {"range": [r.first, r.last]}
+        out.append({"match": {"op": "==", "left": _payload("th", "dport"), "right": port}})
+    return out
 
 
 def _count(spec: DataPlaneSpec, rule: str) -> dict:
@@ -214,6 +256,7 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
         return {"add": {"chain": c}}
 
     to_vip = {"match": {"op": "==", "left": _payload("ip", "daddr"), "right": _set_or_value(list(spec.vips))}}
+    rules = effective_rules(spec)
     cmds = _replace_table(fam, tbl) + [
         {"add": {"set": {"family": fam, "table": tbl, "name": "fence", "type": "ifname",
                          "flags": ["timeout"]}}},
@@ -227,6 +270,10 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
     cmds += [
         chain("prerouting", PRIO_RAW), chain("vip_in"), chain("drain_in"),
         chain("postct", PRIO_POST_CT), chain("vip_ct"),
+        # Jump targets exist before the rules that name them (one transaction, in order).
+        *[chain(f"pick_{aff}") for aff in _affinities(rules)],
+        *[chain(f"ct_{aff}") for aff in _affinities([r for r in rules if "tcp" in r.protocols])],
+        *([chain("pick_one"), chain("ct_one")] if spec.unmatched == "one-node" else []),
         rule("prerouting", to_vip, {"jump": {"target": "vip_in"}}),
         # Frames addressed to the multicast cluster MAC arrive as
         # PACKET_MULTICAST, which TCP refuses; they are ours to deliver.
@@ -242,40 +289,69 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
                         "right": {"set": ["destination-unreachable", "time-exceeded"]}}},
              {"accept": None}),
     ]
+    # ICMP echo: exactly one node answers, the owner of the client address's
+    # bucket. Echo has no connection to keep, so it moves at once.
     if spec.accepting:
-        cmds.append(rule("vip_in", _l4(["tcp", "udp"]), _in_buckets(spec, spec.accepting),
-                         count("accepted"), {"accept": None}))
-        # Ping the VIP: exactly one node answers, the owner of the client
-        # address's bucket. Echo has no connection to keep, so it moves at once.
         cmds.append(rule("vip_in",
                          {"match": {"op": "==", "left": _payload("icmp", "type"), "right": "echo-request"}},
-                         {"match": {"op": "==", "left": address_hash_expr(spec.buckets, spec.seed),
-                                    "right": {"set": _range_elems(spec.accepting)}}},
-                         count("accepted"), {"accept": None}))
+                         _in_buckets(spec, spec.accepting, "client"), count("accepted"), {"accept": None}))
+    # Port rules send each packet to the chain of its affinity, which hashes
+    # it and decides by bucket; the rules do not overlap (config checks it).
+    for r in rules:
+        cmds.append(rule("vip_in", *_rule_match(r, spec), {"goto": {"target": f"pick_{r.affinity}"}}))
+    if spec.unmatched == "one-node":
+        cmds.append(rule("vip_in", {"goto": {"target": "pick_one"}}))
+    cmds.append(rule("vip_in", count("dropped_unmatched"), {"drop": None}))
+    for aff in _affinities(rules):
+        if spec.accepting:
+            cmds.append(rule(f"pick_{aff}", _in_buckets(spec, spec.accepting, aff), count("accepted"),
+                             {"accept": None}))
+        if spec.draining:
+            cmds.append(rule(f"pick_{aff}", _l4(["tcp"]), _in_buckets(spec, spec.draining, aff),
+                             {"jump": {"target": "drain_in"}}))
+        cmds.append(rule(f"pick_{aff}", count("dropped_foreign"), {"drop": None}))
+    if spec.unmatched == "one-node":
+        # The default host: whoever owns bucket 0 serves what no rule matches.
+        if _has(spec.accepting, UNMATCHED_BUCKET):
+            cmds.append(rule("pick_one", count("accepted"), {"accept": None}))
+        elif _has(spec.draining, UNMATCHED_BUCKET):
+            cmds.append(rule("pick_one", _l4(["tcp"]), {"jump": {"target": "drain_in"}}))
+        cmds.append(rule("pick_one", count("dropped_foreign"), {"drop": None}))
     if spec.draining:
-        cmds.append(rule("vip_in", _l4(["tcp"]), _in_buckets(spec, spec.draining),
-                         {"jump": {"target": "drain_in"}}))
         # A new connection in a released bucket belongs to its new owner.
         cmds.append(rule("drain_in", {"match": {"op": "==", "left": _SYN_ONLY, "right": "syn"}},
                          count("dropped_draining_syn"), {"drop": None}))
         cmds.append(rule("drain_in", count("draining"), {"accept": None}))
-    cmds.append(rule("vip_in", count("dropped_foreign"), {"drop": None}))
 
     cmds += [
         rule("postct", to_vip, {"jump": {"target": "vip_ct"}}),
         rule("vip_ct", {"match": {"op": "in", "left": {"ct": {"key": "state"}},
                                   "right": ["established", "related"]}}, {"accept": None}),
     ]
-    if spec.draining:
-        # Not an established connection of ours: nothing to keep serving.
-        cmds.append(rule("vip_ct", _l4(["tcp"]), _in_buckets(spec, spec.draining),
-                         count("dropped_draining_unknown"), {"drop": None}))
-    if spec.guarded:
-        # Mid-stream packet of a connection this node does not know, in a bucket
-        # a live peer still drains: it is the peer's. Drop it without a reset.
-        cmds.append(rule("vip_ct", _l4(["tcp"]),
-                         {"match": {"op": "!=", "left": _SYN_ONLY, "right": "syn"}},
-                         _in_buckets(spec, spec.guarded), count("dropped_guarded"), {"drop": None}))
+    if spec.draining or spec.guarded:
+        for r in rules:
+            if "tcp" in r.protocols:
+                cmds.append(rule("vip_ct", *_rule_match(r, spec, tcp_only=True),
+                                 {"goto": {"target": f"ct_{r.affinity}"}}))
+        if spec.unmatched == "one-node":
+            cmds.append(rule("vip_ct", _l4(["tcp"]), {"goto": {"target": "ct_one"}}))
+        for aff in _affinities([r for r in rules if "tcp" in r.protocols]):
+            if spec.draining:
+                # Not an established connection of ours: nothing to keep serving.
+                cmds.append(rule(f"ct_{aff}", _in_buckets(spec, spec.draining, aff),
+                                 count("dropped_draining_unknown"), {"drop": None}))
+            if spec.guarded:
+                # Mid-stream packet of a connection this node does not know, in a
+                # bucket a live peer still drains: it is the peer's. Drop it silently.
+                cmds.append(rule(f"ct_{aff}", {"match": {"op": "!=", "left": _SYN_ONLY, "right": "syn"}},
+                                 _in_buckets(spec, spec.guarded, aff), count("dropped_guarded"),
+                                 {"drop": None}))
+        if spec.unmatched == "one-node":
+            if _has(spec.draining, UNMATCHED_BUCKET):
+                cmds.append(rule("ct_one", count("dropped_draining_unknown"), {"drop": None}))
+            elif _has(spec.guarded, UNMATCHED_BUCKET):
+                cmds.append(rule("ct_one", {"match": {"op": "!=", "left": _SYN_ONLY, "right": "syn"}},
+                                 count("dropped_guarded"), {"drop": None}))
     return cmds
 
 

@@ -150,7 +150,8 @@ class FarmService(farm_pb2_grpc.FarmServicer):
 
     def Which(self, request, context):
         try:
-            w = self.agent.which(request.client_ip, request.client_port, request.vip or None)
+            w = self.agent.which(request.client_ip, request.client_port, request.vip or None,
+                                 request.vip_port, request.protocol)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except LookupError as exc:

@@ -151,7 +151,7 @@ def test_counters_per_vip_rule_are_monotonic_across_reapply_and_fence(netns, cli
     assert snaps[0] == []  # nothing applied yet
     fresh, after1, reapplied, after2, fenced, after3 = snaps[1:]
     size = 20 + 8 + PAYLOAD
-    assert set(fresh) == {"accepted", "draining", "dropped_fenced", "dropped_foreign",
+    assert set(fresh) == {"accepted", "draining", "dropped_fenced", "dropped_foreign", "dropped_unmatched",
                           "dropped_draining_syn", "dropped_draining_unknown", "dropped_guarded"}
     assert all(v == [0, 0] for v in fresh.values())
 
@@ -185,12 +185,12 @@ def test_two_vip_counters_load_and_read_back(netns):
         "cs = dp.counters()\n"
         "print(len(cs), cs == sorted(cs, key=lambda c: (c.vip, c.rule)), {c.vip for c in cs} == set(spec.vips),"
         " all(c.packets == 0 for c in cs))\n"
-        "import subprocess\nlisting = subprocess.run(['nft', 'list', 'chain', 'inet', 'nlbfarm', 'vip_ct'],"
+        "import subprocess\nlisting = subprocess.run(['nft', 'list', 'chain', 'inet', 'nlbfarm', 'ct_none'],"
         " check=True, capture_output=True, text=True).stdout\n"
         "print('counter name ip daddr map { 198.18.0.100 : \"dropped_guarded_198_18_0_100\", '\n"
         "      '198.18.0.101 : \"dropped_guarded_198_18_0_101\" } drop' in listing)\n"
         "subprocess.run(['nft', 'flush', 'ruleset'], check=True)\n"
         "try:\n    dp.counters(); print('read')\nexcept DataPlaneError:\n    print('failed')\n"
         "print(dp.apply(spec.with_buckets(((0, 10),))), len(dp.counters()))\n")
-    assert in_ns(netns, code).split() == ["True", "True", "14", "True", "True", "True", "True", "failed", "True",
-                                            "14"]
+    assert in_ns(netns, code).split() == ["True", "True", "16", "True", "True", "True", "True", "failed", "True",
+                                            "16"]

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from nlbfarm.coordinator.hashing import bucket_of, bucket_of_address
+from nlbfarm.coordinator.hashing import bucket_of, bucket_of_address, bucket_of_network
 
 
 @pytest.fixture
@@ -73,3 +73,43 @@ def test_python_address_bucket_equals_kernel_jhash(pair, buckets, seed):
             for e in x["rule"]["expr"] if "counter" in e]
     missed = [c for c, h in zip(clients, hits) if h == 0]
     assert len(hits) == len(clients) and missed == [], f"kernel put these clients elsewhere: {missed}"
+
+
+@pytest.mark.parametrize("buckets, seed", [(4096, 0x1234ABCD), (64, 7)])
+def test_python_network_bucket_equals_kernel_jhash(pair, buckets, seed):
+    """Network affinity: ``jhash @nh,96,24`` hashes the first three octets (a 3-byte key).
+
+    Clients come from eleven /24s, two per /24. Each also gets a rule for the
+    masked form ``jhash ip saddr & 255.255.255.0``, which hashes the 4-byte
+    ``a.b.c.0`` instead, so the test tells the two key lengths apart.
+    """
+    a, b = pair
+    nets = ["198.18.77"] + [f"198.18.{n}" for n in range(80, 90)]
+    clients = [f"{n}.{h}" for n in nets for h in (5, 77)]
+    for n in nets:
+        assert bucket_of_network(f"{n}.5", buckets, seed) == bucket_of_network(f"{n}.77", buckets, seed)
+    masked = {c: bucket_of_address(c.rsplit(".", 1)[0] + ".0", buckets, seed) for c in clients}
+    assert any(masked[c] != bucket_of_network(c, buckets, seed) for c in clients), "test cannot tell 3 from 4 bytes"
+    for c in clients:
+        subprocess.run(["ip", "-n", a, "addr", "add", f"{c}/16", "dev", "h0"], check=True)
+    subprocess.run(["ip", "-n", b, "route", "add", "198.18.0.0/16", "dev", "h1"], check=True)
+    rules = ["table inet h {", "chain p {", "type filter hook prerouting priority -300; policy accept;"]
+    for c in clients:
+        rules.append(f"ip saddr {c} icmp type echo-request jhash @nh,96,24 mod {buckets} seed {seed:#x} "
+                     f"{bucket_of_network(c, buckets, seed)} counter")
+        rules.append(f"ip saddr {c} icmp type echo-request jhash ip saddr & 255.255.255.0 mod {buckets} "
+                     f"seed {seed:#x} {masked[c]} counter")
+    rules += ["}", "}"]
+    subprocess.run(["ip", "netns", "exec", b, "nft", "-f", "-"], input="\n".join(rules), text=True, check=True)
+    for c in clients:
+        subprocess.run(["ip", "netns", "exec", a, "ping", "-n", "-c", "1", "-W", "1", "-I", c, "198.18.77.2"],
+                       capture_output=True, timeout=10)
+    out = json.loads(subprocess.run(["ip", "netns", "exec", b, "nft", "-j", "list", "ruleset"],
+                                    capture_output=True, text=True, check=True).stdout)
+    hits = [e["counter"]["packets"] for x in out["nftables"] if "rule" in x
+            for e in x["rule"]["expr"] if "counter" in e]
+    assert len(hits) == 2 * len(clients)
+    missed = [c for c, h in zip(clients, hits[0::2]) if h == 0]
+    assert missed == [], f"kernel put these clients in other /24 buckets than Python predicted: {missed}"
+    missed = [c for c, h in zip(clients, hits[1::2]) if h == 0]
+    assert missed == [], f"masked form: kernel put these clients elsewhere: {missed}"

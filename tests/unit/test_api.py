@@ -45,7 +45,7 @@ class FakeAgent:
                 "applied_generation": 3, "owned_buckets": 0, "accepting_buckets": 0, "draining_buckets": 0,
                 "fence_open": True, "etcd_state": "connected", "last_cycle": "ok", "vips": ["198.18.0.100"]}
 
-    def which(self, ip, port, vip):
+    def which(self, ip, port, vip, vip_port=0, protocol=""):
         if vip not in (None, "198.18.0.100"):
             raise ValueError(f"vip {vip} is not one of this farm's VIPs")
         return {"bucket": 7, "node_id": "n2", "generation": 3, "draining_on": ["n1"]}

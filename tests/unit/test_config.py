@@ -183,3 +183,42 @@ def test_example_configs_are_valid(name):
     cfg = load_config(Path(__file__).parents[2] / "deploy" / "examples" / name)
     if name.startswith("modules/"):
         assert cfg.module.start and cfg.module.stop and cfg.module.checks
+
+
+# ---- port rules ----------------------------------------------------------------
+
+def test_port_rules():
+    cfg = parse_config(merged(cluster={"vips": ["198.18.0.100", "198.18.0.101"], "unmatched": "one-node",
+                                       "rules": [{"vip": "198.18.0.100", "protocol": "tcp", "ports": 80,
+                                                  "affinity": "client"},
+                                                 {"protocol": "both", "ports": "5000-5100",
+                                                  "affinity": "network"},
+                                                 {"vip": "198.18.0.101", "protocol": "tcp", "ports": "80"}]}))
+    r = cfg.cluster.rules
+    assert [(x.vip, x.protocols, x.port_range, x.affinity) for x in r] == [
+        ("198.18.0.100", ("tcp",), (80, 80), "client"), (None, ("tcp", "udp"), (5000, 5100), "network"),
+        ("198.18.0.101", ("tcp",), (80, 80), "none")]
+    assert cfg.cluster.unmatched == "one-node"
+    assert [(x.protocol, x.ports, x.affinity) for x in parse_config(GOOD).cluster.effective_rules] == [
+        ("both", "all", "none")]
+
+
+@pytest.mark.parametrize("rules, field, words", [
+    ([{"ports": "90-80"}], "cluster.rules.0.ports", "the range first <= last"),
+    ([{"ports": 0}], "cluster.rules.0.ports", "ports must be 1..65535"),
+    ([{"ports": "http"}], "cluster.rules.0.ports", "is not a port, a range like 8000-8100, or 'all'"),
+    ([{"protocol": "sctp"}], "cluster.rules.0.protocol", "must be one of tcp, udp, both"),
+    ([{"affinity": "sticky"}], "cluster.rules.0.affinity", "must be one of none, client, network"),
+    ([{"vip": "198.18.0.9"}], "cluster", "rules[0]: vip 198.18.0.9 is not one of cluster.vips"),
+    ([{"protocol": "tcp", "ports": "1-100"}, {"protocol": "both", "ports": 80}], "cluster",
+     "rules[1] overlaps rules[0] (198.18.0.100 tcp 80-80)"),
+])
+def test_port_rule_errors(rules, field, words):
+    with pytest.raises(ConfigError) as ei:
+        parse_config(merged(cluster={"vips": ["198.18.0.100"], "rules": rules}), "farmd.yaml")
+    assert f"  {field}" in str(ei.value) and words in str(ei.value), str(ei.value)
+
+
+def test_unmatched_must_be_known():
+    with pytest.raises(ConfigError, match="must be one of drop, one-node"):
+        parse_config(merged(cluster={"unmatched": "default-host"}))

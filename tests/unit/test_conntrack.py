@@ -1,4 +1,5 @@
-from nlbfarm.coordinator.hashing import bucket_of
+from nlbfarm.coordinator.hashing import bucket_of, bucket_of_address
+from nlbfarm.coordinator.rules import TrafficRule
 from nlbfarm.node.conntrack import count_by_bucket, parse_conntrack_lines
 
 SAMPLE = """\
@@ -8,17 +9,26 @@ tcp      6 59 SYN_RECV src=198.18.0.3 dst=198.18.0.100 sport=40002 dport=80 src=
 udp      17 29 src=198.18.0.3 dst=198.18.0.100 sport=5353 dport=53 [UNREPLIED] src=198.18.0.100 dst=198.18.0.3 sport=53 dport=5353 mark=0 use=1
 conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.
 """
+ALL = (TrafficRule("198.18.0.100", ("tcp", "udp"), 1, 65535, "none"),)
 
 
 def test_parse_takes_the_original_direction():
     rows = parse_conntrack_lines(SAMPLE)
-    assert rows == [("198.18.0.3", 40000, "198.18.0.100", "ESTABLISHED"),
-                    ("198.18.0.3", 40001, "198.18.0.100", "TIME_WAIT"),
-                    ("198.18.0.3", 40002, "198.18.0.100", "SYN_RECV")]
+    assert rows == [("198.18.0.3", 40000, "198.18.0.100", 80, "ESTABLISHED"),
+                    ("198.18.0.3", 40001, "198.18.0.100", 80, "TIME_WAIT"),
+                    ("198.18.0.3", 40002, "198.18.0.100", 80, "SYN_RECV")]
 
 
 def test_only_live_connections_to_a_vip_count():
-    counts = count_by_bucket(parse_conntrack_lines(SAMPLE) + [("198.18.0.3", 1, "10.9.9.9", "ESTABLISHED")],
-                             ["198.18.0.100"], 64, 5)
+    rows = parse_conntrack_lines(SAMPLE) + [("198.18.0.3", 1, "198.18.1.9", 80, "ESTABLISHED")]
+    counts = count_by_bucket(rows, ALL, "drop", 64, 5)
     assert sum(counts.values()) == 2  # TIME_WAIT is over; other destinations are not ours
     assert counts[bucket_of("198.18.0.3", 40000, 64, 5)] >= 1
+
+
+def test_connections_count_in_their_rule_affinity_bucket():
+    rules = (TrafficRule("198.18.0.100", ("tcp",), 80, 80, "client"),)
+    rows = [("198.18.0.3", p, "198.18.0.100", 80, "ESTABLISHED") for p in range(40000, 40010)]
+    rows.append(("198.18.0.3", 5, "198.18.0.100", 8080, "ESTABLISHED"))  # no rule: dropped, not counted
+    assert count_by_bucket(rows, rules, "drop", 4096, 9) == {bucket_of_address("198.18.0.3", 4096, 9): 10}
+    assert count_by_bucket(rows, rules, "one-node", 4096, 9)[0] == 1  # unmatched: bucket 0

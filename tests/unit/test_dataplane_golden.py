@@ -10,6 +10,7 @@ import pytest
 from dataclasses import replace
 
 from nlbfarm.errors import DataPlaneError
+from nlbfarm.coordinator.rules import TrafficRule
 from nlbfarm.node.dataplane import (
     COUNTER_RULES, DataPlane, DataPlaneSpec, RuleCounter, build_counters_list, build_fence_refresh,
     build_ruleset, build_teardown, cluster_mac_for, counter_name, parse_counters)
@@ -31,6 +32,17 @@ CASES = {
     # Per-VIP counters through a map in every counted rule.
     "handover_two_vips": replace(BASE, vips=("198.18.0.100", "198.18.0.101"), accepting=((0, 1023),),
                                  draining=((2048, 2100),), guarded=((1000, 1023),), fence_open=True),
+    # Port rules with every affinity on two VIPs; unmatched traffic to the owner of bucket 0.
+    "rules_two_vips_one_node": replace(
+        BASE, vips=("198.18.0.100", "198.18.0.101"), unmatched="one-node", fence_open=True,
+        accepting=((0, 1023),), draining=((2048, 2100),), guarded=((1000, 1023),),
+        rules=(TrafficRule("198.18.0.100", ("tcp",), 80, 80, "client"),
+               TrafficRule("198.18.0.100", ("udp",), 5000, 5100, "none"),
+               TrafficRule("198.18.0.101", ("tcp", "udp"), 1, 65535, "network"))),
+    # Bucket 0 is draining here: unmatched TCP keeps its old connections, new ones go elsewhere.
+    "rules_bucket0_draining": replace(
+        BASE, unmatched="one-node", fence_open=True, accepting=((1, 100),), draining=((0, 0),),
+        rules=(TrafficRule("198.18.0.100", ("tcp",), 443, 443, "none"),)),
     # The cluster MAC is a flooded unicast MAC: an ingress hook relabels its frames.
     "unicast_flood": replace(BASE, cluster_mac=cluster_mac_for("198.18.0.100", "unicast-flood"),
                              mac_mode="unicast-flood", accepting=((0, 2047),), fence_open=True),
@@ -127,13 +139,14 @@ def test_counted_rules_by_chain():
     vip = spec.vips[0]
     by_chain = [(chain, ref) for chain, ref in _counter_refs(build_ruleset(spec))]
     assert by_chain == [("vip_in", counter_name(vip, "dropped_fenced")),
-                        ("vip_in", counter_name(vip, "accepted")),
                         ("vip_in", counter_name(vip, "accepted")),  # ICMP echo, by client address
+                        ("vip_in", counter_name(vip, "dropped_unmatched")),
+                        ("pick_none", counter_name(vip, "accepted")),
+                        ("pick_none", counter_name(vip, "dropped_foreign")),
                         ("drain_in", counter_name(vip, "dropped_draining_syn")),
                         ("drain_in", counter_name(vip, "draining")),
-                        ("vip_in", counter_name(vip, "dropped_foreign")),
-                        ("vip_ct", counter_name(vip, "dropped_draining_unknown")),
-                        ("vip_ct", counter_name(vip, "dropped_guarded"))]
+                        ("ct_none", counter_name(vip, "dropped_draining_unknown")),
+                        ("ct_none", counter_name(vip, "dropped_guarded"))]
 
 
 def test_a_counter_sits_just_before_its_rule_verdict():

@@ -1,0 +1,68 @@
+"""Port rules: which VIP traffic the farm serves, and which bucket a client lands in.
+
+Every node must compute the same bucket for the same packet, or a connection
+would be served by two nodes or none; so rules, like the bucket count, are
+identical on every node. The kernel computes the bucket with the jhash
+expression of the matching rule's affinity (``node/dataplane.py``); this
+module is its Python twin, used to count draining connections and to answer
+``Which``:
+
+* ``none``: jhash(client address . client port), the best spread;
+* ``client``: jhash(client address), session affinity;
+* ``network``: jhash(first 24 bits of the client address), for proxy pools.
+
+Traffic that matches no rule is dropped, or (``unmatched: one-node``) served
+by the owner of bucket 0, which moves with the usual handover.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nlbfarm.coordinator import hashing
+
+UNMATCHED_BUCKET = 0
+
+
+@dataclass(frozen=True)
+class TrafficRule:
+    vip: str
+    protocols: tuple[str, ...]  # ("tcp",), ("udp",) or ("tcp", "udp")
+    first: int
+    last: int
+    affinity: str  # none, client, network
+
+    def matches(self, vip: str, protocol: str, port: int) -> bool:
+        return vip == self.vip and protocol in self.protocols and self.first <= port <= self.last
+
+
+def resolve(vips, rules) -> tuple[TrafficRule, ...]:
+    """Config port rules (``PortRule``, vip None = every VIP) -> one TrafficRule per VIP, in order."""
+    out = []
+    for r in rules:
+        lo, hi = r.port_range
+        for vip in ([r.vip] if r.vip else vips):
+            out.append(TrafficRule(vip, r.protocols, lo, hi, r.affinity))
+    return tuple(out)
+
+
+def match(rules: tuple[TrafficRule, ...], vip: str, protocol: str, port: int) -> TrafficRule | None:
+    return next((r for r in rules if r.matches(vip, protocol, port)), None)
+
+
+def bucket_by_affinity(affinity: str, client_ip: str, client_port: int, buckets: int, seed: int) -> int:
+    if affinity == "none":
+        return hashing.bucket_of(client_ip, client_port, buckets, seed)
+    if affinity == "client":
+        return hashing.bucket_of_address(client_ip, buckets, seed)
+    if affinity == "network":
+        return hashing.bucket_of_network(client_ip, buckets, seed)
+    raise ValueError(f"unknown affinity {affinity!r}")
+
+
+def bucket_for(rules: tuple[TrafficRule, ...], unmatched: str, vip: str, protocol: str, port: int,
+               client_ip: str, client_port: int, buckets: int, seed: int) -> int | None:
+    """The bucket of a packet from client_ip:client_port to vip:port, or None if it is dropped."""
+    rule = match(rules, vip, protocol, port)
+    if rule is None:
+        return UNMATCHED_BUCKET if unmatched == "one-node" else None
+    return bucket_by_affinity(rule.affinity, client_ip, client_port, buckets, seed)

@@ -1,0 +1,45 @@
+"""Port rules: the Python twin of the kernel's rule and affinity choice."""
+import pytest
+
+from nlbfarm.config import PortRule
+from nlbfarm.coordinator.hashing import bucket_of, bucket_of_address, bucket_of_network
+from nlbfarm.coordinator.rules import TrafficRule, bucket_for, match, resolve
+
+V1, V2 = "198.18.0.100", "198.18.0.101"
+RULES = resolve((V1, V2), (PortRule(vip=V1, protocol="tcp", ports=80, affinity="client"),
+                           PortRule(protocol="udp", ports="5000-5100", affinity="network"),
+                           PortRule(vip=V2, protocol="both", ports=443)))
+
+
+def test_resolve_expands_rules_per_vip_in_order():
+    assert RULES == (TrafficRule(V1, ("tcp",), 80, 80, "client"),
+                     TrafficRule(V1, ("udp",), 5000, 5100, "network"),
+                     TrafficRule(V2, ("udp",), 5000, 5100, "network"),
+                     TrafficRule(V2, ("tcp", "udp"), 443, 443, "none"))
+
+
+@pytest.mark.parametrize("vip, proto, port, want", [
+    (V1, "tcp", 80, 0), (V1, "udp", 80, None), (V1, "udp", 5050, 1), (V2, "udp", 5100, 2),
+    (V2, "tcp", 443, 3), (V2, "udp", 443, 3), (V1, "tcp", 443, None), (V2, "tcp", 80, None),
+])
+def test_match(vip, proto, port, want):
+    got = match(RULES, vip, proto, port)
+    assert got == (None if want is None else RULES[want])
+
+
+def test_bucket_for_each_affinity_and_unmatched():
+    B, S = 4096, 0xABCD
+    assert bucket_for(RULES, "drop", V1, "tcp", 80, "198.18.0.3", 40000, B, S) == bucket_of_address("198.18.0.3", B, S)
+    assert bucket_for(RULES, "drop", V1, "udp", 5000, "198.18.0.3", 1, B, S) == bucket_of_network("198.18.0.3", B, S)
+    assert bucket_for(RULES, "drop", V2, "tcp", 443, "198.18.0.3", 7, B, S) == bucket_of("198.18.0.3", 7, B, S)
+    assert bucket_for(RULES, "drop", V1, "tcp", 22, "198.18.0.3", 7, B, S) is None
+    assert bucket_for(RULES, "one-node", V1, "tcp", 22, "198.18.0.3", 7, B, S) == 0
+
+
+def test_affinities_keep_what_they_promise():
+    B, S = 4096, 77
+    # client: the port does not matter; network: the last address byte does not either
+    assert len({bucket_for(RULES, "drop", V1, "tcp", 80, "198.18.0.3", p, B, S) for p in range(1024, 1100)}) == 1
+    assert len({bucket_for(RULES, "drop", V1, "udp", 5000, f"198.18.0.{i}", 9, B, S) for i in range(1, 60)}) == 1
+    # none spreads
+    assert len({bucket_for(RULES, "drop", V2, "tcp", 443, "198.18.0.3", p, B, S) for p in range(1024, 1100)}) > 50
