@@ -81,12 +81,15 @@ class Member:
     peer: str = ""
     # Why the node is in its state, for operators ("check http failing: HTTP 503").
     reason: str = ""
+    # Digest of the node's traffic rules (VIPs, port rules, unmatched policy):
+    # nodes that disagree would hash the same packet differently.
+    rules: str = ""
 
     def encode(self) -> bytes:
         return json.dumps({"id": self.id, "weight": self.weight, "state": self.state,
                            "addresses": list(self.addresses), "version": self.version,
-                           "instance": self.instance, "peer": self.peer, "reason": self.reason},
-                          sort_keys=True).encode()
+                           "instance": self.instance, "peer": self.peer, "reason": self.reason,
+                           "rules": self.rules}, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, node_id: str, raw: bytes) -> "Member":
@@ -103,10 +106,10 @@ class Member:
         if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
             raise ValueError("addresses must be a list of strings")
         version, instance, peer = d.get("version", ""), d.get("instance", ""), d.get("peer", "")
-        reason = d.get("reason", "")
-        if not all(isinstance(v, str) for v in (version, instance, peer, reason)):
-            raise ValueError("version, instance, peer and reason must be strings")
-        return cls(node_id, weight, state, tuple(addresses), version, instance, peer, reason)
+        reason, rules = d.get("reason", ""), d.get("rules", "")
+        if not all(isinstance(v, str) for v in (version, instance, peer, reason, rules)):
+            raise ValueError("version, instance, peer, reason and rules must be strings")
+        return cls(node_id, weight, state, tuple(addresses), version, instance, peer, reason, rules)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,13 @@ def resolve(vips, rules) -> tuple[TrafficRule, ...]:
     return tuple(out)
 
 
+def digest(rules: tuple[TrafficRule, ...], unmatched: str) -> str:
+    """A short fingerprint of the traffic rules, compared between nodes."""
+    import hashlib
+    text = repr((tuple(sorted(rules, key=repr)), unmatched))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def match(rules: tuple[TrafficRule, ...], vip: str, protocol: str, port: int) -> TrafficRule | None:
     return next((r for r in rules if r.matches(vip, protocol, port)), None)
 

@@ -326,6 +326,10 @@ def farm_problems(st: dict) -> list[str]:
     """Why the farm, as this node sees it, is not healthy (empty: healthy)."""
     out = []
     g = int(st.get("generation", 0))
+    digests = {m.get("rules") for m in st.get("members", []) if m.get("rules")}
+    if len(digests) > 1:
+        out.append("members disagree on traffic rules (cluster.vips, rules, unmatched): " + ", ".join(
+            f"{m['id']}={m['rules']}" for m in st.get("members", []) if m.get("rules")))
     for m in st.get("members", []):
         if m.get("state") in UNHEALTHY_STATES:
             out.append(f"{m['id']} is {m['state']}" + (f": {m['reason']}" if m.get("reason") else ""))

@@ -36,7 +36,8 @@ from nlbfarm.config import Config, load_config
 from nlbfarm.coordinator.cluster import (
     Applied, ClusterSettings, ClusterSnapshot, DrainRequest, Member, applied_key, build_snapshot,
     cluster_key, drain_key, expand, member_key, table_key, TableRecord)
-from nlbfarm.coordinator.rules import bucket_for, match as match_rule, resolve as resolve_rules
+from nlbfarm.coordinator.rules import bucket_for, digest as rules_digest, match as match_rule
+from nlbfarm.coordinator.rules import resolve as resolve_rules
 from nlbfarm.coordinator.handover import AcceptPlan, plan_accept, plan_table
 from nlbfarm.coordinator.store import EtcdStore, LeaseExpired, Store
 from nlbfarm.coordinator.table import bucket_ranges
@@ -161,6 +162,8 @@ class Agent:
         self.vip = vip or Vip(cfg.node.interface, cfg.cluster.vips, self.cluster_mac,
                               mac_mode=cfg.cluster.mac_mode)
         self.rules = resolve_rules(cfg.cluster.vips, cfg.cluster.effective_rules)
+        self.rules_digest = rules_digest(self.rules, cfg.cluster.unmatched)
+        self._rules_warned: set[str] = set()
         self.instance = secrets.token_hex(8)
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -242,7 +245,7 @@ class Agent:
 
     def _member(self, state: str, reason: str = "") -> Member:
         return Member(self.me, self.cfg.node.weight, state, self.cfg.node.addresses, __version__,
-                      self.instance, self.cfg.status.peer_listen or "", reason)
+                      self.instance, self.cfg.status.peer_listen or "", reason, self.rules_digest)
 
     def _register(self) -> None:
         """Create members/<me> bound to a new lease, then re-read the cluster.
@@ -543,6 +546,13 @@ class Agent:
                                         f"{nid} {self._seen_members[nid]} -> {members[nid]}: {reasons[nid]}",
                                         old=self._seen_members[nid], new=members[nid])
         self._seen_members = members
+        for m in snap.members.values():
+            if m.rules and m.rules != self.rules_digest and m.id not in self._rules_warned:
+                self._rules_warned.add(m.id)
+                log.warning("traffic rules differ node=%s peer=%s mine=%s theirs=%s: cluster.vips, "
+                            "cluster.rules and cluster.unmatched must be identical on every node, or a "
+                            "packet may be served by two nodes or none", self.me, m.id, self.rules_digest,
+                            m.rules)
         g = snap.table.generation if snap.table else 0
         if g != self._seen_generation:
             counts = snap.counts()
@@ -934,7 +944,7 @@ class Agent:
                  "draining_buckets": snap.applied[m.id].draining_buckets if m.id in snap.applied else 0,
                  "draining_connections": (snap.applied[m.id].draining_connections
                                           if m.id in snap.applied else 0),
-                 "drain_requested": m.id in snap.drains, "reason": m.reason}
+                 "drain_requested": m.id in snap.drains, "reason": m.reason, "rules": m.rules}
                 for m in sorted(snap.members.values(), key=lambda m: m.id)],
             "applied_generation": max(self.state.published_generation, 0),
             "owned_buckets": len(snap.table.owned_by(self.me)) if snap.table else 0,

@@ -60,7 +60,8 @@ def test_member_record_is_lease_bound_and_complete(etcd_server, cluster, agents)
     assert kv.lease == a.lease_id
     assert json.loads(kv.value) == {"id": "n1", "weight": 1, "state": "active",
                                     "addresses": ["198.18.0.11"], "version": "0.1.0",
-                                    "instance": a.instance, "peer": "", "reason": "no checks configured"}
+                                    "instance": a.instance, "peer": "", "reason": "no checks configured",
+                                    "rules": a.rules_digest}
 
 
 def test_duplicate_node_id_is_refused_and_first_is_undisturbed(etcd_server, cluster, agents):

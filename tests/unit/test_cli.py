@@ -65,3 +65,10 @@ def test_token_metadata(tmp_path, monkeypatch):
 def test_render_event():
     line = render_event({"time": 0, "kind": "member_state", "node_id": "n2", "message": "n2 active -> failed"})
     assert line.endswith("member_state      n2: n2 active -> failed")
+
+
+def test_members_with_different_traffic_rules_are_a_problem():
+    st = status(members=[{"id": "n1", "state": "active", "applied_generation": 4, "rules": "aaa"},
+                         {"id": "n2", "state": "active", "applied_generation": 4, "rules": "bbb"}])
+    assert farm_problems(st) == ["members disagree on traffic rules (cluster.vips, rules, unmatched): "
+                                 "n1=aaa, n2=bbb"]

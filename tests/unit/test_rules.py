@@ -43,3 +43,10 @@ def test_affinities_keep_what_they_promise():
     assert len({bucket_for(RULES, "drop", V1, "udp", 5000, f"198.18.0.{i}", 9, B, S) for i in range(1, 60)}) == 1
     # none spreads
     assert len({bucket_for(RULES, "drop", V2, "tcp", 443, "198.18.0.3", p, B, S) for p in range(1024, 1100)}) > 50
+
+
+def test_digest_tells_rule_sets_apart_and_ignores_order():
+    from nlbfarm.coordinator.rules import digest
+    assert digest(RULES, "drop") == digest(tuple(reversed(RULES)), "drop")
+    assert digest(RULES, "drop") != digest(RULES, "one-node")
+    assert digest(RULES, "drop") != digest(RULES[:-1], "drop")
