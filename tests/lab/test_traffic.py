@@ -85,7 +85,9 @@ def test_standby_takes_over_only_when_every_weighted_node_is_gone(lab, tmp_path)
 
 @pytest.fixture
 def ucast_lab(tmp_path):
-    lab = Lab(prefix="tucast", state_root=tmp_path / "lab", mac_mode="unicast-flood")
+    # Port rules for what the lab app serves; anything else is unmatched and dropped (the default).
+    lab = Lab(prefix="tucast", state_root=tmp_path / "lab", mac_mode="unicast-flood",
+              rules=({"protocol": "tcp", "ports": 80}, {"protocol": "udp", "ports": UDP_PORT}))
     try:
         lab.up(nodes=3, wait=60)
         yield lab
@@ -94,8 +96,9 @@ def ucast_lab(tmp_path):
     assert not lab.lab_namespaces()
 
 
-def test_unicast_flood_mode(ucast_lab, tmp_path):
-    """Clients learn a unicast cluster MAC that no node sends from; the switch floods it to all."""
+def test_unicast_flood_mode_and_unmatched_traffic_dropped(ucast_lab, tmp_path):
+    """Clients learn a unicast cluster MAC that no node sends from; the switch floods it to all.
+    Traffic no port rule matches is dropped by every node, silently, and counted."""
     lab = ucast_lab
     mac = "02:bf:c6:12:00:64"
     out = tmp_path / "load.jsonl"
@@ -112,3 +115,13 @@ def test_unicast_flood_mode(ucast_lab, tmp_path):
         assert lab.run(n, ["ip", "maddr", "show", "dev", "eth0"]).stdout.count("03:bf") == 0
     ping = lab.run("client", ["ping", "-n", "-c", "5", "-i", "0.2", "-W", "1", VIP], check=False, timeout=30)
     assert " 5 received" in ping.stdout and "DUP!" not in ping.stdout, ping.stdout
+    # TCP to a port without a rule: no node answers, not even with a reset.
+    code = ("import socket\ns = socket.socket(); s.settimeout(2)\n"
+            "try:\n    s.connect(('198.18.0.100', 8080)); print('connected')\n"
+            "except socket.timeout:\n    print('timeout')\n"
+            "except OSError as e:\n    print(type(e).__name__)\n")
+    assert lab.run("client", [lab.python, "-c", code], timeout=30).stdout.strip() == "timeout"
+    for n in ("n1", "n2", "n3"):
+        v = json.loads(lab.farmctl(n, "node", "--json").stdout)
+        dropped = next(int(c["packets"]) for c in v["counters"] if c["rule"] == "dropped_unmatched")
+        assert dropped >= 1, f"{n} must count the SYNs it dropped as unmatched"
