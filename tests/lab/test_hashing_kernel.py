@@ -6,7 +6,8 @@ import uuid
 
 import pytest
 
-from nlbfarm.coordinator.hashing import bucket_of, bucket_of_address, bucket_of_network
+from nlbfarm.coordinator.hashing import (bucket_of, bucket_of6, bucket_of_address, bucket_of_address6,
+                                         bucket_of_network, bucket_of_network6)
 
 
 @pytest.fixture
@@ -111,5 +112,108 @@ def test_python_network_bucket_equals_kernel_jhash(pair, buckets, seed):
     assert len(hits) == 2 * len(clients)
     missed = [c for c, h in zip(clients, hits[0::2]) if h == 0]
     assert missed == [], f"kernel put these clients in other /24 buckets than Python predicted: {missed}"
+    missed = [c for c, h in zip(clients, hits[1::2]) if h == 0]
+    assert missed == [], f"masked form: kernel put these clients elsewhere: {missed}"
+
+
+def _counters(ns):
+    out = json.loads(subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "ruleset"],
+                                    capture_output=True, text=True, check=True).stdout)
+    return [e["counter"]["packets"] for x in out["nftables"] if "rule" in x
+            for e in x["rule"]["expr"] if "counter" in e]
+
+
+@pytest.fixture
+def pair6(pair):
+    """The veth pair with 2001:db8:77::1/64 (client side) and 2001:db8:77::2/64, usable at once."""
+    a, b = pair
+    subprocess.run(["ip", "-n", a, "addr", "add", "2001:db8:77::1/64", "dev", "h0", "nodad"], check=True)
+    subprocess.run(["ip", "-n", b, "addr", "add", "2001:db8:77::2/64", "dev", "h1", "nodad"], check=True)
+    return a, b
+
+
+@pytest.mark.parametrize("buckets, seed", [(4096, 0x1234ABCD), (64, 7)])
+def test_python_bucket6_equals_kernel_jhash(pair6, buckets, seed):
+    """``jhash ip6 saddr . th sport``: a 20-byte key, so the kernel runs one mix round."""
+    a, b = pair6
+    clients = ["2001:db8:77::1", "2001:db8:77::a:5", "2001:db8:77:0:ffff:ffff:ffff:fffe", "2001:db8:77::8000:1"]
+    for c in clients[1:]:
+        subprocess.run(["ip", "-n", a, "addr", "add", f"{c}/64", "dev", "h0", "nodad"], check=True)
+    ports = random.Random(seed).sample(range(1024, 65535), 40)
+    flows = [(clients[i % len(clients)], p) for i, p in enumerate(ports)]
+    rules = ["table inet h {", "chain p {", "type filter hook prerouting priority -300; policy accept;"]
+    rules += [f"ip6 saddr {c} tcp sport {p} jhash ip6 saddr . th sport mod {buckets} seed {seed:#x} "
+              f"{bucket_of6(c, p, buckets, seed)} counter" for c, p in flows]
+    rules += ["}", "}"]
+    subprocess.run(["ip", "netns", "exec", b, "nft", "-f", "-"], input="\n".join(rules), text=True, check=True)
+    code = ("import socket\n"
+            f"for c, p in {flows!r}:\n"
+            "    s = socket.socket(socket.AF_INET6); s.settimeout(0.3); s.bind((c, p))\n"
+            "    try: s.connect(('2001:db8:77::2', 9))\n"
+            "    except OSError: pass\n"
+            "    s.close()\n")
+    subprocess.run(["ip", "netns", "exec", a, "python3", "-c", code], check=True, timeout=60)
+    hits = _counters(b)
+    assert len(hits) == len(flows)
+    missed = [f for f, h in zip(flows, hits) if h == 0]
+    assert missed == [], f"kernel put these flows in other buckets than Python predicted: {missed}"
+
+
+@pytest.mark.parametrize("buckets, seed", [(4096, 0x1234ABCD), (64, 7)])
+def test_python_address6_bucket_equals_kernel_jhash(pair6, buckets, seed):
+    """ICMPv6 echo is hashed on the client address alone (a 16-byte jhash key)."""
+    a, b = pair6
+    clients = [f"2001:db8:77::{i:x}" for i in range(16, 36)] + ["2001:db8:77:0:abcd:ef01:2345:6789"]
+    for c in clients:
+        subprocess.run(["ip", "-n", a, "addr", "add", f"{c}/64", "dev", "h0", "nodad"], check=True)
+    rules = ["table inet h {", "chain p {", "type filter hook prerouting priority -300; policy accept;"]
+    rules += [f"ip6 saddr {c} icmpv6 type echo-request jhash ip6 saddr mod {buckets} seed {seed:#x} "
+              f"{bucket_of_address6(c, buckets, seed)} counter" for c in clients]
+    rules += ["}", "}"]
+    subprocess.run(["ip", "netns", "exec", b, "nft", "-f", "-"], input="\n".join(rules), text=True, check=True)
+    for c in clients:
+        subprocess.run(["ip", "netns", "exec", a, "ping", "-6", "-n", "-c", "1", "-W", "1", "-I", c,
+                        "2001:db8:77::2"], capture_output=True, timeout=10)
+    hits = _counters(b)
+    missed = [c for c, h in zip(clients, hits) if h == 0]
+    assert len(hits) == len(clients) and missed == [], f"kernel put these clients elsewhere: {missed}"
+
+
+@pytest.mark.parametrize("buckets, seed", [(4096, 0x1234ABCD), (64, 7)])
+def test_python_network6_bucket_equals_kernel_jhash(pair6, buckets, seed):
+    """Network affinity: ``jhash @nh,64,64`` hashes the client's /64 (an 8-byte key).
+
+    Clients come from eleven /64s of 2001:db8:77::/48, two per /64. Each also
+    gets a rule for the masked form ``jhash ip6 saddr & ffff:ffff:ffff:ffff::``,
+    which hashes the 16-byte ``prefix::`` instead, so the test tells the two
+    key lengths apart.
+    """
+    import ipaddress
+    a, b = pair6
+    nets = [f"2001:db8:77:{n:x}" for n in (0, 1, 2, 3, 0x10, 0x77, 0x100, 0xabc, 0xfffe, 0xffff, 0x8000)]
+    clients = [f"{n}:{iid}" for n in nets for iid in (":5", "ffff:1:2:77")]
+    for n in nets:
+        assert bucket_of_network6(f"{n}::5", buckets, seed) == bucket_of_network6(f"{n}:ffff:1:2:77", buckets, seed)
+    masked = {c: bucket_of_address6(str(ipaddress.IPv6Network(f"{c}/64", strict=False).network_address),
+                                    buckets, seed) for c in clients}
+    assert any(masked[c] != bucket_of_network6(c, buckets, seed) for c in clients), "test cannot tell 8 from 16 bytes"
+    for c in clients:
+        subprocess.run(["ip", "-n", a, "addr", "add", f"{c}/48", "dev", "h0", "nodad"], check=True)
+    subprocess.run(["ip", "-n", b, "route", "add", "2001:db8:77::/48", "dev", "h1"], check=True)
+    rules = ["table inet h {", "chain p {", "type filter hook prerouting priority -300; policy accept;"]
+    for c in clients:
+        rules.append(f"ip6 saddr {c} icmpv6 type echo-request jhash @nh,64,64 mod {buckets} seed {seed:#x} "
+                     f"{bucket_of_network6(c, buckets, seed)} counter")
+        rules.append(f"ip6 saddr {c} icmpv6 type echo-request jhash ip6 saddr & ffff:ffff:ffff:ffff:: "
+                     f"mod {buckets} seed {seed:#x} {masked[c]} counter")
+    rules += ["}", "}"]
+    subprocess.run(["ip", "netns", "exec", b, "nft", "-f", "-"], input="\n".join(rules), text=True, check=True)
+    for c in clients:
+        subprocess.run(["ip", "netns", "exec", a, "ping", "-6", "-n", "-c", "1", "-W", "1", "-I", c,
+                        "2001:db8:77::2"], capture_output=True, timeout=10)
+    hits = _counters(b)
+    assert len(hits) == 2 * len(clients)
+    missed = [c for c, h in zip(clients, hits[0::2]) if h == 0]
+    assert missed == [], f"kernel put these clients in other /64 buckets than Python predicted: {missed}"
     missed = [c for c, h in zip(clients, hits[1::2]) if h == 0]
     assert missed == [], f"masked form: kernel put these clients elsewhere: {missed}"

@@ -48,3 +48,60 @@ def test_bucket_of_network_groups_a_24():
     assert [bucket_of_network(f"198.18.{n}.9", 4096, 7) for n in range(20)] != \
         [bucket_of_address(f"198.18.{n}.0", 4096, 7) for n in range(20)]
     assert network_hash_payload() == {"payload": {"base": "nh", "offset": 96, "len": 24}}
+
+
+def test_jhash_bytes_equals_jhash_short_up_to_12_bytes():
+    import random
+
+    from nlbfarm.coordinator.hashing import jhash_bytes, jhash_short
+    rnd = random.Random(1)
+    for n in range(1, 13):
+        for _ in range(20):
+            key, seed = rnd.randbytes(n), rnd.getrandbits(32)
+            assert jhash_bytes(key, seed) == jhash_short(key, seed)
+    with pytest.raises(ValueError):
+        jhash_bytes(b"", 0)
+
+
+def test_jhash_bytes_long_keys():
+    from nlbfarm.coordinator.hashing import jhash_bytes
+    # keys past 12 bytes go through __jhash_mix: every byte and the length matter
+    key = bytes(range(1, 21))
+    h = jhash_bytes(key, 7)
+    assert 0 <= h <= 0xFFFFFFFF
+    assert all(jhash_bytes(key[:i] + bytes([key[i] ^ 1]) + key[i + 1:], 7) != h for i in range(20))
+    assert jhash_bytes(key + b"\0", 7) != h and jhash_bytes(key[:13], 7) != jhash_bytes(key[:12], 7)
+    assert len({jhash_bytes(bytes(n), 0) for n in range(1, 40)}) == 39
+
+
+def test_bucket_of6_pinned_to_the_kernel():
+    """Buckets the kernel computed for these packets (nft counters in a veth namespace pair)."""
+    from nlbfarm.coordinator.hashing import bucket_of6, bucket_of_address6, bucket_of_network6
+    # jhash ip6 saddr . th sport: 20-byte key (address, port, two zero bytes)
+    assert bucket_of6("2001:db8:77::1", 40000, 64, 7) == 20
+    assert bucket_of6("2001:db8:77::1", 40000, 4096, 0x1234ABCD) == 2143
+    # jhash ip6 saddr: 16 bytes; jhash @nh,64,64: 8 bytes
+    assert bucket_of_address6("2001:db8:77::1", 64, 7) == 57
+    assert bucket_of_network6("2001:db8:77::1", 64, 7) == 54
+    assert bucket_of6("2001:db8:77::1", 40000, 64, 7) == bucket_of6("2001:db8:77:0::1", 40000, 64, 7)
+    with pytest.raises(ValueError):
+        bucket_of6("2001:db8:77::1", 70000, 64, 0)
+    with pytest.raises(ValueError):
+        bucket_of6("198.18.0.3", 1000, 64, 0)
+
+
+def test_bucket_of_network6_groups_a_64():
+    from nlbfarm.coordinator.hashing import (bucket_of_address6, bucket_of_network6, jhash_bytes,
+                                             network6_hash_payload)
+    for b, seed in ((4096, 0x1234ABCD), (64, 7)):
+        for net in ("2001:db8:77:0", "2001:db8:77:5", "2001:db8:ffff:ffff"):
+            got = {bucket_of_network6(f"{net}:{iid}", b, seed)
+                   for iid in (":1", ":5", "ffff:ffff:ffff:ffff", "8000::", "1:2:3:4")}
+            assert len(got) == 1 and 0 <= got.pop() < b
+    assert len({bucket_of_network6(f"2001:db8:77:{n:x}::1", 4096, 7) for n in range(256)}) > 200
+    # the key is the 8-byte /64 prefix (not prefix:: as 16 bytes)
+    assert bucket_of_network6("2001:db8:77:5::9", 2**32, 7) == \
+        jhash_bytes(bytes.fromhex("20010db800770005"), 7)
+    assert [bucket_of_network6(f"2001:db8:77:{n:x}::9", 4096, 7) for n in range(20)] != \
+        [bucket_of_address6(f"2001:db8:77:{n:x}::", 4096, 7) for n in range(20)]
+    assert network6_hash_payload() == {"payload": {"base": "nh", "offset": 64, "len": 64}}
