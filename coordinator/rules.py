@@ -32,7 +32,9 @@ class TrafficRule:
     affinity: str  # none, client, network
 
     def matches(self, vip: str, protocol: str, port: int) -> bool:
-        return vip == self.vip and protocol in self.protocols and self.first <= port <= self.last
+        # The kernel rule for every port (1-65535) has no port match: it takes port 0 too.
+        in_range = (self.first, self.last) == (1, 65535) or self.first <= port <= self.last
+        return vip == self.vip and protocol in self.protocols and in_range
 
 
 def resolve(vips, rules) -> tuple[TrafficRule, ...]:

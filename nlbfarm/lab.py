@@ -76,6 +76,7 @@ class Lab:
     etcd_members: int = 1
     # Run every agent under a supervisor that restarts it, like systemd's Restart=always.
     supervise: bool = False
+    supervise_delay: float = 1.0  # seconds before the supervisor restarts a dead agent
     # The application on each node: "python" (the lab app, started by the lab)
     # or "nginx" (Debian's nginx, started and health-checked by farmd's farm module).
     app: str = "python"
@@ -467,7 +468,7 @@ http {{
             pidfile = self.dir / f"{name}.agent.pid"
             pidfile.unlink(missing_ok=True)
             sup = self.spawn(name, [self.python, "-m", "nlbfarm.supervise", "--pidfile", str(pidfile),
-                                    "--", *agent], f"{name}.agent.log")
+                                    "--delay", str(self.supervise_delay), "--", *agent], f"{name}.agent.log")
             st["pids"].setdefault(name, {})["supervisor"] = sup
             deadline = time.monotonic() + 10
             while not pidfile.exists() and time.monotonic() < deadline:

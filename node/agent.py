@@ -582,7 +582,8 @@ class Agent:
             draining = {b: (min(d, deadline), since) for b, (d, since) in draining.items()}
         if draining and now - st.conn_scan_at >= CONNTRACK_SCAN_S:
             try:
-                st.conn_counts = live_connections_by_bucket(self.rules, self.cfg.cluster.unmatched,
+                st.conn_counts = live_connections_by_bucket(self.cfg.cluster.vips, self.rules,
+                                                            self.cfg.cluster.unmatched,
                                                             self.settings.buckets,
                                                             self.settings.seed)
                 st.conn_scan_at = now

@@ -21,13 +21,14 @@ LIVE_TCP_STATES = frozenset({"SYN_SENT", "SYN_SENT2", "SYN_RECV", "ESTABLISHED",
                              "CLOSE_WAIT", "LAST_ACK"})
 
 
-def count_by_bucket(entries: Iterable[tuple[str, int, str, int, str]], rules: tuple[TrafficRule, ...],
-                    unmatched: str, buckets: int, seed: int) -> Counter:
+def count_by_bucket(entries: Iterable[tuple[str, int, str, int, str]], vips: Iterable[str],
+                    rules: tuple[TrafficRule, ...], unmatched: str, buckets: int, seed: int) -> Counter:
     """``entries`` are (client_ip, client_port, vip, vip_port, tcp_state) of TCP conntrack entries.
 
-    Each connection counts in the bucket its port rule's affinity gives it.
+    Each connection counts in the bucket its port rule's affinity gives it;
+    every VIP counts, also one without rules (its traffic may be bucket 0's).
     """
-    vipset = {r.vip for r in rules}
+    vipset = set(vips)
     out: Counter = Counter()
     for saddr, sport, daddr, dport, state in entries:
         if daddr in vipset and state in LIVE_TCP_STATES:
@@ -77,6 +78,6 @@ def tcp_entries(vips: Iterable[str]) -> list[tuple[str, int, str, int, str]]:
     return out
 
 
-def live_connections_by_bucket(rules: tuple[TrafficRule, ...], unmatched: str, buckets: int,
+def live_connections_by_bucket(vips, rules: tuple[TrafficRule, ...], unmatched: str, buckets: int,
                                seed: int) -> Counter:
-    return count_by_bucket(tcp_entries(sorted({r.vip for r in rules})), rules, unmatched, buckets, seed)
+    return count_by_bucket(tcp_entries(vips), vips, rules, unmatched, buckets, seed)

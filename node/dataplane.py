@@ -291,10 +291,13 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
     ]
     # ICMP echo: exactly one node answers, the owner of the client address's
     # bucket. Echo has no connection to keep, so it moves at once.
+    echo = {"match": {"op": "==", "left": _payload("icmp", "type"), "right": "echo-request"}}
     if spec.accepting:
-        cmds.append(rule("vip_in",
-                         {"match": {"op": "==", "left": _payload("icmp", "type"), "right": "echo-request"}},
-                         _in_buckets(spec, spec.accepting, "client"), count("accepted"), {"accept": None}))
+        cmds.append(rule("vip_in", echo, _in_buckets(spec, spec.accepting, "client"), count("accepted"),
+                         {"accept": None}))
+    # Another node's echo: never left to the unmatched policy, or the owner of
+    # bucket 0 would answer it a second time.
+    cmds.append(rule("vip_in", echo, count("dropped_foreign"), {"drop": None}))
     # Port rules send each packet to the chain of its affinity, which hashes
     # it and decides by bucket; the rules do not overlap (config checks it).
     for r in rules:

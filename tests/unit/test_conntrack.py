@@ -21,7 +21,7 @@ def test_parse_takes_the_original_direction():
 
 def test_only_live_connections_to_a_vip_count():
     rows = parse_conntrack_lines(SAMPLE) + [("198.18.0.3", 1, "198.18.1.9", 80, "ESTABLISHED")]
-    counts = count_by_bucket(rows, ALL, "drop", 64, 5)
+    counts = count_by_bucket(rows, ["198.18.0.100"], ALL, "drop", 64, 5)
     assert sum(counts.values()) == 2  # TIME_WAIT is over; other destinations are not ours
     assert counts[bucket_of("198.18.0.3", 40000, 64, 5)] >= 1
 
@@ -30,5 +30,12 @@ def test_connections_count_in_their_rule_affinity_bucket():
     rules = (TrafficRule("198.18.0.100", ("tcp",), 80, 80, "client"),)
     rows = [("198.18.0.3", p, "198.18.0.100", 80, "ESTABLISHED") for p in range(40000, 40010)]
     rows.append(("198.18.0.3", 5, "198.18.0.100", 8080, "ESTABLISHED"))  # no rule: dropped, not counted
-    assert count_by_bucket(rows, rules, "drop", 4096, 9) == {bucket_of_address("198.18.0.3", 4096, 9): 10}
-    assert count_by_bucket(rows, rules, "one-node", 4096, 9)[0] == 1  # unmatched: bucket 0
+    vips = ["198.18.0.100"]
+    assert count_by_bucket(rows, vips, rules, "drop", 4096, 9) == {bucket_of_address("198.18.0.3", 4096, 9): 10}
+    assert count_by_bucket(rows, vips, rules, "one-node", 4096, 9)[0] == 1  # unmatched: bucket 0
+
+
+def test_a_vip_without_rules_counts_for_bucket_0():
+    rules = (TrafficRule("198.18.0.100", ("tcp",), 80, 80, "none"),)
+    rows = [("198.18.0.3", 4000, "198.18.0.101", 80, "ESTABLISHED")]
+    assert count_by_bucket(rows, ["198.18.0.100", "198.18.0.101"], rules, "one-node", 64, 1) == {0: 1}

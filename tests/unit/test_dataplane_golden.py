@@ -140,6 +140,7 @@ def test_counted_rules_by_chain():
     by_chain = [(chain, ref) for chain, ref in _counter_refs(build_ruleset(spec))]
     assert by_chain == [("vip_in", counter_name(vip, "dropped_fenced")),
                         ("vip_in", counter_name(vip, "accepted")),  # ICMP echo, by client address
+                        ("vip_in", counter_name(vip, "dropped_foreign")),  # another node's echo
                         ("vip_in", counter_name(vip, "dropped_unmatched")),
                         ("pick_none", counter_name(vip, "accepted")),
                         ("pick_none", counter_name(vip, "dropped_foreign")),

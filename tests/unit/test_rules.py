@@ -50,3 +50,8 @@ def test_digest_tells_rule_sets_apart_and_ignores_order():
     assert digest(RULES, "drop") == digest(tuple(reversed(RULES)), "drop")
     assert digest(RULES, "drop") != digest(RULES, "one-node")
     assert digest(RULES, "drop") != digest(RULES[:-1], "drop")
+
+
+def test_a_rule_for_every_port_takes_port_0_like_the_kernel_rule():
+    every = TrafficRule(V1, ("udp",), 1, 65535, "none")
+    assert every.matches(V1, "udp", 0) and not RULES[0].matches(V1, "tcp", 0)
