@@ -699,8 +699,12 @@ class Agent:
                 f"{waiting}{draining}")
 
     def _observe_change_applied(self, snap: ClusterSnapshot, plan: AcceptPlan) -> None:
-        """Membership change -> this node's kernel runs the resulting table: one histogram sample."""
-        if not plan.complete or plan_table(snap) is not None:
+        """Membership change -> this node's kernel runs the resulting table: one histogram sample.
+
+        Called only for a snapshot that needs no new table (cycle() returns
+        early after writing one), so ``snap.table`` is the resulting table.
+        """
+        if not plan.complete:
             return
         g = snap.table.generation if snap.table else 0
         change = self.cache.member_change_at
@@ -901,7 +905,7 @@ class Agent:
             raise LookupError("the cluster has no bucket table yet")
         vip = vip or self.cfg.cluster.vips[0]
         if not vip_port or not protocol:
-            first = next(r for r in self.rules if r.vip == vip) if any(r.vip == vip for r in self.rules) else None
+            first = next((r for r in self.rules if r.vip == vip), None)
             vip_port = vip_port or (first.first if first else 1)
             protocol = protocol or (first.protocols[0] if first else "tcp")
         rule = match_rule(self.rules, vip, protocol, vip_port)
