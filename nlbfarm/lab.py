@@ -25,7 +25,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 from pathlib import Path
 from typing import Callable
 
@@ -137,9 +139,13 @@ class Lab:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(24) + "\n")
 
+    @property
+    def farmctl_bin(self) -> str:
+        return str(Path(self.python).with_name("farmctl"))
+
     def farmctl(self, node: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """farmctl inside a node's namespace, with the lab's token."""
-        return self.run(node, [str(Path(self.python).with_name("farmctl")), *args], timeout=timeout, check=False,
+        return self.run(node, [self.farmctl_bin, *args], timeout=timeout, check=False,
                         env=dict(os.environ, NLBFARM_TOKEN_FILE=str(self.token_file)))
 
     def node_names(self) -> list[str]:
@@ -220,6 +226,18 @@ class Lab:
         if self.dir.exists() and not keep_logs:
             shutil.rmtree(self.dir, ignore_errors=True)
         return removed
+
+    @contextmanager
+    def running(self, nodes: int = 3, wait: float = 60.0, converge: list[str] | None = None) -> Iterator["Lab"]:
+        """``up()`` for the duration of a block; ``down()`` afterwards, even on failure, and check it."""
+        try:
+            self.up(nodes=nodes, wait=wait, converge=converge)
+            yield self
+        finally:
+            self.down()
+        left = self.lab_namespaces()
+        if left:
+            raise LabError(f"lab {self.prefix} left namespaces behind: {' '.join(left)}")
 
     def up(self, nodes: int = 3, wait: float = 60.0, converge: list[str] | None = None) -> dict:
         """Build the lab; ``converge``: the nodes that must end up serving (default: all)."""

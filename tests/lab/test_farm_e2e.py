@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -21,12 +20,8 @@ NODES = ["n1", "n2", "n3"]
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     lab = Lab(prefix="tfarm", state_root=tmp_path_factory.mktemp("labstate"))
-    try:
-        lab.up(nodes=3, wait=60)
+    with lab.running(nodes=3, wait=60):
         yield lab
-    finally:
-        lab.down()
-    assert not lab.lab_namespaces()
 
 
 def run_load(lab, out, count, duration, workers=4, interval=0.0, timeout=3.0):
@@ -196,7 +191,7 @@ def test_which_predicts_the_serving_node_for_1000_connections(lab, tmp_path):
     assert len(results) == 1000
     clients = tmp_path / "clients.txt"
     clients.write_text("".join(f"{CLIENT_ADDR}:{r['port']}\n" for r in results))
-    farmctl = str(Path(lab.python).with_name("farmctl"))
+    farmctl = lab.farmctl_bin
     cp = lab.run("n1", [farmctl, "which", "--from-file", str(clients), "--json"], timeout=120)
     predicted = json.loads(cp.stdout)
     wrong = [(r["port"], r["node"], p["node"]) for r, p in zip(results, predicted) if r["node"] != p["node"]]

@@ -28,15 +28,28 @@ def pair():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+def _load_counted_rules(ns, rules):
+    """One prerouting chain (before conntrack) holding these rules, each ending in a counter."""
+    text = "\n".join(["table inet h {", "chain p {", "type filter hook prerouting priority -300; policy accept;",
+                      *rules, "}", "}"])
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=text, text=True, check=True)
+
+
+def _counters(ns):
+    """Packet counts of every counted rule, in rule order."""
+    out = json.loads(subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "ruleset"],
+                                    capture_output=True, text=True, check=True).stdout)
+    return [e["counter"]["packets"] for x in out["nftables"] if "rule" in x
+            for e in x["rule"]["expr"] if "counter" in e]
+
+
 @pytest.mark.parametrize("buckets, seed", [(4096, 0x1234ABCD), (64, 0), (65536, 0xFFFFFFFF)])
 def test_python_bucket_equals_kernel_jhash(pair, buckets, seed):
     a, b = pair
     ports = random.Random(seed).sample(range(1024, 65535), 40)
-    rules = ["table inet h {", "chain p {", "type filter hook prerouting priority -300; policy accept;"]
-    rules += [f"tcp sport {p} jhash ip saddr . th sport mod {buckets} seed {seed:#x} "
-              f"{bucket_of('198.18.77.1', p, buckets, seed)} counter" for p in ports]
-    rules += ["}", "}"]
-    subprocess.run(["ip", "netns", "exec", b, "nft", "-f", "-"], input="\n".join(rules), text=True, check=True)
+    rules = [f"tcp sport {p} jhash ip saddr . th sport mod {buckets} seed {seed:#x} "
+             f"{bucket_of('198.18.77.1', p, buckets, seed)} counter" for p in ports]
+    _load_counted_rules(b, rules)
     code = ("import socket\n"
             f"for p in {ports!r}:\n"
             "    s = socket.socket(); s.settimeout(0.3); s.bind(('198.18.77.1', p))\n"
@@ -44,10 +57,7 @@ def test_python_bucket_equals_kernel_jhash(pair, buckets, seed):
             "    except OSError: pass\n"
             "    s.close()\n")
     subprocess.run(["ip", "netns", "exec", a, "python3", "-c", code], check=True, timeout=60)
-    out = json.loads(subprocess.run(["ip", "netns", "exec", b, "nft", "-j", "list", "ruleset"],
-                                    capture_output=True, text=True, check=True).stdout)
-    hits = [e["counter"]["packets"] for x in out["nftables"] if "rule" in x
-            for e in x["rule"]["expr"] if "counter" in e]
+    hits = _counters(b)
     assert len(hits) == len(ports)
     missed = [p for p, h in zip(ports, hits) if h == 0]
     assert missed == [], f"kernel put these ports in other buckets than Python predicted: {missed}"
@@ -60,18 +70,13 @@ def test_python_address_bucket_equals_kernel_jhash(pair, buckets, seed):
     clients = [f"198.18.77.{i}" for i in range(10, 30)]
     for c in clients:
         subprocess.run(["ip", "-n", a, "addr", "add", f"{c}/24", "dev", "h0"], check=True)
-    rules = ["table inet h {", "chain p {", "type filter hook prerouting priority -300; policy accept;"]
-    rules += [f"ip saddr {c} icmp type echo-request jhash ip saddr mod {buckets} seed {seed:#x} "
-              f"{bucket_of_address(c, buckets, seed)} counter" for c in clients]
-    rules += ["}", "}"]
-    subprocess.run(["ip", "netns", "exec", b, "nft", "-f", "-"], input="\n".join(rules), text=True, check=True)
+    rules = [f"ip saddr {c} icmp type echo-request jhash ip saddr mod {buckets} seed {seed:#x} "
+             f"{bucket_of_address(c, buckets, seed)} counter" for c in clients]
+    _load_counted_rules(b, rules)
     for c in clients:
         subprocess.run(["ip", "netns", "exec", a, "ping", "-n", "-c", "1", "-W", "1", "-I", c, "198.18.77.2"],
                        capture_output=True, timeout=10)
-    out = json.loads(subprocess.run(["ip", "netns", "exec", b, "nft", "-j", "list", "ruleset"],
-                                    capture_output=True, text=True, check=True).stdout)
-    hits = [e["counter"]["packets"] for x in out["nftables"] if "rule" in x
-            for e in x["rule"]["expr"] if "counter" in e]
+    hits = _counters(b)
     missed = [c for c, h in zip(clients, hits) if h == 0]
     assert len(hits) == len(clients) and missed == [], f"kernel put these clients elsewhere: {missed}"
 
@@ -94,33 +99,22 @@ def test_python_network_bucket_equals_kernel_jhash(pair, buckets, seed):
     for c in clients:
         subprocess.run(["ip", "-n", a, "addr", "add", f"{c}/16", "dev", "h0"], check=True)
     subprocess.run(["ip", "-n", b, "route", "add", "198.18.0.0/16", "dev", "h1"], check=True)
-    rules = ["table inet h {", "chain p {", "type filter hook prerouting priority -300; policy accept;"]
+    rules = []
     for c in clients:
         rules.append(f"ip saddr {c} icmp type echo-request jhash @nh,96,24 mod {buckets} seed {seed:#x} "
                      f"{bucket_of_network(c, buckets, seed)} counter")
         rules.append(f"ip saddr {c} icmp type echo-request jhash ip saddr & 255.255.255.0 mod {buckets} "
                      f"seed {seed:#x} {masked[c]} counter")
-    rules += ["}", "}"]
-    subprocess.run(["ip", "netns", "exec", b, "nft", "-f", "-"], input="\n".join(rules), text=True, check=True)
+    _load_counted_rules(b, rules)
     for c in clients:
         subprocess.run(["ip", "netns", "exec", a, "ping", "-n", "-c", "1", "-W", "1", "-I", c, "198.18.77.2"],
                        capture_output=True, timeout=10)
-    out = json.loads(subprocess.run(["ip", "netns", "exec", b, "nft", "-j", "list", "ruleset"],
-                                    capture_output=True, text=True, check=True).stdout)
-    hits = [e["counter"]["packets"] for x in out["nftables"] if "rule" in x
-            for e in x["rule"]["expr"] if "counter" in e]
+    hits = _counters(b)
     assert len(hits) == 2 * len(clients)
     missed = [c for c, h in zip(clients, hits[0::2]) if h == 0]
     assert missed == [], f"kernel put these clients in other /24 buckets than Python predicted: {missed}"
     missed = [c for c, h in zip(clients, hits[1::2]) if h == 0]
     assert missed == [], f"masked form: kernel put these clients elsewhere: {missed}"
-
-
-def _counters(ns):
-    out = json.loads(subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "ruleset"],
-                                    capture_output=True, text=True, check=True).stdout)
-    return [e["counter"]["packets"] for x in out["nftables"] if "rule" in x
-            for e in x["rule"]["expr"] if "counter" in e]
 
 
 @pytest.fixture
@@ -141,11 +135,9 @@ def test_python_bucket6_equals_kernel_jhash(pair6, buckets, seed):
         subprocess.run(["ip", "-n", a, "addr", "add", f"{c}/64", "dev", "h0", "nodad"], check=True)
     ports = random.Random(seed).sample(range(1024, 65535), 40)
     flows = [(clients[i % len(clients)], p) for i, p in enumerate(ports)]
-    rules = ["table inet h {", "chain p {", "type filter hook prerouting priority -300; policy accept;"]
-    rules += [f"ip6 saddr {c} tcp sport {p} jhash ip6 saddr . th sport mod {buckets} seed {seed:#x} "
-              f"{bucket_of6(c, p, buckets, seed)} counter" for c, p in flows]
-    rules += ["}", "}"]
-    subprocess.run(["ip", "netns", "exec", b, "nft", "-f", "-"], input="\n".join(rules), text=True, check=True)
+    rules = [f"ip6 saddr {c} tcp sport {p} jhash ip6 saddr . th sport mod {buckets} seed {seed:#x} "
+             f"{bucket_of6(c, p, buckets, seed)} counter" for c, p in flows]
+    _load_counted_rules(b, rules)
     code = ("import socket\n"
             f"for c, p in {flows!r}:\n"
             "    s = socket.socket(socket.AF_INET6); s.settimeout(0.3); s.bind((c, p))\n"
@@ -166,11 +158,9 @@ def test_python_address6_bucket_equals_kernel_jhash(pair6, buckets, seed):
     clients = [f"2001:db8:77::{i:x}" for i in range(16, 36)] + ["2001:db8:77:0:abcd:ef01:2345:6789"]
     for c in clients:
         subprocess.run(["ip", "-n", a, "addr", "add", f"{c}/64", "dev", "h0", "nodad"], check=True)
-    rules = ["table inet h {", "chain p {", "type filter hook prerouting priority -300; policy accept;"]
-    rules += [f"ip6 saddr {c} icmpv6 type echo-request jhash ip6 saddr mod {buckets} seed {seed:#x} "
-              f"{bucket_of_address6(c, buckets, seed)} counter" for c in clients]
-    rules += ["}", "}"]
-    subprocess.run(["ip", "netns", "exec", b, "nft", "-f", "-"], input="\n".join(rules), text=True, check=True)
+    rules = [f"ip6 saddr {c} icmpv6 type echo-request jhash ip6 saddr mod {buckets} seed {seed:#x} "
+             f"{bucket_of_address6(c, buckets, seed)} counter" for c in clients]
+    _load_counted_rules(b, rules)
     for c in clients:
         subprocess.run(["ip", "netns", "exec", a, "ping", "-6", "-n", "-c", "1", "-W", "1", "-I", c,
                         "2001:db8:77::2"], capture_output=True, timeout=10)
@@ -200,14 +190,13 @@ def test_python_network6_bucket_equals_kernel_jhash(pair6, buckets, seed):
     for c in clients:
         subprocess.run(["ip", "-n", a, "addr", "add", f"{c}/48", "dev", "h0", "nodad"], check=True)
     subprocess.run(["ip", "-n", b, "route", "add", "2001:db8:77::/48", "dev", "h1"], check=True)
-    rules = ["table inet h {", "chain p {", "type filter hook prerouting priority -300; policy accept;"]
+    rules = []
     for c in clients:
         rules.append(f"ip6 saddr {c} icmpv6 type echo-request jhash @nh,64,64 mod {buckets} seed {seed:#x} "
                      f"{bucket_of_network6(c, buckets, seed)} counter")
         rules.append(f"ip6 saddr {c} icmpv6 type echo-request jhash ip6 saddr & ffff:ffff:ffff:ffff:: "
                      f"mod {buckets} seed {seed:#x} {masked[c]} counter")
-    rules += ["}", "}"]
-    subprocess.run(["ip", "netns", "exec", b, "nft", "-f", "-"], input="\n".join(rules), text=True, check=True)
+    _load_counted_rules(b, rules)
     for c in clients:
         subprocess.run(["ip", "netns", "exec", a, "ping", "-6", "-n", "-c", "1", "-W", "1", "-I", c,
                         "2001:db8:77::2"], capture_output=True, timeout=10)

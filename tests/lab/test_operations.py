@@ -10,7 +10,6 @@ import json
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,22 +25,14 @@ INTERVAL, FALL, RISE = 0.5, 2, 2
 def lab(tmp_path_factory):
     lab = Lab(prefix="tops", state_root=tmp_path_factory.mktemp("labstate"), app="nginx",
               check_interval=INTERVAL, check_fall=FALL, check_rise=RISE)
-    try:
-        lab.up(nodes=3, wait=60)
+    with lab.running(nodes=3, wait=60):
         yield lab
-    finally:
-        lab.down()
-    assert not lab.lab_namespaces()
 
 
 def farmctl_json(lab, node, *args):
     cp = lab.farmctl(node, *args, "--json")
     assert cp.returncode in (0, 1), f"farmctl {args} rc={cp.returncode}: {cp.stderr}"
     return cp.returncode, json.loads(cp.stdout)
-
-
-def farmctl_bin(lab) -> str:
-    return str(Path(lab.python).with_name("farmctl"))
 
 
 def member(snap, node):
@@ -86,7 +77,7 @@ def test_nginx_started_by_the_module_serves_every_node(lab):
 def test_nginx_failure_withdraws_the_node_and_its_return_brings_it_back(lab, tmp_path):
     lab.wait_converged(NODES, timeout=30)
     out = tmp_path / "load.jsonl"
-    events = subprocess.Popen(["ip", "netns", "exec", lab.ns("n1"), farmctl_bin(lab), "events", "--follow",
+    events = subprocess.Popen(["ip", "netns", "exec", lab.ns("n1"), lab.farmctl_bin, "events", "--follow",
                                "--new-only", "--for", "40", "--json"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # timeout 3 s: like a real client, SYNs dropped during a handover are retransmitted after 1 s.
@@ -160,7 +151,7 @@ def test_nginx_failure_withdraws_the_node_and_its_return_brings_it_back(lab, tmp
 
 def test_changes_need_the_token(lab, tmp_path):
     lab.wait_converged(NODES, timeout=30)
-    farmctl = farmctl_bin(lab)
+    farmctl = lab.farmctl_bin
     no_token = lab.run("n1", [farmctl, "drain", "n2"], check=False)
     assert no_token.returncode == 2 and "UNAUTHENTICATED" in no_token.stderr, no_token.stderr
     wrong = tmp_path / "wrong"

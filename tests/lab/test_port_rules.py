@@ -27,14 +27,10 @@ SOURCES = [f"198.18.0.{i}" for i in range(50, 74)]
 def lab(tmp_path_factory):
     lab = Lab(prefix="trules", state_root=tmp_path_factory.mktemp("labstate"), extra_vips=(VIP2,),
               rules=RULES, unmatched="one-node")
-    try:
-        lab.up(nodes=3, wait=60)
+    with lab.running(nodes=3, wait=60):
         for a in SOURCES:  # more clients, all in the lab's /24
             iplib.add_address("eth0", f"{a}/24", lab.ns("client"))
         yield lab
-    finally:
-        lab.down()
-    assert not lab.lab_namespaces()
 
 
 def load(lab, tmp_path, name, vip, count, sources=None):

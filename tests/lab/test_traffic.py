@@ -18,12 +18,8 @@ NODES = list(WEIGHTS)
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     lab = Lab(prefix="ttraf", state_root=tmp_path_factory.mktemp("labstate"), weights=dict(WEIGHTS))
-    try:
-        lab.up(nodes=3, wait=60, converge=["n1", "n2"])
+    with lab.running(nodes=3, wait=60, converge=["n1", "n2"]):
         yield lab
-    finally:
-        lab.down()
-    assert not lab.lab_namespaces()
 
 
 def test_weighted_split_and_standby_without_buckets(lab, tmp_path):
@@ -88,12 +84,8 @@ def ucast_lab(tmp_path):
     # Port rules for what the lab app serves; anything else is unmatched and dropped (the default).
     lab = Lab(prefix="tucast", state_root=tmp_path / "lab", mac_mode="unicast-flood",
               rules=({"protocol": "tcp", "ports": 80}, {"protocol": "udp", "ports": UDP_PORT}))
-    try:
-        lab.up(nodes=3, wait=60)
+    with lab.running(nodes=3, wait=60):
         yield lab
-    finally:
-        lab.down()
-    assert not lab.lab_namespaces()
 
 
 def test_unicast_flood_mode_and_unmatched_traffic_dropped(ucast_lab, tmp_path):
