@@ -1,7 +1,8 @@
 """Netlink layer for nlbfarm, in the style of OpenStack Neutron's ip_lib.
 
 Every network namespace, link, address, link-layer multicast address,
-sysctl and gratuitous ARP that nlbfarm touches goes through this module.
+sysctl, gratuitous ARP and unsolicited neighbour advertisement that nlbfarm
+touches goes through this module.
 It is written against pyroute2 0.9.x.
 
 Conventions
@@ -85,6 +86,7 @@ __all__ = [
     "add_multicast_mac",
     "addresses",
     "build_garp_frame",
+    "build_unsolicited_na_frame",
     "delete_address",
     "delete_link",
     "delete_multicast_mac",
@@ -107,6 +109,7 @@ __all__ = [
     "parse_cidr",
     "run_in_netns",
     "send_gratuitous_arp",
+    "send_unsolicited_na",
     "set_link_down",
     "set_link_up",
     "set_master",
@@ -130,6 +133,15 @@ ARPHRD_ETHER = 1
 ARPOP_REQUEST = 1
 ETH_ZLEN = 60  # minimum Ethernet frame length without the FCS
 BROADCAST_MAC = b"\xff" * 6
+
+ETH_P_IPV6 = 0x86DD
+IPPROTO_ICMPV6 = 58
+ND_NEIGHBOR_ADVERT = 136
+ND_NA_FLAG_OVERRIDE = 0x20000000  # R = 0x80000000, S = 0x40000000, O = 0x20000000
+ND_OPT_TARGET_LLADDR = 2
+ALL_NODES_MAC = b"\x33\x33\x00\x00\x00\x01"  # 33:33 + low 32 bits of ff02::1
+ALL_NODES_IP = ipaddress.IPv6Address("ff02::1")
+IFA_F_NODAD = 0x02  # <linux/if_addr.h>
 
 # <linux/sockios.h>: link-layer multicast list, what `ip maddr add/del` uses
 SIOCGIFINDEX = 0x8933
@@ -249,8 +261,8 @@ def _is_multicast_mac(mac: bytes) -> bool:
     return bool(mac[0] & 0x01)
 
 
-def _ipv4(ip: Any) -> ipaddress.IPv4Address:
-    """Accept '198.18.0.10', '198.18.0.10/24' or an ipaddress object."""
+def _ip_address(ip: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Accept '198.18.0.10', '2001:db8::10/64' or an ipaddress object."""
     try:
         if isinstance(ip, (ipaddress.IPv4Interface, ipaddress.IPv6Interface)):
             addr = ip.ip
@@ -260,8 +272,22 @@ def _ipv4(ip: Any) -> ipaddress.IPv4Address:
             addr = ipaddress.ip_address(ip.strip() if isinstance(ip, str) else ip)
     except ValueError as exc:
         raise ValueError(f"{ip!r} is not an IP address: {exc}") from None
+    return addr
+
+
+def _ipv4(ip: Any) -> ipaddress.IPv4Address:
+    """Accept '198.18.0.10', '198.18.0.10/24' or an ipaddress object."""
+    addr = _ip_address(ip)
     if addr.version != 4:
         raise ValueError(f"gratuitous ARP is IPv4 only; {ip!r} is IPv6")
+    return addr
+
+
+def _ipv6(ip: Any) -> ipaddress.IPv6Address:
+    """Accept '2001:db8::10', '2001:db8::10/64' or an ipaddress object."""
+    addr = _ip_address(ip)
+    if addr.version != 6:
+        raise ValueError(f"unsolicited neighbour advertisement is IPv6 only; {ip!r} is IPv4")
     return addr
 
 
@@ -290,6 +316,41 @@ def build_garp_frame(src_mac: str | bytes, sender_mac: str | bytes, ip: str) -> 
         addr,
     )
     return (eth + arp).ljust(ETH_ZLEN, b"\x00")
+
+
+def _inet_checksum(data: bytes) -> int:
+    """RFC 1071 one's complement checksum (an odd tail is zero-padded)."""
+    if len(data) % 2:
+        data += b"\x00"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def build_unsolicited_na_frame(src_mac: str | bytes, target_mac: str | bytes, ip: str) -> bytes:
+    """Build an unsolicited Neighbor Advertisement frame (RFC 4861 7.2.6).
+
+    * Ethernet: dst 33:33:00:00:00:01 (all-nodes), src ``src_mac`` (the
+      sending interface's own MAC), ethertype 0x86dd.
+    * IPv6: src ``ip`` (the VIP), dst ff02::1, next header 58 (ICMPv6), hop
+      limit 255 (receivers drop ND messages with any other value).
+    * ICMPv6 type 136 code 0, flags Router = 0, Solicited = 0, Override = 1,
+      target ``ip``, one Target Link-Layer Address option (type 2, length 1)
+      carrying ``target_mac`` (the cluster MAC). The checksum covers the IPv6
+      pseudo-header.
+    86 bytes, longer than ETH_ZLEN, so no padding.
+    """
+    addr = _ipv6(ip).packed
+    dst = ALL_NODES_IP.packed
+    icmp = struct.pack("!BBHI16sBB6s", ND_NEIGHBOR_ADVERT, 0, 0, ND_NA_FLAG_OVERRIDE,
+                       addr, ND_OPT_TARGET_LLADDR, 1, _mac_bytes(target_mac))
+    pseudo = addr + dst + struct.pack("!I3xB", len(icmp), IPPROTO_ICMPV6)
+    icmp = icmp[:2] + struct.pack("!H", _inet_checksum(pseudo + icmp)) + icmp[4:]
+    eth = ALL_NODES_MAC + _mac_bytes(src_mac) + struct.pack("!H", ETH_P_IPV6)
+    # version 6, traffic class 0, flow label 0; payload length; next header; hop limit
+    ipv6 = struct.pack("!IHBB", 6 << 28, len(icmp), IPPROTO_ICMPV6, 255) + addr + dst
+    return eth + ipv6 + icmp
 
 
 def _where(netns: str | None) -> str:
@@ -734,12 +795,18 @@ def addresses(ifname: str, netns: str | None = None) -> list[str]:
             return _dump_addresses(ipr, _get_link(ipr, ifname, netns)["index"])
 
 
-def add_address(ifname: str, cidr: str, netns: str | None = None) -> bool:
+def add_address(ifname: str, cidr: str, netns: str | None = None,
+                nodad: bool = False) -> bool:
     """Add ``cidr`` (e.g. ``"198.18.0.10/24"``) to the link. Returns changed.
 
     IPv4 addresses get the subnet broadcast address (like ``brd +``) when the
     prefix is /30 or shorter. IPv6 addresses go through duplicate address
-    detection as usual. NotFound if the link is missing.
+    detection as usual, unless ``nodad=True``: then they are added with
+    IFA_F_NODAD (like ``ip addr add ... nodad``) and are usable at once,
+    never "tentative" or "dadfailed". Use it for a VIP that lives on several
+    nodes at the same time, where DAD would fail on all but the first.
+    ``nodad`` is ignored for IPv4. An address that is already there is left
+    as it is (its flags are not changed). NotFound if the link is missing.
     """
     validate_ifname(ifname)
     iface = parse_cidr(cidr)
@@ -752,6 +819,8 @@ def add_address(ifname: str, cidr: str, netns: str | None = None) -> bool:
             spec: dict[str, Any] = {}
             if iface.version == 4 and iface.network.prefixlen <= 30:
                 spec["broadcast"] = str(iface.network.broadcast_address)
+            if iface.version == 6 and nodad:
+                spec["flags"] = IFA_F_NODAD  # sent as IFA_FLAGS by pyroute2
             try:
                 ipr.addr("add", index=index, address=str(iface.ip),
                          prefixlen=iface.network.prefixlen, **spec)
@@ -942,20 +1011,20 @@ def set_sysctl(netns: str | None, key: str, value: int | str | bool) -> bool:
 # Gratuitous ARP
 # --------------------------------------------------------------------------
 
-def _send_garp_in_ns(ifname: str, ip: ipaddress.IPv4Address, sender: bytes,
-                     count: int, interval: float) -> None:
+def _send_frames_in_ns(ifname: str, what: str, build, ethertype: int, count: int, interval: float) -> None:
+    """Send ``count`` frames ``build(own_mac)`` on ``ifname``, ``interval`` seconds apart."""
     # protocol 0: the socket only sends, so no frames are queued to it
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as sock:
         sock.bind((ifname, 0))
         _, _, _, hatype, own_mac = sock.getsockname()
         if hatype != ARPHRD_ETHER or len(own_mac) != 6:
-            raise NetError(f"send gratuitous ARP on {ifname!r}: not an Ethernet link"
+            raise NetError(f"send {what} on {ifname!r}: not an Ethernet link"
                            f" (ARPHRD {hatype})")
-        frame = build_garp_frame(own_mac, sender, str(ip))
+        frame = build(own_mac)
         for i in range(count):
             if i:
                 time.sleep(interval)
-            sock.sendto(frame, (ifname, ETH_P_ARP))
+            sock.sendto(frame, (ifname, ethertype))
 
 
 def send_gratuitous_arp(ifname: str, ip: str, mac: str, netns: str | None = None,
@@ -969,13 +1038,38 @@ def send_gratuitous_arp(ifname: str, ip: str, mac: str, netns: str | None = None
     only *update* existing entries from a gratuitous ARP unless
     ``net.ipv4.conf.*.arp_accept`` is set. NotFound if the link is missing.
     """
+    _announce(ifname, "gratuitous ARP", _ipv4(ip), mac, build_garp_frame, ETH_P_ARP, netns, count, interval)
+
+
+def _announce(ifname: str, what: str, addr, mac: str, build_frame, ethertype: int, netns: str | None,
+              count: int, interval: float) -> None:
     validate_ifname(ifname)
-    addr = _ipv4(ip)
-    sender = _mac_bytes(mac)
+    announced = _mac_bytes(mac)
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
     if interval < 0:
         raise ValueError(f"interval must not be negative, got {interval}")
-    with _translated("send gratuitous ARP", f"for {addr} at {normalize_mac(sender)}"
+    with _translated(f"send {what}", f"for {addr} at {normalize_mac(announced)}"
                      f" on {ifname!r} {_where(netns)}", _CAP_NET_RAW):
-        run_in_netns(netns, _send_garp_in_ns, ifname, addr, sender, count, interval)
+        run_in_netns(netns, _send_frames_in_ns, ifname, what,
+                     lambda own: build_frame(own, announced, str(addr)), ethertype, count, interval)
+
+
+# --------------------------------------------------------------------------
+# Unsolicited neighbour advertisement (the IPv6 gratuitous ARP)
+# --------------------------------------------------------------------------
+
+def send_unsolicited_na(ifname: str, ip: str, mac: str, netns: str | None = None,
+                        count: int = 1, interval: float = 0.2) -> None:
+    """Announce IPv6 ``ip`` at ``mac`` (the cluster MAC) on ``ifname``.
+
+    Sends ``count`` frames built by :func:`build_unsolicited_na_frame`
+    (Ethernet source = the interface's own MAC), ``interval`` seconds apart,
+    through an AF_PACKET raw socket created inside ``netns`` (see
+    :func:`run_in_netns`). Blocks for ``(count - 1) * interval`` seconds.
+    Note that Linux neighbours only *update* existing entries from an
+    unsolicited NA unless ``net.ipv6.conf.*.accept_untracked_na`` is set.
+    NotFound if the link is missing.
+    """
+    _announce(ifname, "unsolicited NA", _ipv6(ip), mac, build_unsolicited_na_frame, ETH_P_IPV6, netns, count,
+              interval)

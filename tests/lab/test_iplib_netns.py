@@ -209,6 +209,50 @@ def test_gratuitous_arp_reaches_neighbour(pair):
         iplib.send_gratuitous_arp("lo", vip, CLUSTER_MAC, netns=a)
 
 
+def test_ipv6_nodad_address_shared_by_two_namespaces(pair):
+    a, b = pair
+    vip = "2001:db8::100/128"
+    assert iplib.add_address("br0", vip, a, nodad=True) is True
+    assert iplib.add_address("eth0", vip, b, nodad=True) is True
+    assert iplib.add_address("eth0", vip, b, nodad=True) is False
+    # control: without nodad a fresh IPv6 address is tentative while DAD runs
+    assert iplib.add_address("eth0", "2001:db8::200/128", b) is True
+    assert "2001:db8::200/128 scope global tentative" in ip("-n", b, "-6", "addr", "show", "eth0")
+    # nodad on IPv4 is ignored, not an error
+    assert iplib.add_address("eth0", "198.18.99.60/32", b, nodad=True) is True
+    time.sleep(1.5)  # longer than a DAD round (retrans_time 1 s) would take
+    for ns, dev in ((a, "br0"), (b, "eth0")):
+        line = next(x for x in ip("-n", ns, "-6", "addr", "show", dev).splitlines()
+                    if "2001:db8::100/128" in x)
+        assert "nodad" in line
+        assert "tentative" not in line and "dadfailed" not in line, (ns, line)
+    assert "2001:db8::100/128" in iplib.addresses("br0", a)
+
+
+def test_unsolicited_na_updates_neighbour(pair):
+    a, b = pair
+    vip, mac = "2001:db8::100", "03:bf:00:00:00:64"
+    # B needs an on-link address; it must *not* own the VIP (Linux ignores an
+    # NA for one of its own addresses)
+    assert iplib.add_address("eth0", "2001:db8::3/64", b, nodad=True) is True
+    # Linux only updates an *existing* entry from an unsolicited NA
+    # (unless net.ipv6.conf.*.accept_untracked_na is set)
+    ip("-n", b, "-6", "neigh", "replace", vip, "lladdr", "02:00:00:00:00:01",
+       "dev", "eth0", "nud", "stale")
+    iplib.send_unsolicited_na("br0", vip, mac, netns=a, count=2, interval=0.05)
+    deadline = time.monotonic() + 3
+    while True:
+        neigh = ip("-n", b, "-6", "neigh", "show", vip)
+        if f"lladdr {mac}" in neigh or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert f"{vip} dev eth0 lladdr {mac}" in neigh
+    with pytest.raises(NotFound):
+        iplib.send_unsolicited_na("nope0", vip, mac, netns=a)
+    with pytest.raises(NetError, match="not an Ethernet link"):
+        iplib.send_unsolicited_na("lo", vip, mac, netns=a)
+
+
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 

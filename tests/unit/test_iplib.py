@@ -190,6 +190,71 @@ def test_send_gratuitous_arp_validates_before_touching_anything():
         iplib.send_gratuitous_arp("eth0", "2001:db8::1", "03:bf:c6:12:63:64", "iplt-x")
 
 
+# ---------------------------------------------------------------- unsolicited NA frame
+
+NA_ARGS = ("02:00:00:aa:bb:cc", "03:bf:00:00:00:64", "2001:db8::100")
+VIP6 = bytes.fromhex("20010db8000000000000000000000100")
+ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
+
+
+def test_build_unsolicited_na_frame_fields():
+    frame = iplib.build_unsolicited_na_frame(*NA_ARGS)
+    assert len(frame) == 14 + 40 + 32
+    # Ethernet: dst all-nodes multicast, src = interface MAC, type IPv6
+    assert frame[:14] == bytes.fromhex("333300000001" "020000aabbcc" "86dd")
+    ip6, icmp = frame[14:54], frame[54:]
+    # version 6, tclass 0, flow 0; payload 32; next header ICMPv6; hop limit 255
+    assert ip6[:8] == bytes.fromhex("60000000" "0020" "3a" "ff")
+    assert ip6[8:24] == VIP6 and ip6[24:40] == ALL_NODES
+    assert icmp[:2] == bytes.fromhex("8800")  # type 136, code 0
+    assert icmp[4:8] == bytes.fromhex("20000000")  # R=0 S=0 O=1
+    assert icmp[8:24] == VIP6  # target
+    assert icmp[24:] == bytes.fromhex("02" "01" "03bf00000064")  # target lladdr option
+
+
+def test_build_unsolicited_na_frame_checksum_verifies():
+    frame = iplib.build_unsolicited_na_frame(*NA_ARGS)
+    icmp = frame[54:]
+    pseudo = VIP6 + ALL_NODES + len(icmp).to_bytes(4, "big") + b"\x00\x00\x00\x3a"
+    data = pseudo + icmp
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    assert total == 0xFFFF
+    assert icmp[2:4] != b"\x00\x00"
+    # a different target gives a different checksum (it is not a constant)
+    other = iplib.build_unsolicited_na_frame(NA_ARGS[0], NA_ARGS[1], "2001:db8::101")
+    assert other[56:58] != icmp[2:4]
+
+
+def test_build_unsolicited_na_frame_accepts_bytes_and_cidr():
+    a = iplib.build_unsolicited_na_frame(b"\x02\x00\x00\xaa\xbb\xcc", "03-BF-00-00-00-64",
+                                         "2001:DB8::100/64")
+    b = iplib.build_unsolicited_na_frame("02:00:00:aa:bb:cc", "03:bf:00:00:00:64",
+                                         ipaddress.ip_address("2001:db8::100"))
+    assert a == b == iplib.build_unsolicited_na_frame(*NA_ARGS)
+
+
+@pytest.mark.parametrize(
+    "ip, fragment", [("198.18.99.1", "IPv6 only"), ("2001:db8::g", "not an IP address")]
+)
+def test_build_unsolicited_na_frame_rejects_bad_ip(ip, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        iplib.build_unsolicited_na_frame("02:00:00:aa:bb:cc", "03:bf:00:00:00:64", ip)
+
+
+def test_send_unsolicited_na_validates_before_touching_anything():
+    with pytest.raises(ValueError, match="count"):
+        iplib.send_unsolicited_na("eth0", "2001:db8::1", "03:bf:00:00:00:64", "iplt-x", count=0)
+    with pytest.raises(ValueError, match="interval"):
+        iplib.send_unsolicited_na("eth0", "2001:db8::1", "03:bf:00:00:00:64", "iplt-x",
+                                  interval=-1)
+    with pytest.raises(ValueError, match="IPv6 only"):
+        iplib.send_unsolicited_na("eth0", "198.18.99.1", "03:bf:00:00:00:64", "iplt-x")
+    with pytest.raises(ValueError, match="MAC address"):
+        iplib.send_unsolicited_na("eth0", "2001:db8::1", "03:bf:00", "iplt-x")
+
+
 def test_multicast_mac_must_be_multicast():
     with pytest.raises(ValueError, match="not a multicast MAC"):
         iplib.add_multicast_mac("eth0", "02:bf:c6:12:63:64", "iplt-x")
