@@ -7,22 +7,34 @@ same node, then closes cleanly and is replaced by a new one. A connection is
 *broken* if it is reset, times out, or gets an answer from another node.
 Results go to ``--out`` as one JSON line per connection:
 ``{"t0", "t1", "node", "ok", "error", "pings"}``.
+IPv4 or IPv6 follows ``--vip``.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import signal
+import socket
 import sys
 import time
+
+
+def vip_family(vip: str) -> int:
+    """AF_INET/AF_INET6 for an IP literal; 0 (let the resolver choose, as before) for a host name."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(vip).version == 6 else socket.AF_INET
+    except ValueError:
+        return 0
 
 
 async def one(vip: str, port: int, lifetime: float, period: float, timeout: float) -> dict:
     rec = {"t0": time.time(), "t1": None, "node": None, "ok": False, "error": None, "pings": 0}
     writer = None
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(vip, port), timeout)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(vip, port, family=vip_family(vip)), timeout)
         writer.write(b"HOLD\n")
         await writer.drain()
         hello = await asyncio.wait_for(reader.readline(), timeout)

@@ -4,10 +4,12 @@ Every run is bounded by ``--count`` connections and ``--duration`` seconds and
 stops by itself. Each connection is written as one JSON line:
 ``{"t": start, "port": local_port, "node": "n1" | null, "error": null | "...", "ms": latency}``.
 The local port is bound before connecting so a failed attempt is still attributable.
+IPv4 or IPv6 follows ``--vip``; ``--sources`` must then be of the same family.
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import socket
 import sys
@@ -15,18 +17,33 @@ import threading
 import time
 
 
-def one_request(vip: str, port: int, timeout: float, source: str = "0.0.0.0") -> dict:
+_ANY = ("0.0.0.0", "::")
+
+
+def ip_version(addr: str) -> int | None:
+    """4 or 6 for an IP literal, None for anything else (a host name keeps the IPv4 behaviour)."""
+    try:
+        return ipaddress.ip_address(addr).version
+    except ValueError:
+        return None
+
+
+def one_request(vip: str, port: int, timeout: float, source: str | None = None) -> dict:
     t0 = time.time()
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    v6 = ip_version(vip) == 6
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(timeout)
     rec = {"t": t0, "port": 0, "node": None, "error": None, "ms": 0.0}
-    if source != "0.0.0.0":
+    if source is None or source in _ANY:
+        source = "::" if v6 else "0.0.0.0"
+    else:
         rec["src"] = source
     try:
         s.bind((source, 0))
         rec["port"] = s.getsockname()[1]
         s.connect((vip, port))
-        s.sendall(f"GET / HTTP/1.1\r\nHost: {vip}\r\nConnection: close\r\n\r\n".encode())
+        host = f"[{vip}]" if v6 else vip
+        s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while True:
             chunk = s.recv(4096)
@@ -48,7 +65,7 @@ def one_request(vip: str, port: int, timeout: float, source: str = "0.0.0.0") ->
 
 def run(vip: str, port: int, count: int, duration: float, interval: float, workers: int,
         timeout: float, out, stop: threading.Event | None = None, sources: list[str] | None = None) -> list[dict]:
-    sources = sources or ["0.0.0.0"]
+    sources = sources or [None]
     stop = stop or threading.Event()
     deadline = time.monotonic() + duration
     lock = threading.Lock()
@@ -93,6 +110,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not 0 < args.count <= 1_000_000 or not 0 < args.duration <= 3600:
         ap.error("--count must be 1..1000000 and --duration 0..3600 s")
+    vip_version = ip_version(args.vip)
+    for src in args.sources.split(",") if args.sources and vip_version else []:
+        if ip_version(src) not in (None, vip_version):
+            ap.error(f"--sources: {src} is an IPv{ip_version(src)} address but --vip {args.vip} is IPv{vip_version}")
     out = open(args.out, "a", buffering=1) if args.out else sys.stdout
     stop = threading.Event()
     import signal

@@ -5,10 +5,12 @@ from as many source ports) to VIP:PORT, then collects replies for
 ``--wait`` seconds. Prints JSON: one record per source port with every reply
 ("<node> <length received>"). A datagram larger than the path MTU leaves the
 client in fragments; a whole length in the reply means one node got them all.
+IPv4 or IPv6 follows ``--vip``; over IPv6 the sending host fragments too.
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import select
 import socket
@@ -16,17 +18,31 @@ import sys
 import time
 
 
+def _is_v6(vip: str) -> bool:
+    """True for an IPv6 literal; anything else (IPv4, a host name) keeps the IPv4 behaviour."""
+    try:
+        return ipaddress.ip_address(vip).version == 6
+    except ValueError:
+        return False
+
+
 def probe(vip: str, port: int, count: int, size: int, wait: float) -> list[dict]:
+    v6 = _is_v6(vip)
     socks = []
     try:
         for _ in range(count):
-            sk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sk.bind(("0.0.0.0", 0))
-            # Let the kernel fragment: no path-MTU discovery refusal for big datagrams.
-            sk.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_MTU_DISCOVER", 10),
-                          getattr(socket, "IP_PMTUDISC_DONT", 0))
-            sk.setblocking(False)
+            sk = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
             socks.append(sk)
+            # Let the kernel fragment: no path-MTU discovery refusal for big datagrams.
+            if v6:
+                sk.bind(("::", 0))
+                sk.setsockopt(socket.IPPROTO_IPV6, getattr(socket, "IPV6_MTU_DISCOVER", 23),
+                              getattr(socket, "IPV6_PMTUDISC_DONT", 0))
+            else:
+                sk.bind(("0.0.0.0", 0))
+                sk.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_MTU_DISCOVER", 10),
+                              getattr(socket, "IP_PMTUDISC_DONT", 0))
+            sk.setblocking(False)
         payload = b"x" * size
         for sk in socks:
             sk.sendto(payload, (vip, port))
