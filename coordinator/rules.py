@@ -9,13 +9,17 @@ module is its Python twin, used to count draining connections and to answer
 
 * ``none``: jhash(client address . client port), the best spread;
 * ``client``: jhash(client address), session affinity;
-* ``network``: jhash(first 24 bits of the client address), for proxy pools.
+* ``network``: jhash(the client's /24, or /64 for IPv6), for proxy pools.
+
+IPv6 clients hash the same way with their 16-byte address (``hashing.py``
+has the kernel-checked models for both families).
 
 Traffic that matches no rule is dropped, or (``unmatched: one-node``) served
 by the owner of bucket 0, which moves with the usual handover.
 """
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from nlbfarm.coordinator import hashing
@@ -58,19 +62,34 @@ def match(rules: tuple[TrafficRule, ...], vip: str, protocol: str, port: int) ->
     return next((r for r in rules if r.matches(vip, protocol, port)), None)
 
 
+_BY_AFFINITY = {
+    # affinity: (IPv4 model, IPv6 model); each takes (client_ip, client_port, buckets, seed)
+    "none": (hashing.bucket_of, hashing.bucket_of6),
+    "client": (lambda ip, _port, b, s: hashing.bucket_of_address(ip, b, s),
+               lambda ip, _port, b, s: hashing.bucket_of_address6(ip, b, s)),
+    "network": (lambda ip, _port, b, s: hashing.bucket_of_network(ip, b, s),
+                lambda ip, _port, b, s: hashing.bucket_of_network6(ip, b, s)),
+}
+
+
 def bucket_by_affinity(affinity: str, client_ip: str, client_port: int, buckets: int, seed: int) -> int:
-    if affinity == "none":
-        return hashing.bucket_of(client_ip, client_port, buckets, seed)
-    if affinity == "client":
-        return hashing.bucket_of_address(client_ip, buckets, seed)
-    if affinity == "network":
-        return hashing.bucket_of_network(client_ip, buckets, seed)
-    raise ValueError(f"unknown affinity {affinity!r}")
+    """The bucket the kernel gives a client under ``affinity``, for an IPv4 or IPv6 client."""
+    try:
+        v4, v6 = _BY_AFFINITY[affinity]
+    except KeyError:
+        raise ValueError(f"unknown affinity {affinity!r}") from None
+    model = v6 if ipaddress.ip_address(client_ip).version == 6 else v4
+    return model(client_ip, client_port, buckets, seed)
 
 
 def bucket_for(rules: tuple[TrafficRule, ...], unmatched: str, vip: str, protocol: str, port: int,
                client_ip: str, client_port: int, buckets: int, seed: int) -> int | None:
-    """The bucket of a packet from client_ip:client_port to vip:port, or None if it is dropped."""
+    """The bucket of a packet from client_ip:client_port to vip:port, or None if it is dropped.
+
+    A client of the other address family than the VIP can never reach it: ValueError.
+    """
+    if ipaddress.ip_address(client_ip).version != ipaddress.ip_address(vip).version:
+        raise ValueError(f"client {client_ip} and VIP {vip} are not of the same address family")
     rule = match(rules, vip, protocol, port)
     if rule is None:
         return UNMATCHED_BUCKET if unmatched == "one-node" else None

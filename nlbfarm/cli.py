@@ -143,15 +143,26 @@ SAMPLE_PORTS = tuple(range(1024, 65536, 1009))
 
 
 def parse_client(text: str) -> tuple[str, int | None]:
-    """CLIENT[:PORT] -> (ip, port or None); the bucket depends on address and port."""
+    """CLIENT[:PORT] -> (ip, port or None); the bucket depends on address and port.
+
+    IPv6 clients are written as ``2001:db8::3`` or, with a port, ``[2001:db8::3]:40000``.
+    """
     import ipaddress
-    host, sep, port = text.rpartition(":")
-    if not sep:
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise FarmError(f"{text!r}: write an IPv6 client with a port as [ADDRESS]:PORT")
+        port = rest[1:] if rest else None
+    elif text.count(":") > 1:  # a bare IPv6 address
         host, port = text, None
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = text, None
     try:
-        ipaddress.IPv4Address(host)
+        host = str(ipaddress.ip_address(host))
     except ValueError:
-        raise FarmError(f"{text!r}: {host!r} is not an IPv4 address") from None
+        raise FarmError(f"{text!r}: {host!r} is not an IP address") from None
     if port is None:
         return host, None
     if not port.isdigit() or not 0 < int(port) < 65536:
@@ -193,7 +204,7 @@ def cmd_which(args) -> int:
                             "nodes": dict(sorted(spread.items())), "generation": rs[-1].generation})
                 continue
             r = which(ip, port)
-            out.append({"client": f"{ip}:{port}", "bucket": r.bucket, "node": r.node_id,
+            out.append({"client": f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}", "bucket": r.bucket, "node": r.node_id,
                         "generation": r.generation, "draining_on": list(r.draining_on), "rule": r.rule})
     if args.json:
         print(json.dumps(out if args.from_file else out[0], indent=None if args.from_file else 2))
@@ -401,7 +412,7 @@ def cmd_status(args) -> int:
 def _lab(args):
     from nlbfarm.lab import Lab
     quiet = getattr(args, "json", False)
-    return Lab(prefix=args.prefix, progress=(lambda m: None) if quiet else
+    return Lab(prefix=args.prefix, ipv6=getattr(args, "ipv6", False), progress=(lambda m: None) if quiet else
                (lambda m: print(f"lab: {m}", file=sys.stderr, flush=True)))
 
 
@@ -417,6 +428,7 @@ def cmd_lab_up(args) -> int:
 
 def render_lab_status(st: dict) -> str:
     lines = [f"lab {st['prefix']}: VIP {st['vip']}  app {st['url']}  subnet {st['subnet']}",
+             *([f"IPv6 VIP {st['vip6']}  app {st['url6']}"] if "vip6" in st else []),
              f"etcd {st['etcd']['endpoint']} in {st['etcd']['netns']} "
              f"({'running' if st['etcd']['running'] else 'STOPPED'})", "",
              f"{'HOST':<8} {'NETNS':<14} {'ADDRESS':<14} AGENT (gRPC)"]
@@ -527,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     lsub = lab.add_subparsers(dest="labcmd", required=True, metavar="LABCOMMAND")
     up = lsub.add_parser("up", help="create the lab and start etcd, agents and apps")
     up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--ipv6", action="store_true", help="dual stack: also an IPv6 VIP (2001:db8::100)")
     up.add_argument("--prefix", default="nlbf", help="namespace name prefix (default %(default)s)")
     up.add_argument("--json", action="store_true")
     up.set_defaults(func=cmd_lab_up)

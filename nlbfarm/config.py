@@ -113,7 +113,7 @@ class PortRule(_Strict):
     ports: int | str = "all"
     # none: client address and port (SafeKit on_port; the best spread).
     # client: client address (SafeKit on_addr, NLB Single): session affinity.
-    # network: the client's /24 (NLB Network): clients behind proxy pools.
+    # network: the client's /24 (IPv4) or /64 (IPv6) (NLB Network): proxy pools.
     affinity: Annotated[str, _one_of(AFFINITIES)] = "none"
 
     @field_validator("vip")
@@ -151,7 +151,8 @@ class ClusterSection(_Strict):
     # (SafeKit's vmac_invisible); nodes run their NIC promiscuous.
     mac_mode: str = "multicast"
     # "auto" derives the MAC from the first VIP: 03:bf:<IPv4 bytes> for
-    # multicast, 02:bf:<IPv4 bytes> for unicast-flood.
+    # multicast, 02:bf:<IPv4 bytes> for unicast-flood (an IPv6 VIP gives its
+    # last four bytes). IPv4 and IPv6 VIPs share the one cluster MAC.
     cluster_mac: str = "auto"
     # Port rules; they may not overlap. Default: every TCP and UDP port of every
     # VIP, affinity none. Identical on every node, like buckets.
@@ -169,8 +170,9 @@ class ClusterSection(_Strict):
                 addr = ipaddress.ip_address(item)
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address") from None
-            if addr.version != 4:
-                raise ValueError(f"{item}: only IPv4 VIPs are supported in this version")
+            if addr.is_multicast or addr.is_unspecified or addr.is_loopback or addr.is_link_local:
+                raise ValueError(f"{item} cannot be a VIP: it must be a unicast address that is not "
+                                 "loopback or link-local")
             out.append(str(addr))
         if len(set(out)) != len(out):
             raise ValueError("contains the same VIP twice")

@@ -46,6 +46,7 @@ from nlbfarm.errors import (
 from nlbfarm.logs import setup_logging
 from nlbfarm.node.checks import HealthMonitor
 from nlbfarm.node.conntrack import live_connections_by_bucket
+from nlbfarm.node import iplib
 from nlbfarm.node.dataplane import DataPlane, DataPlaneSpec, cluster_mac_for
 from nlbfarm.node.events import EventBus
 from nlbfarm.node.metrics import AgentMetrics
@@ -162,6 +163,7 @@ class Agent:
         self.vip = vip or Vip(cfg.node.interface, cfg.cluster.vips, self.cluster_mac,
                               mac_mode=cfg.cluster.mac_mode)
         self.rules = resolve_rules(cfg.cluster.vips, cfg.cluster.effective_rules)
+        self._node_mac: str | None = None
         self.rules_digest = rules_digest(self.rules, cfg.cluster.unmatched)
         self._rules_warned: set[str] = set()
         self.instance = secrets.token_hex(8)
@@ -319,12 +321,22 @@ class Agent:
         threading.Thread(target=self._keepalive_loop, name="keepalive", daemon=True).start()
         self._run_module("start")
 
+    @property
+    def node_mac(self) -> str:
+        """The interface's MAC, read once: the IPv6 neighbour-discovery rewrite is computed from it."""
+        if self._node_mac is None:
+            if not any(":" in v for v in self.cfg.cluster.vips):
+                self._node_mac = ""  # IPv4 only: the spec does not use it
+            else:
+                self._node_mac = iplib.link_mac(self.cfg.node.interface)
+        return self._node_mac
+
     def _base_spec(self, fence_open: bool) -> DataPlaneSpec:
         return DataPlaneSpec(interface=self.cfg.node.interface, vips=self.cfg.cluster.vips,
                              cluster_mac=self.cluster_mac, buckets=self.settings.buckets,
                              seed=self.settings.seed, fence_open=fence_open, fence_timeout=self.cfg.timing.fence_timeout,
                              table=self.cfg.nft.table, mac_mode=self.cfg.cluster.mac_mode, rules=self.rules,
-                             unmatched=self.cfg.cluster.unmatched)
+                             unmatched=self.cfg.cluster.unmatched, node_mac=self.node_mac)
 
     # ---- keepalive thread: refreshes the lease and extends an open fence ----
 
@@ -889,9 +901,9 @@ class Agent:
         """
         import ipaddress
         try:
-            ipaddress.IPv4Address(client_ip)
+            family = ipaddress.ip_address(client_ip).version
         except ValueError:
-            raise ValueError(f"client_ip {client_ip!r} is not an IPv4 address") from None
+            raise ValueError(f"client_ip {client_ip!r} is not an IP address") from None
         if not 0 < client_port < 65536:
             raise ValueError(f"client_port must be 1..65535, got {client_port}")
         if vip is not None and vip not in self.cfg.cluster.vips:
@@ -900,10 +912,15 @@ class Agent:
             raise ValueError(f"protocol must be tcp or udp, got {protocol!r}")
         if not 0 <= vip_port < 65536:
             raise ValueError(f"vip_port must be 0..65535, got {vip_port}")
+        same_family = [v for v in self.cfg.cluster.vips if ipaddress.ip_address(v).version == family]
+        if vip is None and not same_family:
+            raise ValueError(f"client_ip {client_ip} is IPv{family} but this farm has no IPv{family} VIP")
+        if vip is not None and vip not in same_family:
+            raise ValueError(f"client_ip {client_ip} and vip {vip} are not of the same address family")
         snap = self.cache.snapshot()
         if snap.settings is None or snap.table is None:
             raise LookupError("the cluster has no bucket table yet")
-        vip = vip or self.cfg.cluster.vips[0]
+        vip = vip or same_family[0]
         if not vip_port or not protocol:
             first = next((r for r in self.rules if r.vip == vip), None)
             vip_port = vip_port or (first.first if first else 1)

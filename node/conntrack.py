@@ -6,6 +6,7 @@ lingers for the kernel's own bookkeeping.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import subprocess
 from collections import Counter
@@ -39,7 +40,7 @@ def count_by_bucket(entries: Iterable[tuple[str, int, str, int, str]], vips: Ite
 
 
 def parse_conntrack_lines(text: str) -> list[tuple[str, int, str, int, str]]:
-    """Parse ``conntrack -L -p tcp`` lines into (client_ip, client_port, vip, vip_port, state)."""
+    """Parse ``conntrack -L -p tcp`` lines (IPv4 or IPv6) into (client_ip, client_port, vip, vip_port, state)."""
     out = []
     for line in text.splitlines():
         parts = line.split()
@@ -52,7 +53,9 @@ def parse_conntrack_lines(text: str) -> list[tuple[str, int, str, int, str]]:
             if sep and k not in fields:  # the first src/dst/sport belong to the original direction
                 fields[k] = v
         try:
-            out.append((fields["src"], int(fields["sport"]), fields["dst"], int(fields["dport"]), state))
+            # Addresses in Python's canonical text, as the config writes VIPs (IPv6 compressed).
+            out.append((str(ipaddress.ip_address(fields["src"])), int(fields["sport"]),
+                        str(ipaddress.ip_address(fields["dst"])), int(fields["dport"]), state))
         except (KeyError, ValueError):
             continue
     return out
@@ -68,7 +71,8 @@ def tcp_entries(vips: Iterable[str]) -> list[tuple[str, int, str, int, str]]:
     out = []
     for vip in vips:
         try:
-            cp = subprocess.run(["conntrack", "-L", "-p", "tcp", "--orig-dst", vip], capture_output=True,
+            family = "ipv6" if ipaddress.ip_address(vip).version == 6 else "ipv4"
+            cp = subprocess.run(["conntrack", "-L", "-f", family, "-p", "tcp", "--orig-dst", vip], capture_output=True,
                                 text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise DataPlaneError(f"cannot read the conntrack table: {exc}") from exc

@@ -46,7 +46,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
-from nlbfarm.coordinator.hashing import network_hash_payload
+from nlbfarm.coordinator.hashing import network6_hash_payload, network_hash_payload
 from nlbfarm.coordinator.rules import UNMATCHED_BUCKET, TrafficRule
 from nlbfarm.errors import DataPlaneError
 
@@ -92,6 +92,9 @@ class DataPlaneSpec:
     # what happens to VIP traffic no rule matches: "drop" or "one-node".
     rules: tuple[TrafficRule, ...] = ()
     unmatched: str = "drop"
+    # The interface's own MAC: the IPv6 neighbour-discovery rewrite needs it
+    # (build_nd_rules). Unused without IPv6 VIPs.
+    node_mac: str = ""
 
     def with_buckets(self, accepting, draining=(), guarded=()) -> "DataPlaneSpec":
         as_tuple = lambda rs: tuple(tuple(r) for r in rs)  # noqa: E731
@@ -102,12 +105,14 @@ class DataPlaneSpec:
 def cluster_mac_for(vip: str, mode: str = "multicast") -> str:
     """The cluster MAC for a VIP, as Windows NLB derives it: 03:bf (02:bf) + the IPv4 bytes.
 
+    An IPv6 VIP gives the last four bytes of its address.
+
     Multicast: bit 0 of the first octet makes it multicast (every NIC that
     joined it accepts, switches flood it), bit 1 marks it locally
     administered. Unicast-flood: 02 is locally administered unicast; since no
     node ever sends from it, no switch learns it and every switch floods it.
     """
-    packed = ipaddress.IPv4Address(vip).packed
+    packed = ipaddress.ip_address(vip).packed[-4:]
     return ("03:bf:" if mode == "multicast" else "02:bf:") + ":".join(f"{b:02x}" for b in packed)
 
 
@@ -134,20 +139,52 @@ def _set_or_value(values: list):
     return values[0] if len(values) == 1 else {"set": list(values)}
 
 
-def bucket_hash_expr(buckets: int, seed: int) -> dict:
+# Per address family: the payload protocol of its header, its ICMP, and the
+# marker in its chain names (IPv4 keeps the plain names: vip_in, pick_none...;
+# IPv6 gets vip6_in, pick6_none...).
+@dataclass(frozen=True)
+class Family:
+    ip: str       # "ip" or "ip6": payload protocol of the network header
+    icmp: str     # "icmp" or "icmpv6"
+    version: int
+    marker: str   # "" or "6"
+
+    def chain(self, base: str) -> str:
+        head, _, tail = base.partition("_")
+        return f"{head}{self.marker}_{tail}" if tail else f"{head}{self.marker}"
+
+
+IPV4 = Family("ip", "icmp", 4, "")
+IPV6 = Family("ip6", "icmpv6", 6, "6")
+
+# ICMP errors carry no client port; every node takes them and its stack hands
+# them to the matching socket, if it has one. Path MTU discovery depends on it.
+_ICMP_ERRORS = {4: ["destination-unreachable", "time-exceeded"],
+                6: ["destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem"]}
+
+
+def vips_of(spec: "DataPlaneSpec", fam: Family) -> list[str]:
+    return [v for v in spec.vips if ipaddress.ip_address(v).version == fam.version]
+
+
+def families(spec: "DataPlaneSpec") -> list[Family]:
+    return [f for f in (IPV4, IPV6) if vips_of(spec, f)]
+
+
+def bucket_hash_expr(buckets: int, seed: int, fam: Family = IPV4) -> dict:
     """jhash over (client address . client port) mod B, the same on every node."""
     return {
         "jhash": {
             "mod": buckets,
             "seed": seed,
-            "expr": {"concat": [_payload("ip", "saddr"), _payload("th", "sport")]},
+            "expr": {"concat": [_payload(fam.ip, "saddr"), _payload("th", "sport")]},
         }
     }
 
 
-def address_hash_expr(buckets: int, seed: int) -> dict:
+def address_hash_expr(buckets: int, seed: int, fam: Family = IPV4) -> dict:
     """jhash over the client address alone mod B: for ICMP echo, which has no port."""
-    return {"jhash": {"mod": buckets, "seed": seed, "expr": _payload("ip", "saddr")}}
+    return {"jhash": {"mod": buckets, "seed": seed, "expr": _payload(fam.ip, "saddr")}}
 
 
 def _range_elems(ranges: Iterable[tuple[int, int]]) -> list:
@@ -163,17 +200,91 @@ def _replace_table(family: str, name: str) -> list[dict]:
 
 def build_arp_table(spec: DataPlaneSpec) -> list[dict]:
     fam, tbl = "arp", spec.table
-    return _replace_table(fam, tbl) + [
+    cmds = _replace_table(fam, tbl) + [
         {"add": {"chain": {"family": fam, "table": tbl, "name": "out", "type": "filter",
                            "hook": "output", "prio": 0, "policy": "accept"}}},
+    ]
+    vips = vips_of(spec, IPV4)
+    if vips:
         # Requests as well as replies: a request sent from the VIP would teach
         # the client this node's own MAC and pin all traffic to it.
-        {"add": {"rule": {"family": fam, "table": tbl, "chain": "out", "expr": [
-            {"match": {"op": "==", "left": _payload("arp", "saddr ip"),
-                       "right": _set_or_value(list(spec.vips))}},
+        cmds.append({"add": {"rule": {"family": fam, "table": tbl, "chain": "out", "expr": [
+            {"match": {"op": "==", "left": _payload("arp", "saddr ip"), "right": _set_or_value(vips)}},
             {"mangle": {"key": _payload("arp", "saddr ether"), "value": spec.cluster_mac}},
-        ]}}},
-    ]
+        ]}}})
+    return cmds
+
+
+def _mac_words(mac: str) -> list[int]:
+    b = bytes(int(x, 16) for x in mac.split(":"))
+    return [int.from_bytes(b[i:i + 2], "big") for i in range(0, 6, 2)]
+
+
+def _ones_add(a: int, b: int) -> int:
+    s = a + b
+    return (s & 0xFFFF) + (s >> 16)
+
+
+def nd_checksum_delta(node_mac: str, cluster_mac: str) -> int:
+    """The 16-bit value that keeps an ICMPv6 checksum valid when ``node_mac`` becomes ``cluster_mac``.
+
+    nft 1.0.6 rewrites a raw ``@th`` field without fixing the ICMPv6
+    checksum (``csum_type 0`` in ``--debug=netlink``), and a neighbour
+    discards an advert whose checksum is wrong. So the rule also writes this
+    value into 16 reserved bits of the message (zero when sent; receivers
+    must ignore them, RFC 4861): it is the ones'-complement sum of the old
+    MAC's words minus the new MAC's, so the message's sum, and with it the
+    kernel's checksum, stays what it was.
+    """
+    old = 0
+    for w in _mac_words(node_mac):
+        old = _ones_add(old, w)
+    new = 0
+    for w in _mac_words(cluster_mac):
+        new = _ones_add(new, w)
+    return _ones_add(old, (~new) & 0xFFFF)
+
+
+# Offsets (bits from the ICMPv6 header) of neighbour solicitation and advert:
+# both have 32 reserved or flag bits at 32, the target at 64 and their first
+# option at 192; Linux sends the link-layer address option (source: type 1,
+# target: type 2) first, its 6-byte address at 208.
+_ND_RESERVED_LOW16 = 48
+_ND_OPT_TYPE = 192
+_ND_OPT_LLADDR = 208
+
+
+def _raw_th(offset: int, length: int) -> dict:
+    return {"payload": {"base": "th", "offset": offset, "len": length}}
+
+
+def build_nd_rules(spec: DataPlaneSpec, rule) -> list[dict]:
+    """IPv6 counterpart of the ARP rewrite: the node's neighbour discovery names the cluster MAC.
+
+    Adverts for a VIP (the kernel sends them from the VIP) and solicitations
+    the node sends from a VIP carry a link-layer address option with the
+    node's own MAC; a client would learn it for the VIP and pin all its
+    traffic to this node. Both get the cluster MAC, checksum-neutrally
+    (``nd_checksum_delta``).
+    """
+    vips = vips_of(spec, IPV6)
+    if not vips:
+        return []
+    if not spec.node_mac:
+        raise ValueError("an IPv6 VIP needs the node's MAC in the spec (node_mac) for the ND rewrite")
+    mac_value = int(spec.cluster_mac.replace(":", ""), 16)
+    delta = nd_checksum_delta(spec.node_mac, spec.cluster_mac)
+    out = []
+    for icmp_type, opt in (("nd-neighbor-advert", 2), ("nd-neighbor-solicit", 1)):
+        out.append(rule(
+            "nd_out",
+            {"match": {"op": "==", "left": _payload("icmpv6", "type"), "right": icmp_type}},
+            {"match": {"op": "==", "left": _payload("ip6", "saddr"), "right": _set_or_value(vips)}},
+            {"match": {"op": "==", "left": _raw_th(_ND_OPT_TYPE, 8), "right": opt}},
+            {"mangle": {"key": _raw_th(_ND_OPT_LLADDR, 48), "value": mac_value}},
+            {"mangle": {"key": _raw_th(_ND_RESERVED_LOW16, 16), "value": delta}},
+        ))
+    return out
 
 
 def fence_element(spec: DataPlaneSpec) -> dict:
@@ -188,19 +299,24 @@ def _l4(protos: list[str]) -> dict:
     return {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": _set_or_value(protos)}}
 
 
-def affinity_hash_expr(affinity: str, buckets: int, seed: int) -> dict:
-    """The jhash of a rule's affinity (coordinator/rules.py has the Python twin)."""
+def affinity_hash_expr(affinity: str, buckets: int, seed: int, fam: Family = IPV4) -> dict:
+    """The jhash of a rule's affinity (coordinator/rules.py has the Python twin).
+
+    The raw ``@nh`` payload of ``network`` has no family guard of its own: the
+    chains that use it are reached only through an ``ip``/``ip6 daddr`` match.
+    """
     if affinity == "none":
-        return bucket_hash_expr(buckets, seed)
+        return bucket_hash_expr(buckets, seed, fam)
     if affinity == "client":
-        return address_hash_expr(buckets, seed)
+        return address_hash_expr(buckets, seed, fam)
     if affinity == "network":
-        return {"jhash": {"mod": buckets, "seed": seed, "expr": network_hash_payload()}}
+        payload = network_hash_payload() if fam.version == 4 else network6_hash_payload()
+        return {"jhash": {"mod": buckets, "seed": seed, "expr": payload}}
     raise ValueError(f"unknown affinity {affinity!r}")
 
 
-def _in_buckets(spec: DataPlaneSpec, ranges, affinity: str = "none") -> dict:
-    return {"match": {"op": "==", "left": affinity_hash_expr(affinity, spec.buckets, spec.seed),
+def _in_buckets(spec: DataPlaneSpec, ranges, affinity: str = "none", fam: Family = IPV4) -> dict:
+    return {"match": {"op": "==", "left": affinity_hash_expr(affinity, spec.buckets, spec.seed, fam),
                       "right": {"set": _range_elems(ranges)}}}
 
 
@@ -217,10 +333,10 @@ def _has(ranges, bucket: int) -> bool:
     return any(lo <= bucket <= hi for lo, hi in ranges)
 
 
-def _rule_match(r: TrafficRule, spec: DataPlaneSpec, tcp_only: bool = False) -> list[dict]:
+def _rule_match(r: TrafficRule, spec: DataPlaneSpec, fam: Family, tcp_only: bool = False) -> list[dict]:
     out = []
-    if len(spec.vips) > 1:
-        out.append({"match": {"op": "==", "left": _payload("ip", "daddr"), "right": r.vip}})
+    if len(vips_of(spec, fam)) > 1:
+        out.append({"match": {"op": "==", "left": _payload(fam.ip, "daddr"), "right": r.vip}})
     out.append(_l4(["tcp"] if tcp_only else list(r.protocols)))
     if (r.first, r.last) != (1, 65535):
         port = r.first if r.first == r.last else {"range": [r.first, r.last]}
@@ -228,35 +344,145 @@ def _rule_match(r: TrafficRule, spec: DataPlaneSpec, tcp_only: bool = False) -> 
     return out
 
 
-def _count(spec: DataPlaneSpec, rule: str) -> dict:
+def _count(spec: DataPlaneSpec, rule: str, fam: Family = IPV4) -> dict:
     """The counter statement that counts a packet under ``rule`` for its VIP.
 
-    Only packets to one of ``spec.vips`` reach the counted chains (the jumps
-    into them match the same VIPs), so the map lookup always hits; a miss
-    would end the rule without its verdict.
+    Only packets to one of the family's VIPs reach its counted chains (the
+    jumps into them match the same VIPs), so the map lookup always hits; a
+    miss would end the rule without its verdict.
     """
-    names = [(vip, counter_name(vip, rule)) for vip in spec.vips]
+    names = [(vip, counter_name(vip, rule)) for vip in vips_of(spec, fam)]
     if len(names) == 1:
         return {"counter": names[0][1]}
-    return {"counter": {"map": {"key": _payload("ip", "daddr"),
+    return {"counter": {"map": {"key": _payload(fam.ip, "daddr"),
                                 "data": {"set": [[vip, name] for vip, name in names]}}}}
+
+
+def _family_chains_pre(fam: Family) -> list[str]:
+    return [fam.chain("vip_in"), fam.chain("drain_in")]
+
+
+def _family_chains_post(spec: DataPlaneSpec, fam: Family) -> list[str]:
+    rules = _family_rules(spec, fam)
+    return [fam.chain("vip_ct"),
+            # Jump targets exist before the rules that name them (one transaction, in order).
+            *[fam.chain(f"pick_{aff}") for aff in _affinities(rules)],
+            *[fam.chain(f"ct_{aff}") for aff in _affinities([r for r in rules if "tcp" in r.protocols])],
+            *([fam.chain("pick_one"), fam.chain("ct_one")] if spec.unmatched == "one-node" else [])]
+
+
+def _family_rules(spec: DataPlaneSpec, fam: Family) -> tuple[TrafficRule, ...]:
+    vips = set(vips_of(spec, fam))
+    return tuple(r for r in effective_rules(spec) if r.vip in vips)
+
+
+def _build_family(spec: DataPlaneSpec, fam: Family, rule) -> list[dict]:
+    """The rules of one address family's chains (created beforehand by ``build_inet_table``)."""
+    count = lambda name: _count(spec, name, fam)  # noqa: E731
+    ch = fam.chain
+    in_buckets = lambda ranges, aff: _in_buckets(spec, ranges, aff, fam)  # noqa: E731
+    to_vip = {"match": {"op": "==", "left": _payload(fam.ip, "daddr"), "right": _set_or_value(vips_of(spec, fam))}}
+    icmp_type = lambda right: {"match": {"op": "==", "left": _payload(fam.icmp, "type"), "right": right}}  # noqa: E731
+    rules = _family_rules(spec, fam)
+    cmds = [
+        rule("prerouting", to_vip, {"jump": {"target": ch("vip_in")}}),
+        # Frames addressed to the multicast cluster MAC arrive as
+        # PACKET_MULTICAST, which TCP refuses; they are ours to deliver.
+        rule(ch("vip_in"), {"mangle": {"key": {"meta": {"key": "pkttype"}}, "value": "host"}}),
+    ]
+    if fam.version == 6:
+        # Neighbour discovery for a VIP is every node's to answer, fenced or
+        # not: each answers alike with the cluster MAC (nd_out).
+        cmds.append(rule(ch("vip_in"), icmp_type({"set": ["nd-neighbor-solicit", "nd-neighbor-advert"]}),
+                         {"accept": None}))
+    cmds += [
+        rule(ch("vip_in"),
+             {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "@fence"}},
+             count("dropped_fenced"), {"drop": None}),
+        rule(ch("vip_in"), icmp_type({"set": _ICMP_ERRORS[fam.version]}), {"accept": None}),
+    ]
+    # ICMP echo: exactly one node answers, the owner of the client address's
+    # bucket. Echo has no connection to keep, so it moves at once.
+    echo = icmp_type("echo-request")
+    if spec.accepting:
+        cmds.append(rule(ch("vip_in"), echo, in_buckets(spec.accepting, "client"), count("accepted"),
+                         {"accept": None}))
+    # Another node's echo: never left to the unmatched policy, or the owner of
+    # bucket 0 would answer it a second time.
+    cmds.append(rule(ch("vip_in"), echo, count("dropped_foreign"), {"drop": None}))
+    # Port rules send each packet to the chain of its affinity, which hashes
+    # it and decides by bucket; the rules do not overlap (config checks it).
+    for r in rules:
+        cmds.append(rule(ch("vip_in"), *_rule_match(r, spec, fam), {"goto": {"target": ch(f"pick_{r.affinity}")}}))
+    if spec.unmatched == "one-node":
+        cmds.append(rule(ch("vip_in"), {"goto": {"target": ch("pick_one")}}))
+    cmds.append(rule(ch("vip_in"), count("dropped_unmatched"), {"drop": None}))
+    for aff in _affinities(rules):
+        if spec.accepting:
+            cmds.append(rule(ch(f"pick_{aff}"), in_buckets(spec.accepting, aff), count("accepted"),
+                             {"accept": None}))
+        if spec.draining:
+            cmds.append(rule(ch(f"pick_{aff}"), _l4(["tcp"]), in_buckets(spec.draining, aff),
+                             {"jump": {"target": ch("drain_in")}}))
+        cmds.append(rule(ch(f"pick_{aff}"), count("dropped_foreign"), {"drop": None}))
+    if spec.unmatched == "one-node":
+        # The default host: whoever owns bucket 0 serves what no rule matches.
+        if _has(spec.accepting, UNMATCHED_BUCKET):
+            cmds.append(rule(ch("pick_one"), count("accepted"), {"accept": None}))
+        elif _has(spec.draining, UNMATCHED_BUCKET):
+            cmds.append(rule(ch("pick_one"), _l4(["tcp"]), {"jump": {"target": ch("drain_in")}}))
+        cmds.append(rule(ch("pick_one"), count("dropped_foreign"), {"drop": None}))
+    if spec.draining:
+        # A new connection in a released bucket belongs to its new owner.
+        cmds.append(rule(ch("drain_in"), {"match": {"op": "==", "left": _SYN_ONLY, "right": "syn"}},
+                         count("dropped_draining_syn"), {"drop": None}))
+        cmds.append(rule(ch("drain_in"), count("draining"), {"accept": None}))
+
+    cmds += [
+        rule("postct", to_vip, {"jump": {"target": ch("vip_ct")}}),
+        rule(ch("vip_ct"), {"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                                      "right": ["established", "related"]}}, {"accept": None}),
+    ]
+    if spec.draining or spec.guarded:
+        for r in rules:
+            if "tcp" in r.protocols:
+                cmds.append(rule(ch("vip_ct"), *_rule_match(r, spec, fam, tcp_only=True),
+                                 {"goto": {"target": ch(f"ct_{r.affinity}")}}))
+        if spec.unmatched == "one-node":
+            cmds.append(rule(ch("vip_ct"), _l4(["tcp"]), {"goto": {"target": ch("ct_one")}}))
+        for aff in _affinities([r for r in rules if "tcp" in r.protocols]):
+            if spec.draining:
+                # Not an established connection of ours: nothing to keep serving.
+                cmds.append(rule(ch(f"ct_{aff}"), in_buckets(spec.draining, aff),
+                                 count("dropped_draining_unknown"), {"drop": None}))
+            if spec.guarded:
+                # Mid-stream packet of a connection this node does not know, in a
+                # bucket a live peer still drains: it is the peer's. Drop it silently.
+                cmds.append(rule(ch(f"ct_{aff}"), {"match": {"op": "!=", "left": _SYN_ONLY, "right": "syn"}},
+                                 in_buckets(spec.guarded, aff), count("dropped_guarded"),
+                                 {"drop": None}))
+        if spec.unmatched == "one-node":
+            if _has(spec.draining, UNMATCHED_BUCKET):
+                cmds.append(rule(ch("ct_one"), count("dropped_draining_unknown"), {"drop": None}))
+            elif _has(spec.guarded, UNMATCHED_BUCKET):
+                cmds.append(rule(ch("ct_one"), {"match": {"op": "!=", "left": _SYN_ONLY, "right": "syn"}},
+                                 count("dropped_guarded"), {"drop": None}))
+    return cmds
 
 
 def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
     fam, tbl = "inet", spec.table
-    count = lambda rule: _count(spec, rule)  # noqa: E731
 
     def rule(chain: str, *expr: dict) -> dict:
         return {"add": {"rule": {"family": fam, "table": tbl, "chain": chain, "expr": list(expr)}}}
 
-    def chain(name: str, prio: int | None = None) -> dict:
+    def chain(name: str, prio: int | None = None, hook: str = "prerouting") -> dict:
         c = {"family": fam, "table": tbl, "name": name}
         if prio is not None:
-            c.update(type="filter", hook="prerouting", prio=prio, policy="accept")
+            c.update(type="filter", hook=hook, prio=prio, policy="accept")
         return {"add": {"chain": c}}
 
-    to_vip = {"match": {"op": "==", "left": _payload("ip", "daddr"), "right": _set_or_value(list(spec.vips))}}
-    rules = effective_rules(spec)
+    fams = families(spec)
     cmds = _replace_table(fam, tbl) + [
         {"add": {"set": {"family": fam, "table": tbl, "name": "fence", "type": "ifname",
                          "flags": ["timeout"]}}},
@@ -267,94 +493,13 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
              for vip in spec.vips for r in COUNTER_RULES]
     if spec.fence_open:
         cmds.append({"add": fence_element(spec)})
-    cmds += [
-        chain("prerouting", PRIO_RAW), chain("vip_in"), chain("drain_in"),
-        chain("postct", PRIO_POST_CT), chain("vip_ct"),
-        # Jump targets exist before the rules that name them (one transaction, in order).
-        *[chain(f"pick_{aff}") for aff in _affinities(rules)],
-        *[chain(f"ct_{aff}") for aff in _affinities([r for r in rules if "tcp" in r.protocols])],
-        *([chain("pick_one"), chain("ct_one")] if spec.unmatched == "one-node" else []),
-        rule("prerouting", to_vip, {"jump": {"target": "vip_in"}}),
-        # Frames addressed to the multicast cluster MAC arrive as
-        # PACKET_MULTICAST, which TCP refuses; they are ours to deliver.
-        rule("vip_in", {"mangle": {"key": {"meta": {"key": "pkttype"}}, "value": "host"}}),
-        rule("vip_in",
-             {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "@fence"}},
-             count("dropped_fenced"), {"drop": None}),
-        # ICMP errors (fragmentation needed, unreachable) carry no client port;
-        # every node takes them and its stack delivers them to the matching
-        # socket, if it has one. Path MTU discovery depends on it.
-        rule("vip_in",
-             {"match": {"op": "==", "left": _payload("icmp", "type"),
-                        "right": {"set": ["destination-unreachable", "time-exceeded"]}}},
-             {"accept": None}),
-    ]
-    # ICMP echo: exactly one node answers, the owner of the client address's
-    # bucket. Echo has no connection to keep, so it moves at once.
-    echo = {"match": {"op": "==", "left": _payload("icmp", "type"), "right": "echo-request"}}
-    if spec.accepting:
-        cmds.append(rule("vip_in", echo, _in_buckets(spec, spec.accepting, "client"), count("accepted"),
-                         {"accept": None}))
-    # Another node's echo: never left to the unmatched policy, or the owner of
-    # bucket 0 would answer it a second time.
-    cmds.append(rule("vip_in", echo, count("dropped_foreign"), {"drop": None}))
-    # Port rules send each packet to the chain of its affinity, which hashes
-    # it and decides by bucket; the rules do not overlap (config checks it).
-    for r in rules:
-        cmds.append(rule("vip_in", *_rule_match(r, spec), {"goto": {"target": f"pick_{r.affinity}"}}))
-    if spec.unmatched == "one-node":
-        cmds.append(rule("vip_in", {"goto": {"target": "pick_one"}}))
-    cmds.append(rule("vip_in", count("dropped_unmatched"), {"drop": None}))
-    for aff in _affinities(rules):
-        if spec.accepting:
-            cmds.append(rule(f"pick_{aff}", _in_buckets(spec, spec.accepting, aff), count("accepted"),
-                             {"accept": None}))
-        if spec.draining:
-            cmds.append(rule(f"pick_{aff}", _l4(["tcp"]), _in_buckets(spec, spec.draining, aff),
-                             {"jump": {"target": "drain_in"}}))
-        cmds.append(rule(f"pick_{aff}", count("dropped_foreign"), {"drop": None}))
-    if spec.unmatched == "one-node":
-        # The default host: whoever owns bucket 0 serves what no rule matches.
-        if _has(spec.accepting, UNMATCHED_BUCKET):
-            cmds.append(rule("pick_one", count("accepted"), {"accept": None}))
-        elif _has(spec.draining, UNMATCHED_BUCKET):
-            cmds.append(rule("pick_one", _l4(["tcp"]), {"jump": {"target": "drain_in"}}))
-        cmds.append(rule("pick_one", count("dropped_foreign"), {"drop": None}))
-    if spec.draining:
-        # A new connection in a released bucket belongs to its new owner.
-        cmds.append(rule("drain_in", {"match": {"op": "==", "left": _SYN_ONLY, "right": "syn"}},
-                         count("dropped_draining_syn"), {"drop": None}))
-        cmds.append(rule("drain_in", count("draining"), {"accept": None}))
-
-    cmds += [
-        rule("postct", to_vip, {"jump": {"target": "vip_ct"}}),
-        rule("vip_ct", {"match": {"op": "in", "left": {"ct": {"key": "state"}},
-                                  "right": ["established", "related"]}}, {"accept": None}),
-    ]
-    if spec.draining or spec.guarded:
-        for r in rules:
-            if "tcp" in r.protocols:
-                cmds.append(rule("vip_ct", *_rule_match(r, spec, tcp_only=True),
-                                 {"goto": {"target": f"ct_{r.affinity}"}}))
-        if spec.unmatched == "one-node":
-            cmds.append(rule("vip_ct", _l4(["tcp"]), {"goto": {"target": "ct_one"}}))
-        for aff in _affinities([r for r in rules if "tcp" in r.protocols]):
-            if spec.draining:
-                # Not an established connection of ours: nothing to keep serving.
-                cmds.append(rule(f"ct_{aff}", _in_buckets(spec, spec.draining, aff),
-                                 count("dropped_draining_unknown"), {"drop": None}))
-            if spec.guarded:
-                # Mid-stream packet of a connection this node does not know, in a
-                # bucket a live peer still drains: it is the peer's. Drop it silently.
-                cmds.append(rule(f"ct_{aff}", {"match": {"op": "!=", "left": _SYN_ONLY, "right": "syn"}},
-                                 _in_buckets(spec, spec.guarded, aff), count("dropped_guarded"),
-                                 {"drop": None}))
-        if spec.unmatched == "one-node":
-            if _has(spec.draining, UNMATCHED_BUCKET):
-                cmds.append(rule("ct_one", count("dropped_draining_unknown"), {"drop": None}))
-            elif _has(spec.guarded, UNMATCHED_BUCKET):
-                cmds.append(rule("ct_one", {"match": {"op": "!=", "left": _SYN_ONLY, "right": "syn"}},
-                                 count("dropped_guarded"), {"drop": None}))
+    cmds += [chain("prerouting", PRIO_RAW), *[chain(n) for f in fams for n in _family_chains_pre(f)],
+             chain("postct", PRIO_POST_CT), *[chain(n) for f in fams for n in _family_chains_post(spec, f)]]
+    for f in fams:
+        cmds += _build_family(spec, f, rule)
+    nd = build_nd_rules(spec, rule)
+    if nd:
+        cmds += [chain("nd_out", 0, hook="output"), *nd]
     return cmds
 
 

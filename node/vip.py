@@ -1,16 +1,30 @@
 """The VIP on the node's LAN interface: address, cluster MAC membership, announcements.
 
 Ordering (the caller's contract, kept by the agent): ``up()`` runs only after
-the ARP rewrite rules are in the kernel, and ``down()`` runs before they go,
-so no ARP packet ever leaves with the VIP and this node's own MAC.
+the ARP and neighbour-discovery rewrite rules are in the kernel, and
+``down()`` runs before they go, so no ARP or ND packet ever leaves with the
+VIP and this node's own MAC.
+
+An IPv4 VIP is added as a /32, an IPv6 VIP as a /128 without duplicate
+address detection: every node holds the same address on purpose, and DAD
+would mark it "dadfailed" on all nodes but the first.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 
 from nlbfarm.node import iplib
 
 log = logging.getLogger(__name__)
+
+
+def vip_cidr(vip: str) -> str:
+    return f"{vip}/{ipaddress.ip_address(vip).max_prefixlen}"
+
+
+def _is_v6(vip: str) -> bool:
+    return ipaddress.ip_address(vip).version == 6
 
 
 class Vip:
@@ -34,14 +48,18 @@ class Vip:
         elif iplib.add_multicast_mac(self.interface, self.cluster_mac, netns=self.netns):
             log.info("joined cluster mac=%s dev=%s", self.cluster_mac, self.interface)
         for vip in self.vips:
-            if iplib.add_address(self.interface, f"{vip}/32", netns=self.netns):
+            if iplib.add_address(self.interface, vip_cidr(vip), netns=self.netns, nodad=_is_v6(vip)):
                 log.info("vip added address=%s dev=%s", vip, self.interface)
         self.announce()
 
     def announce(self) -> None:
-        """Gratuitous ARP: neighbours that cached another MAC for a VIP learn the cluster MAC."""
+        """Gratuitous ARP (IPv4) or an unsolicited neighbour advert with the override flag
+        (IPv6): neighbours that cached another MAC for a VIP learn the cluster MAC."""
         for vip in self.vips:
-            iplib.send_gratuitous_arp(self.interface, vip, self.cluster_mac, netns=self.netns, count=2)
+            if _is_v6(vip):
+                iplib.send_unsolicited_na(self.interface, vip, self.cluster_mac, netns=self.netns, count=2)
+            else:
+                iplib.send_gratuitous_arp(self.interface, vip, self.cluster_mac, netns=self.netns, count=2)
 
     def link_up(self) -> bool:
         """Does the LAN interface have carrier? A cut cable means: withdraw at once."""
@@ -61,7 +79,7 @@ class Vip:
         all_gone = True
         for vip in self.vips:
             try:
-                if iplib.delete_address(self.interface, f"{vip}/32", netns=self.netns):
+                if iplib.delete_address(self.interface, vip_cidr(vip), netns=self.netns):
                     log.info("vip removed address=%s dev=%s", vip, self.interface)
             except iplib.NotFound:
                 pass

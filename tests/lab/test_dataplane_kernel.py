@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +195,20 @@ def test_two_vip_counters_load_and_read_back(netns):
         "print(dp.apply(spec.with_buckets(((0, 10),))), len(dp.counters()))\n")
     assert in_ns(netns, code).split() == ["True", "True", "16", "True", "True", "True", "True", "failed", "True",
                                             "16"]
+
+
+@pytest.mark.parametrize("case", ["ipv6_rules_handover", "dual_stack_one_node"])
+def test_ipv6_golden_rulesets_load_into_the_kernel(netns, case):
+    """The IPv6 and dual-stack rulesets are accepted by nft, and read back as intended."""
+    golden = (Path(__file__).parents[1] / "unit" / "golden" / f"{case}.json").read_text()
+    cp = subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "-f", "-"], input=json.dumps(
+        {"nftables": json.loads(golden)}), capture_output=True, text=True, timeout=10)
+    assert cp.returncode == 0, cp.stderr
+    out = nft(netns, "list", "table", "inet", "nlbfarm").stdout
+    assert "ip6 daddr" in out and "jump vip6_in" in out
+    assert "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept" in out
+    # the ND rewrite: the cluster MAC into the link-layer option, the delta into reserved bits
+    assert "icmpv6 type nd-neighbor-advert" in out and "@th,208,48 set" in out and "@th,48,16 set" in out
+    if case == "ipv6_rules_handover":
+        assert "jhash @nh,64,64 mod 4096" in out  # network affinity: the client's /64
+        assert "jhash ip6 saddr . th sport mod 4096" in out

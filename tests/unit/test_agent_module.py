@@ -150,3 +150,24 @@ def test_failed_start_without_checks_is_a_failure():
     a._start_failed = "exit 1: nginx: [emerg] bind() to 0.0.0.0:80 failed"
     assert a._desired_state(None) == ("failed", "app failed to start: exit 1: nginx: [emerg] bind() to "
                                                 "0.0.0.0:80 failed")
+
+
+@pytest.mark.parametrize("client, vip, words", [
+    ("2001:db8::3", "198.18.0.100", "are not of the same address family"),
+    ("198.18.0.3", "2001:db8::100", "are not of the same address family"),
+    ("2001:db8::zz", None, "is not an IP address"),
+])
+def test_which_refuses_a_client_of_the_other_family(client, vip, words):
+    cfg = parse_config({"node": {"id": "n1"}, "cluster": {"vips": ["198.18.0.100", "2001:db8::100"]},
+                        "etcd": {"endpoints": ["127.0.0.1:2379"]}})
+    a = Agent(cfg, store=Nothing(), dataplane=Nothing(), vip=Nothing())
+    with pytest.raises(ValueError, match=words):
+        a.which(client, 40000, vip, 80, "tcp")
+
+
+def test_which_without_a_vip_of_the_client_family():
+    cfg = parse_config({"node": {"id": "n1"}, "cluster": {"vips": ["198.18.0.100"]},
+                        "etcd": {"endpoints": ["127.0.0.1:2379"]}})
+    a = Agent(cfg, store=Nothing(), dataplane=Nothing(), vip=Nothing())
+    with pytest.raises(ValueError, match="has no IPv6 VIP"):
+        a.which("2001:db8::3", 40000, None, 80, "tcp")

@@ -8,13 +8,20 @@ from nlbfarm.errors import FarmError
 @pytest.mark.parametrize("text, want", [
     ("198.18.0.3:40000", ("198.18.0.3", 40000)),
     ("198.18.0.3", ("198.18.0.3", None)),
+    ("2001:db8::3", ("2001:db8::3", None)),
+    ("[2001:DB8::3]:40000", ("2001:db8::3", 40000)),
+    ("[2001:db8::3]", ("2001:db8::3", None)),
 ])
 def test_parse_client(text, want):
     assert parse_client(text) == want
 
 
 @pytest.mark.parametrize("text, words", [
-    ("host:80", "is not an IPv4 address"),
+    ("host:80", "'host' is not an IP address"),
+    ("[2001:db8::3]40000", r"\[ADDRESS\]:PORT"),
+    ("[2001:db8::3:40000", r"\[ADDRESS\]:PORT"),
+    ("[2001:db8::zz]:1", "is not an IP address"),
+    ("[2001:db8::3]:0", "port must be 1..65535"),
     ("198.18.0.3:0", "port must be 1..65535"),
     ("198.18.0.3:70000", "port must be 1..65535"),
     ("198.18.0.3:x", "port must be 1..65535"),

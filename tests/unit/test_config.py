@@ -39,6 +39,9 @@ def test_minimal_config_gets_sane_defaults():
     ({"cluster": {"vips": ["300.1.1.1"]}}, "cluster.vips", "is not an IP address"),
     ({"cluster": {"vips": []}}, "cluster.vips", "at least 1"),
     ({"cluster": {"vips": ["198.18.0.1", "198.18.0.1"]}}, "cluster.vips", "same VIP twice"),
+    ({"cluster": {"vips": ["2001:db8::1", "2001:DB8:0::1"]}}, "cluster.vips", "same VIP twice"),
+    ({"cluster": {"vips": ["ff02::1"]}}, "cluster.vips", "ff02::1 cannot be a VIP"),
+    ({"cluster": {"vips": ["fe80::1"]}}, "cluster.vips", "fe80::1 cannot be a VIP"),
     ({"cluster": {"cluster_mac": "02:00:00:00:00:01"}}, "cluster", "not a multicast MAC"),
     ({"cluster": {"mac_mode": "unicast-flood", "cluster_mac": "03:bf:00:00:00:01"}}, "cluster",
      "must be a locally administered unicast MAC"),
@@ -222,3 +225,11 @@ def test_port_rule_errors(rules, field, words):
 def test_unmatched_must_be_known():
     with pytest.raises(ConfigError, match="must be one of drop, one-node"):
         parse_config(merged(cluster={"unmatched": "default-host"}))
+
+
+def test_ipv6_and_dual_stack_vips_are_accepted_in_canonical_form():
+    cfg = parse_config(merged(cluster={"vips": ["198.18.0.100", "2001:DB8:0::100"],
+                                       "rules": [{"vip": "2001:db8::100", "protocol": "tcp", "ports": 80,
+                                                  "affinity": "network"}]}))
+    assert cfg.cluster.vips == ("198.18.0.100", "2001:db8::100")
+    assert cfg.cluster.rules[0].vip == "2001:db8::100"

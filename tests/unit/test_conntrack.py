@@ -39,3 +39,16 @@ def test_a_vip_without_rules_counts_for_bucket_0():
     rules = (TrafficRule("198.18.0.100", ("tcp",), 80, 80, "none"),)
     rows = [("198.18.0.3", 4000, "198.18.0.101", 80, "ESTABLISHED")]
     assert count_by_bucket(rows, ["198.18.0.100", "198.18.0.101"], rules, "one-node", 64, 1) == {0: 1}
+
+
+def test_ipv6_entries_parse_and_count_by_the_ipv6_hash():
+    from nlbfarm.coordinator.hashing import bucket_of6
+    from nlbfarm.node.conntrack import count_by_bucket, parse_conntrack_lines
+    text = ("tcp      6 431999 ESTABLISHED src=2001:db8:0:0::3 dst=2001:DB8::100 sport=43970 dport=80 "
+            "src=2001:db8::100 dst=2001:db8::3 sport=80 dport=43970 [ASSURED] mark=0 use=1\n")
+    entries = parse_conntrack_lines(text)
+    assert entries == [("2001:db8::3", 43970, "2001:db8::100", 80, "ESTABLISHED")]  # canonical text
+    from nlbfarm.coordinator.rules import TrafficRule
+    rules = (TrafficRule("2001:db8::100", ("tcp", "udp"), 1, 65535, "none"),)
+    counts = count_by_bucket(entries, ["2001:db8::100"], rules, "drop", 4096, 7)
+    assert counts == {bucket_of6("2001:db8::3", 43970, 4096, 7): 1}

@@ -13,7 +13,8 @@ from nlbfarm.errors import DataPlaneError
 from nlbfarm.coordinator.rules import TrafficRule
 from nlbfarm.node.dataplane import (
     COUNTER_RULES, DataPlane, DataPlaneSpec, RuleCounter, build_counters_list, build_fence_refresh,
-    build_ruleset, build_teardown, cluster_mac_for, counter_name, parse_counters)
+    IPV4, IPV6, build_ruleset, build_teardown, cluster_mac_for, counter_name, nd_checksum_delta, parse_counters,
+    vips_of)
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -46,7 +47,21 @@ CASES = {
     # The cluster MAC is a flooded unicast MAC: an ingress hook relabels its frames.
     "unicast_flood": replace(BASE, cluster_mac=cluster_mac_for("198.18.0.100", "unicast-flood"),
                              mac_mode="unicast-flood", accepting=((0, 2047),), fence_open=True),
+    # IPv6: ip6 hashes (the /64 for network), ICMPv6 errors and neighbour
+    # discovery for every node, and the checksum-neutral ND rewrite.
+    "ipv6_rules_handover": replace(
+        BASE, vips=("2001:db8::100",), cluster_mac=cluster_mac_for("2001:db8::100"), node_mac="02:00:00:00:00:0b",
+        fence_open=True, accepting=((0, 1023),), draining=((2048, 2100),), guarded=((1000, 1023),),
+        rules=(TrafficRule("2001:db8::100", ("tcp",), 80, 80, "client"),
+               TrafficRule("2001:db8::100", ("udp",), 5300, 5300, "none"),
+               TrafficRule("2001:db8::100", ("tcp",), 8000, 8100, "network"))),
+    # One IPv4 and two IPv6 VIPs: per-family chains, the ARP rewrite for IPv4 only.
+    "dual_stack_one_node": replace(
+        BASE, vips=("198.18.0.100", "2001:db8::100", "2001:db8::101"), node_mac="02:00:00:00:00:0b",
+        unmatched="one-node", fence_open=True, accepting=((0, 63),), draining=((64, 64),)),
 }
+
+IPV6_CASES = ("ipv6_rules_handover", "dual_stack_one_node")
 
 
 def _check(name, cmds):
@@ -120,16 +135,18 @@ def test_every_counted_rule_uses_declared_per_vip_counters(name):
     assert declared == {counter_name(v, r) for v in spec.vips for r in COUNTER_RULES}
     refs = _counter_refs(cmds)
     assert refs, "no counted rule"
-    for _chain, ref in refs:
-        if isinstance(ref, str):  # one VIP: a plain named counter
-            assert len(spec.vips) == 1 and ref in declared
+    for chain, ref in refs:
+        # IPv6 chains are vip6_in, pick6_none...: they count the IPv6 VIPs only.
+        fam = IPV6 if chain.split("_")[0].endswith("6") else IPV4
+        if isinstance(ref, str):  # one VIP of the family: a plain named counter
+            assert len(vips_of(spec, fam)) == 1 and ref in declared
             continue
         # Several VIPs: the map must hit for every packet that reaches the
         # counted chains, i.e. its keys are exactly the VIPs of the jump rules.
         m = ref["map"]
-        assert m["key"] == {"payload": {"protocol": "ip", "field": "daddr"}}
+        assert m["key"] == {"payload": {"protocol": fam.ip, "field": "daddr"}}
         pairs = m["data"]["set"]
-        assert [vip for vip, _ in pairs] == list(spec.vips)
+        assert [vip for vip, _ in pairs] == vips_of(spec, fam)
         rules = [r for r in COUNTER_RULES if all(n == counter_name(vip, r) for vip, n in pairs)]
         assert len(rules) == 1, pairs  # one rule's counters, one per VIP
 
@@ -301,3 +318,39 @@ def test_counters_stay_monotonic_across_replace_refusal_and_flush():
     assert dp.counters() == []
     assert dp.apply(spec)
     assert set(_values(dp).values()) == {(0, 0)}
+
+
+def _ones_sum(data: bytes) -> int:
+    s = 0
+    for i in range(0, len(data), 2):
+        s += int.from_bytes(data[i:i + 2], "big")
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+@pytest.mark.parametrize("node_mac,cluster_mac", [
+    ("02:00:00:00:00:0b", "03:bf:00:00:01:00"),
+    ("ba:eb:66:88:3a:c5", "03:bf:c6:12:00:64"),
+    ("00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff"),
+    ("03:bf:c6:12:00:64", "03:bf:c6:12:00:64"),
+])
+def test_nd_checksum_delta_keeps_the_message_sum(node_mac, cluster_mac):
+    """The rewritten advert (cluster MAC + delta in the reserved bits) sums like the original."""
+    def advert(mac: str, reserved_low: int) -> bytes:
+        return (bytes([136, 0, 0, 0, 0x20, 0]) + reserved_low.to_bytes(2, "big") + bytes(range(16))
+                + bytes([2, 1]) + bytes(int(x, 16) for x in mac.split(":")))
+    before = _ones_sum(advert(node_mac, 0))
+    after = _ones_sum(advert(cluster_mac, nd_checksum_delta(node_mac, cluster_mac)))
+    # ones' complement: 0x0000 and 0xffff are both zero
+    assert before % 0xFFFF == after % 0xFFFF
+
+
+def test_ipv6_vips_need_the_node_mac():
+    with pytest.raises(ValueError, match="node_mac"):
+        build_ruleset(replace(CASES["ipv6_rules_handover"], node_mac=""))
+
+
+def test_ipv4_only_spec_has_no_ipv6_chains():
+    cmds = build_ruleset(CASES["rules_two_vips_one_node"])
+    names = [c["add"]["chain"]["name"] for c in cmds if "chain" in c.get("add", {})]
+    assert not [n for n in names if "6" in n or n == "nd_out"]
