@@ -49,11 +49,21 @@ APP_PORT = 80
 UDP_PORT = 5300  # the lab app's UDP echo
 CLUSTER_NAME = "lab"
 ETCD_PREFIX = "/nlbfarm"
+# IPv6 (Lab(ipv6=True)): 2001:db8::/32 is the documentation prefix. The lab
+# /64 is on-link for everyone; nodes also reach 2001:db8::/48 on-link, so a
+# client may add sources from other /64s (for /64 network-affinity tests).
+SUBNET6 = "2001:db8::"
+VIP6 = f"{SUBNET6}100"
+CLIENT_ADDR6 = f"{SUBNET6}3"
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 
 
 def node_addr(i: int) -> str:
     return f"{SUBNET}.{10 + i}"
+
+
+def node_addr6(i: int) -> str:
+    return f"{SUBNET6}{10 + i}"
 
 
 @dataclass
@@ -96,6 +106,9 @@ class Lab:
     extra_vips: tuple = ()
     rules: tuple = ()
     unmatched: str = "drop"
+    # Dual stack: IPv6 addresses on every host, VIP6 as a second VIP, and the
+    # app answering on IPv6 too.
+    ipv6: bool = False
 
     def __post_init__(self):
         if self.app not in ("python", "nginx"):
@@ -108,6 +121,10 @@ class Lab:
         self.dir = Path(self.state_root) / self.prefix
 
     # ---- names -------------------------------------------------------------
+
+    @property
+    def vips(self) -> list[str]:
+        return [VIP, *([VIP6] if self.ipv6 else []), *self.extra_vips]
 
     def ns(self, host: str) -> str:
         return f"{self.prefix}-{host}"
@@ -255,6 +272,7 @@ class Lab:
         try:
             self._build_network(names)
             st = {"prefix": self.prefix, "vip": VIP, "url": f"http://{VIP}:{APP_PORT}/",
+                  **({"vip6": VIP6, "url6": f"http://[{VIP6}]:{APP_PORT}/"} if self.ipv6 else {}),
                   "subnet": f"{SUBNET}.0/24", "cluster": CLUSTER_NAME, "nodes": names,
                   "etcd": {"endpoint": ",".join(self.etcd_endpoints()), "netns": self.ns("etcd"),
                            "pids": {}},
@@ -272,7 +290,7 @@ class Lab:
         except BaseException:
             self.down(keep_logs=True)  # the error message points at these logs
             raise
-        self.progress(f"lab {self.prefix} is up: VIP {VIP}, {nodes} nodes")
+        self.progress(f"lab {self.prefix} is up: VIP {VIP}{' and ' + VIP6 if self.ipv6 else ''}, {nodes} nodes")
         return self.status()
 
     def _build_network(self, names: list[str]) -> None:
@@ -293,6 +311,10 @@ class Lab:
             iplib.set_master(port, "br0", lan)
             iplib.set_link_up(port, lan)
             iplib.add_address("eth0", f"{addr}/24", ns)
+            if self.ipv6 and host != "etcd":
+                # nodad: a lab needs no duplicate address detection delay
+                addr6, plen = ((CLIENT_ADDR6, 64) if host == "client" else (node_addr6(int(host[1:])), 48))
+                iplib.add_address("eth0", f"{addr6}/{plen}", ns, nodad=True)
             iplib.set_link_up("eth0", ns)
         for addr in ETCD_MEMBER_ADDRS[1:self.etcd_members]:
             iplib.add_address("eth0", f"{addr}/24", self.ns("etcd"))
@@ -400,7 +422,7 @@ class Lab:
         return {
             "node": {"id": name, "interface": "eth0", "weight": self.weights.get(name, 1),
                      "addresses": [node_addr(i)]},
-            "cluster": {"name": CLUSTER_NAME, "vips": [VIP, *self.extra_vips], "buckets": self.buckets,
+            "cluster": {"name": CLUSTER_NAME, "vips": self.vips, "buckets": self.buckets,
                         "mac_mode": self.mac_mode, "rules": [dict(r) for r in self.rules],
                         "unmatched": self.unmatched},
             "etcd": {"endpoints": self.etcd_endpoints(), "prefix": ETCD_PREFIX, "timeout": 0.5,
@@ -450,6 +472,7 @@ http {{
 {temps}
   server {{
     listen {APP_PORT};
+{f"    listen [::]:{APP_PORT};" if self.ipv6 else ""}
     location / {{ default_type text/plain; return 200 "{name}\\n"; }}
   }}
 }}
@@ -472,7 +495,9 @@ http {{
         st = self.load_state()
         pid = self.spawn(name, [self.python, "-m", "nlbfarm.node.app", "--name", name,
                                 "--listen", f"0.0.0.0:{APP_PORT}", "--accept-log", str(self.accept_log(name)),
-                                "--udp-listen", f"0.0.0.0:{UDP_PORT}"],
+                                "--udp-listen", f"0.0.0.0:{UDP_PORT}",
+                                *(["--listen6", f"[::]:{APP_PORT}", "--udp-listen6", f"[::]:{UDP_PORT}"]
+                                  if self.ipv6 else [])],
                          f"{name}.app.log")
         st["pids"].setdefault(name, {})["app"] = pid
         self._save_state(st)
@@ -591,11 +616,15 @@ http {{
         agents = {}
         for n in st["nodes"]:
             i = int(n[1:])
-            hosts[n] = {"netns": self.ns(n), "address": node_addr(i)}
+            hosts[n] = {"netns": self.ns(n), "address": node_addr(i),
+                        **({"address6": node_addr6(i)} if self.ipv6 else {})}
             agents[n] = {"netns": self.ns(n), "grpc": GRPC_LISTEN, "metrics": "127.0.0.1:9740",
                          "agent_running": self.alive(n, "agent"), "app_running": self.alive(n, "app"),
                          "config": str(self.config_path(n))}
+        if "vip6" in st:
+            hosts["client"]["address6"] = CLIENT_ADDR6
         return {"prefix": self.prefix, "vip": st["vip"], "url": st["url"], "subnet": st["subnet"],
+                **{k: st[k] for k in ("vip6", "url6") if k in st},
                 "etcd": {"endpoint": st["etcd"]["endpoint"], "netns": self.ns("etcd"),
                          "running": all(self._alive(p) for p in st["etcd"]["pids"].values())},
                 "hosts": hosts, "agents": agents, "dir": st["dir"], "token_file": str(self.token_file),
@@ -605,8 +634,8 @@ http {{
         return ["ip", "netns", "exec", self.ns("client"), *argv]
 
     def holdclient_argv(self, conns: int, duration: float, out: Path, lifetime: float = 10.0,
-                        period: float = 0.5, timeout: float = 15.0) -> list[str]:
-        return self.client_cmd([self.python, "-m", "nlbfarm.holdclient", "--vip", VIP, "--port", str(APP_PORT),
+                        period: float = 0.5, timeout: float = 15.0, vip: str = VIP) -> list[str]:
+        return self.client_cmd([self.python, "-m", "nlbfarm.holdclient", "--vip", vip, "--port", str(APP_PORT),
                                 "--conns", str(conns), "--duration", str(duration), "--lifetime", str(lifetime),
                                 "--period", str(period), "--timeout", str(timeout), "--out", str(out)])
 

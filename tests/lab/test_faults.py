@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from nlbfarm.analysis import failures, match_accepts, read_accepts, read_results
-from nlbfarm.lab import CLIENT_ADDR, Lab, LabTiming
+from nlbfarm.node.dataplane import cluster_mac_for
+from nlbfarm.lab import CLIENT_ADDR, CLIENT_ADDR6, VIP, VIP6, Lab, LabTiming
 
 pytestmark = pytest.mark.faults
 
@@ -53,15 +54,15 @@ def make_lab(tmp_path):
 class Load:
     """Both client loads, bounded in count and time; they stop by themselves."""
 
-    def __init__(self, lab: Lab, out: Path, duration: float):
+    def __init__(self, lab: Lab, out: Path, duration: float, vip: str = VIP):
         self.lab, self.duration = lab, duration
         self.http_out, self.hold_out = out / "new.jsonl", out / "hold.jsonl"
         self.t0 = time.time()
         self.http = subprocess.Popen(
             lab.loadclient_argv(count=200_000, duration=duration, out=self.http_out, workers=6,
-                                interval=0.02, timeout=3.0), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                interval=0.02, timeout=3.0, vip=vip), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.hold = subprocess.Popen(
-            lab.holdclient_argv(conns=HOLD_CONNS, duration=duration, out=self.hold_out, lifetime=LIFETIME),
+            lab.holdclient_argv(conns=HOLD_CONNS, duration=duration, out=self.hold_out, lifetime=LIFETIME, vip=vip),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def wait_until(self, t: float) -> None:
@@ -105,8 +106,9 @@ def held_max(holds: list[dict]) -> int:
     return best
 
 
-def check_exactly_once(lab: Lab, results: list[dict], nodes: list[str]) -> None:
-    accepts = read_accepts({n: lab.accept_log(n) for n in nodes}, CLIENT_ADDR)
+def check_exactly_once(lab: Lab, results: list[dict], nodes: list[str], client: str = CLIENT_ADDR) -> None:
+    accepts = read_accepts({n: lab.accept_log(n) for n in nodes}, client)
+    assert accepts or not [r for r in results if r["node"]], f"no accept logged from {client}"
     for r, got in zip(results, match_accepts(results, accepts)):
         assert len(got) <= 1, f"connection {r} accepted by {got}"
 
@@ -171,11 +173,11 @@ def test_planned_changes_break_nothing(make_lab, tmp_path):
 
 
 def _crash_and_rejoin(lab: Lab, tmp_path: Path, victim: str, crash, rejoin, fault: str,
-                      expect_reset: bool = True) -> None:
+                      expect_reset: bool = True, vip: str = VIP) -> None:
     ttl = lab.timing.lease_ttl
     nodes = ["n1", "n2", "n3"]
     survivors = [n for n in nodes if n != victim]
-    load = Load(lab, tmp_path, duration=45)
+    load = Load(lab, tmp_path, duration=45, vip=vip)
     try:
         load.wait_until(load.t0 + LIFETIME + 2)
         t_fault = time.time()
@@ -195,7 +197,7 @@ def _crash_and_rejoin(lab: Lab, tmp_path: Path, victim: str, crash, rejoin, faul
     record(fault, {"failed": len(failed), "broken": len(broken), "new_connections": len(news),
                    "long_lived": len(holds), "recovery_s": round(recovery, 1),
                    "broken_on_victim": sum(1 for r in broken if r["node"] == victim)})
-    check_exactly_once(lab, news, nodes)
+    check_exactly_once(lab, news, nodes, CLIENT_ADDR6 if ":" in vip else CLIENT_ADDR)
     assert late == [], (f"new connections failed later than TTL + 2 s after the fault at "
                         f"{[(round(r['t'] - t_fault, 2), r['error']) for r in late][:5]}:\n"
                         + timeline(lab, nodes))
@@ -257,6 +259,23 @@ def test_link_cut(make_lab, tmp_path):
     _crash_and_rejoin(lab, tmp_path, "n2", cut, lambda: lab.restore_link("n2"), "LAN link of one node cut")
     log = (lab.dir / "n2.agent.log").read_text()
     assert "link eth0 is down: fence closed, withdrawing from the farm" in log
+
+
+def test_ipv6_node_link_down(make_lab, tmp_path):
+    """The same link cut with every client on the IPv6 VIP: neighbour discovery keeps them
+    on the cluster MAC, the survivors take over, and the victim's clients get a reset."""
+    lab = make_lab(3, ipv6=True)
+
+    def cut():
+        lab.cut_link("n2")
+        deadline = time.time() + 3
+        while time.time() < deadline and lab.fence_open("n2"):
+            time.sleep(0.05)
+
+    _crash_and_rejoin(lab, tmp_path, "n2", cut, lambda: lab.restore_link("n2"), "IPv6: LAN link of one node cut",
+                      vip=VIP6)
+    neigh = lab.run("client", ["ip", "-6", "neigh", "show", VIP6]).stdout
+    assert cluster_mac_for(VIP) in neigh, neigh  # the cluster MAC, derived from the first VIP
 
 
 def test_node_cut_off_from_etcd_only(make_lab, tmp_path):
