@@ -41,6 +41,10 @@ faults: venv
 	$(PY) -m nlbfarm.faultreport faults.json README.md
 	rm -f faults.json
 
+# Every benchmark, one report: bench/results/<date>.{json,md} and the README's summary table.
+bench: venv
+	$(PY) -m nlbfarm.bench --out bench/results --readme README.md
+
 demo: venv
 	$(PY) -m nlbfarm.demo
 

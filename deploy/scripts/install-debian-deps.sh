@@ -3,7 +3,9 @@
 # Idempotent: apt is only called when a package is missing.
 set -euo pipefail
 PKGS=(nftables python3-nftables python3-venv python3-pip etcd-server etcd-client
-      iproute2 conntrack curl iputils-ping procps nginx-light)
+      iproute2 conntrack curl iputils-ping procps nginx-light
+      # make bench: load generators and the peers it compares against
+      wrk iperf3 haproxy keepalived iptables netsniff-ng)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -11,7 +13,7 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "nlbfarm: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  # Packages such as etcd-server and nginx start their service on install.
+  # Packages such as etcd-server, nginx, haproxy and keepalived start their service on install.
   # nlbfarm runs its own instances (in lab namespaces, or under farmd's farm
   # module), so keep apt from starting them on this machine.
   guard=""
