@@ -98,12 +98,14 @@ with warnings.catch_warnings():
     from etcd3 import etcdrpc
     from etcd3.etcdrpc import kv_pb2
 
+from nlbfarm import tls as _tls
 from nlbfarm.errors import ConfigError, StoreError, StoreUnavailable
 
 __all__ = [
     "KV",
     "Lease",
     "LeaseExpired",
+    "StoreAuthError",
     "WatchEvent",
     "WatchHandle",
     "Store",
@@ -117,6 +119,10 @@ log = logging.getLogger(__name__)
 
 class LeaseExpired(StoreError):
     """The lease no longer exists (expired or revoked); keys bound to it are gone."""
+
+
+class StoreAuthError(StoreError):
+    """etcd refused our credentials (user name or password). Not retried: retrying cannot fix it."""
 
 
 @dataclass(frozen=True)
@@ -265,6 +271,54 @@ class _StaleClient(Exception):
     """An attempt failed on a client that another thread had already replaced."""
 
 
+class _TokenRejected(Exception):
+    """etcd no longer accepts our auth token (expired, etcd restarted, auth store changed):
+    authenticate again and retry."""
+
+
+# What etcd says when a token it issued is no longer good, or when a request
+# came without one although authentication is on.
+_TOKEN_ERRORS = ("invalid auth token", "revision of auth store is old", "user name is empty")
+
+
+def _grpc_error(exc: BaseException):
+    """The gRPC error behind ``exc`` (python-etcd3 wraps some codes in its own exceptions)."""
+    if isinstance(exc, (_StaleClient, _TokenRejected)) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    if isinstance(exc, grpc.RpcError):
+        return exc
+    inner = exc.__context__
+    return inner if isinstance(inner, grpc.RpcError) else None
+
+
+def _error_text(exc: BaseException) -> str:
+    """gRPC's status details, else the exception's message."""
+    inner = _grpc_error(exc)
+    if inner is not None:
+        try:
+            return inner.details() or ""
+        except Exception:
+            return ""
+    return str(exc)
+
+
+class _Secret:
+    """Holds a secret; its repr and str never show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "_Secret('**********')"
+
+    __str__ = __repr__
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True for failures worth retrying on (possibly) another endpoint."""
     if isinstance(
@@ -274,6 +328,7 @@ def is_connection_error(exc: BaseException) -> bool:
             etcd3_exc.ConnectionTimeoutError,
             etcd3_exc.WatchTimedOut,
             _StaleClient,
+            _TokenRejected,
         ),
     ):
         return True
@@ -307,7 +362,7 @@ def _rpc_code(exc: BaseException):
 
 def _describe(exc: BaseException) -> str:
     """One line naming the real cause (etcd3 hides gRPC details in __context__)."""
-    if isinstance(exc, _StaleClient) and exc.__cause__ is not None:
+    if isinstance(exc, (_StaleClient, _TokenRejected)) and exc.__cause__ is not None:
         exc = exc.__cause__
     inner = exc if isinstance(exc, grpc.RpcError) else exc.__context__
     if isinstance(inner, grpc.RpcError):
@@ -373,28 +428,172 @@ class EtcdStore(Store):
     order: a connection failure moves every user of the store (unary calls and
     watches) to the next one, wrapping around. ``timeout`` bounds each RPC
     attempt; ``retry_deadline`` bounds the retries of one call.
+
+    TLS: ``ca_file`` verifies etcd's certificate (TLS is on when it is given);
+    ``cert_file`` + ``key_file`` are the client certificate for an etcd with
+    ``--client-cert-auth``. The files are read on every (re)connection, so
+    renewed certificates are picked up at the next endpoint switch.
+
+    Authentication: with ``username``, every connection first authenticates
+    (``password``, or ``password_file`` read at each authentication) and
+    sends the token etcd returns on every call, lease keepalive and watch
+    stream. When etcd stops accepting a token (it expired, etcd restarted,
+    the auth store changed), the store authenticates again and retries.
+    Wrong credentials raise :class:`StoreAuthError` at once. Neither the
+    password nor the token is ever logged or put in an error message.
     """
 
-    def __init__(self, endpoints: list[str], timeout: float = 2.0, retry_deadline: float = 10.0):
+    def __init__(self, endpoints: list[str], timeout: float = 2.0, retry_deadline: float = 10.0, *,
+                 ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
+                 username: str | None = None, password: str | None = None,
+                 password_file: str | None = None):
         if isinstance(endpoints, str):
             endpoints = [endpoints]
         if not endpoints:
             raise ConfigError("no etcd endpoints given")
+        if (cert_file is None) != (key_file is None):
+            raise ConfigError("etcd.cert_file and etcd.key_file go together: give both or neither")
+        if cert_file is not None and ca_file is None:
+            raise ConfigError("etcd.cert_file needs etcd.ca_file")
+        if username is not None and password is None and password_file is None:
+            raise ConfigError("etcd.username needs etcd.password_file")
+        if username is None and (password is not None or password_file is not None):
+            raise ConfigError("etcd.password_file needs etcd.username")
         self._endpoints = [_parse_endpoint(ep) for ep in endpoints]
         self.endpoints = [f"{h}:{p}" for h, p in self._endpoints]
         self.timeout = timeout
         self.retry_deadline = retry_deadline
+        self._tls_files = {"ca_cert": ca_file, "cert_cert": cert_file, "cert_key": key_file}
+        self.username = username
+        self._password = _Secret(password) if password is not None else None
+        self._password_file = password_file
+        self._auth_lock = threading.Lock()
+        self._auth_off_warned = False
+        if username is not None and ca_file is None:
+            log.warning("etcd authentication without TLS: the password and token cross the network "
+                        "in clear user=%s endpoints=%s; set etcd.ca_file", username, ",".join(self.endpoints))
         self._lock = threading.Lock()
         self._closed = False
         self._index = 0
         self._client = self._connect(0)
         self._watches: set[_PrefixWatch] = set()
 
+    @classmethod
+    def from_config(cls, etcd) -> "EtcdStore":
+        """A store for a config's ``etcd`` section (endpoints, timing, TLS, credentials)."""
+        return cls(list(etcd.endpoints), timeout=etcd.timeout, retry_deadline=etcd.retry_deadline,
+                   ca_file=etcd.ca_file, cert_file=etcd.cert_file, key_file=etcd.key_file,
+                   username=etcd.username, password_file=etcd.password_file)
+
+    @property
+    def tls(self) -> bool:
+        return self._tls_files["ca_cert"] is not None
+
     # -- connection management ----------------------------------------------
 
     def _connect(self, index: int):
         host, port = self._endpoints[index]
-        return etcd3.client(host, port, timeout=self.timeout, grpc_options=_GRPC_OPTIONS)
+        try:
+            client = etcd3.client(host, port, timeout=self.timeout, grpc_options=_GRPC_OPTIONS, **self._tls_files)
+        except OSError as exc:  # python-etcd3 reads the TLS files here
+            raise ConfigError(f"etcd TLS: cannot read {exc.filename}: {exc.strerror} "
+                              "(etcd.ca_file, etcd.cert_file, etcd.key_file)") from None
+        # Not authenticated yet: _authenticate() sets the token on first use.
+        client.nlbfarm_authenticated = self.username is None
+        return client
+
+    # -- authentication ------------------------------------------------------
+
+    def _password_value(self) -> str:
+        if self._password is not None:
+            return self._password.get()
+        try:
+            with open(self._password_file) as f:
+                password = f.read().rstrip("\r\n")
+        except OSError as exc:
+            raise StoreAuthError(f"etcd.password_file: cannot read {self._password_file}: {exc.strerror}") from None
+        if not password:
+            raise StoreAuthError(f"etcd.password_file: {self._password_file} is empty")
+        return password
+
+    def _authenticate(self, client, endpoint: str) -> None:
+        """Get a token for ``client`` unless it has one. Connection failures propagate (and are
+        retried by the caller); wrong credentials raise StoreAuthError."""
+        if client.nlbfarm_authenticated:
+            return
+        with self._auth_lock:
+            if client.nlbfarm_authenticated:
+                return
+            request = etcdrpc.AuthenticateRequest(name=self.username, password=self._password_value())
+            try:
+                resp = etcdrpc.AuthStub(client.channel).Authenticate(request, self.timeout)
+            except grpc.RpcError as exc:
+                code, details = _rpc_code(exc), _error_text(exc)
+                if code == grpc.StatusCode.FAILED_PRECONDITION and "authentication is not enabled" in details:
+                    if not self._auth_off_warned:
+                        self._auth_off_warned = True
+                        log.warning("etcd authentication is not enabled on the server; working without a "
+                                    "token user=%s endpoint=%s", self.username, endpoint)
+                    client.metadata = None
+                    client.nlbfarm_authenticated = True
+                    return
+                if code == grpc.StatusCode.INVALID_ARGUMENT and "authentication failed" in details:
+                    raise StoreAuthError(
+                        f"etcd at {endpoint} refused user {self.username!r}: wrong user name or password "
+                        "(etcd.username, etcd.password_file)") from None
+                raise
+            finally:
+                del request
+            client.metadata = (("token", resp.token),)
+            client.nlbfarm_authenticated = True
+            log.debug("etcd authenticated user=%s endpoint=%s", self.username, endpoint)
+
+    def _token_rejected(self, client, used_metadata, exc: BaseException) -> bool:
+        """If etcd refused the token ``used_metadata`` carried, drop it so the next use of
+        ``client`` authenticates again. True if that was the failure."""
+        if self.username is None:
+            return False
+        text = _error_text(exc)
+        # Without a token (auth was off when we connected), "permission denied"
+        # may mean that auth has been enabled since: try to authenticate.
+        if not any(t in text for t in _TOKEN_ERRORS) and not (
+                used_metadata is None and "permission denied" in text):
+            return False
+        with self._auth_lock:
+            if client.metadata is used_metadata:  # nobody has re-authenticated since
+                client.nlbfarm_authenticated = False
+        log.debug("etcd token rejected user=%s reason=%s", self.username, text)
+        return True
+
+    def _why(self, exc: BaseException) -> str:
+        """``_describe(exc)`` plus what to change when the cause is TLS or authentication."""
+        text = _describe(exc)
+        hint = self._hint(exc)
+        return f"{text} ({hint})" if hint else text
+
+    def _hint(self, exc: BaseException) -> str | None:
+        details = _error_text(exc)
+        has_cert = self._tls_files["cert_cert"] is not None
+        problem = _tls.classify(details, self.tls, has_cert)
+        if problem is None and not self.tls and "Socket closed" in details:
+            return "etcd closed the connection at once: if it serves TLS (https), set etcd.ca_file"
+        hints = {
+            _tls.NOT_TLS: "etcd does not speak TLS on this endpoint: remove etcd.ca_file or use its TLS port",
+            _tls.UNTRUSTED: "etcd's certificate is not signed by the CA in etcd.ca_file, or it has expired",
+            _tls.NAME_MISMATCH: "etcd's certificate does not name this endpoint's host in its subjectAltName",
+            _tls.CERT_REQUIRED: "etcd refused the connection: it requires a client certificate "
+                                "(set etcd.cert_file and etcd.key_file)",
+            _tls.CERT_REFUSED: "etcd refused the client certificate in etcd.cert_file: not signed by etcd's "
+                               "--trusted-ca-file, expired, or not for client authentication",
+        }
+        if problem is not None:
+            return hints[problem]
+        if "permission denied" in details or "user name is empty" in details:
+            if self.username is None:
+                return ("etcd has authentication on: set etcd.username and etcd.password_file "
+                        "(or use a client certificate whose CN is an etcd user with access)")
+            return f"etcd user {self.username!r} has no read-write permission on this key (grant it etcd.prefix)"
+        return None
 
     @property
     def endpoint(self) -> str:
@@ -429,14 +628,21 @@ class EtcdStore(Store):
             nonlocal attempts
             attempts += 1
             client, endpoint = self._current()
+            metadata = None
             try:
+                self._authenticate(client, endpoint)
+                metadata = client.metadata
                 return fn(client, attempts > 1)
+            except StoreAuthError:
+                raise
             except Exception as exc:
                 if is_connection_error(exc):
                     log.debug("etcd call failed op=%s endpoint=%s attempt=%d reason=%s",
                               op, endpoint, attempts, _describe(exc))
                     self._rotate(client)
                     raise
+                if self._token_rejected(client, metadata, exc):
+                    raise _TokenRejected(_error_text(exc)) from exc
                 with self._lock:
                     stale = self._client is not client and not self._closed
                 if stale:  # e.g. "Cannot invoke RPC on closed channel!"
@@ -445,18 +651,21 @@ class EtcdStore(Store):
 
         try:
             return retrying(self.retry_deadline if deadline is None else deadline)(attempt)
-        except StoreError:  # store closed
+        except StoreError:  # store closed, credentials refused
             raise
+        except _TokenRejected as exc:
+            raise StoreAuthError(f"etcd keeps refusing the auth token of user {self.username!r}: op={op} "
+                                 f"endpoint={self.endpoint} error={_describe(exc)}") from exc
         except Exception as exc:
             if is_connection_error(exc):
                 raise StoreUnavailable(
                     f"etcd unreachable: op={op} endpoints={','.join(self.endpoints)} "
                     f"attempts={attempts} elapsed={time.monotonic() - started:.1f}s "
-                    f"last_error={_describe(exc)}"
+                    f"last_error={self._why(exc)}"
                 ) from exc
             if _is_lease_not_found(exc):
                 raise LeaseExpired(f"etcd lease not found (expired or revoked): op={op}") from exc
-            raise StoreError(f"etcd call failed: op={op} endpoint={self.endpoint} error={_describe(exc)}") from exc
+            raise StoreError(f"etcd call failed: op={op} endpoint={self.endpoint} error={self._why(exc)}") from exc
 
     # -- leases ----------------------------------------------------------------
 
@@ -652,7 +861,12 @@ class _PrefixWatch(WatchHandle):
             except StoreError:
                 break  # store closed
             self._established = False
+            metadata = None
             try:
+                # The stream sends the client's auth token (if any) as metadata,
+                # over the client's channel (TLS when configured).
+                self._store._authenticate(client, endpoint)
+                metadata = client.metadata
                 if self._next_rev is None:
                     self._resync(client)
                 self._stream(client, endpoint)
@@ -669,16 +883,21 @@ class _PrefixWatch(WatchHandle):
                     break
                 if self._established:
                     delay = BACKOFF_INITIAL_S
-                if self._lost_since is None:
+                token_rejected = self._store._token_rejected(client, metadata, exc)
+                if token_rejected and self._established:
+                    # A stream that ran and then lost its token: authenticate and resume at once.
+                    log.info("watch re-authenticating prefix=%s endpoint=%s last_revision=%d",
+                             self.prefix, endpoint, self.last_revision)
+                elif self._lost_since is None:
                     self._lost_since = time.monotonic()
                     log.warning(
                         "watch lost prefix=%s endpoint=%s last_revision=%d reason=%s",
-                        self.prefix, endpoint, self.last_revision, _describe(exc),
+                        self.prefix, endpoint, self.last_revision, self._store._why(exc),
                     )
                 else:
                     log.debug(
                         "watch retry failed prefix=%s endpoint=%s last_revision=%d reason=%s",
-                        self.prefix, endpoint, self.last_revision, _describe(exc),
+                        self.prefix, endpoint, self.last_revision, self._store._why(exc),
                     )
                 if is_connection_error(exc):
                     self._store._rotate(client)

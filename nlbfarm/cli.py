@@ -5,7 +5,19 @@ Exit codes: 0 healthy / done, 1 the farm answered but is not healthy,
 operation failed.
 
 Changes (drain, undrain) send the agent's API token: --token-file, else the
-file named by $NLBFARM_TOKEN_FILE, else /etc/nlbfarm/token when it exists.
+file named by $NLBFARM_TOKEN_FILE, else the configuration file's token_file,
+else /etc/nlbfarm/token when it exists.
+
+Connection (an agent whose API speaks TLS): each of --tls-ca, --tls-cert,
+--tls-key, --tls-server-name and --target is taken from the command line,
+else from $NLBFARM_TLS_CA, $NLBFARM_TLS_CERT, $NLBFARM_TLS_KEY,
+$NLBFARM_TLS_SERVER_NAME, else from the configuration file: --config, else
+$NLBFARM_CONFIG, else /etc/nlbfarm/farmctl.yaml when it exists. That file is
+either a farmctl.yaml (keys target, tls_ca, tls_cert, tls_key,
+tls_server_name, token_file) or farmd's own farmd.yaml, from whose status
+section farmctl takes listen, token_file and, for mutual TLS, the node's
+certificate and key as its client certificate and tls_client_ca_file as the
+CA of the agent's certificate.
 """
 from __future__ import annotations
 
@@ -14,11 +26,16 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 from nlbfarm.errors import FarmError, LabError
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_ERROR, EXIT_LAB = 0, 1, 2, 3
 DEFAULT_TOKEN_FILE = "/etc/nlbfarm/token"
+DEFAULT_CONFIG_FILE = "/etc/nlbfarm/farmctl.yaml"
+DEFAULT_TARGET = "127.0.0.1:7400"
+# farmctl.yaml keys; each has an --option and an $NLBFARM_ variable of the same name.
+CLIENT_KEYS = ("target", "tls_ca", "tls_cert", "tls_key", "tls_server_name", "token_file")
 # Member states that mean a node that should serve does not.
 UNHEALTHY_STATES = ("starting", "failed", "stopped")
 
@@ -47,31 +64,182 @@ def _strip_netns(argv: list[str]) -> list[str]:
     return out
 
 
-def fetch_status(target: str, timeout: float) -> dict:
+# ---- connection: target and TLS ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where farmctl talks to and how: ``tls`` is None for plaintext."""
+
+    target: str = DEFAULT_TARGET
+    tls: object = None  # nlbfarm.tls.ClientTLS
+    token_file: str | None = None  # from the configuration file
+    # Where each TLS setting came from (an option, a variable, a file key), for messages.
+    sources: dict = field(default_factory=dict, compare=False)
+
+    def name(self, key: str) -> str:
+        return self.sources.get(key) or "--" + key.replace("_", "-")
+
+
+def _as_conn(target) -> Connection:
+    return target if isinstance(target, Connection) else Connection(target=target)
+
+
+def _local_target(listen: str | None) -> str | None:
+    """farmd's status.listen as an address to dial: a wildcard bind is reached on loopback."""
+    if not listen:
+        return None
+    host, _, port = listen.rpartition(":")
+    if port == "0":
+        return None
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)
+    return f"{host}:{port}"
+
+
+def read_client_config(path: str) -> dict:
+    """The connection settings in a farmctl.yaml, or in a farmd.yaml's status section."""
+    import yaml
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise FarmError(f"cannot read configuration {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise FarmError(f"configuration {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FarmError(f"configuration {path}: the top level must be a mapping")
+    if "status" in data or "node" in data or "etcd" in data:  # farmd's configuration
+        st = data.get("status") or {}
+        if not isinstance(st, dict):
+            raise FarmError(f"configuration {path}: status must be a mapping")
+        out = {"target": _local_target(st.get("listen")), "token_file": st.get("token_file")}
+        if st.get("tls_cert_file"):
+            if st.get("tls_client_ca_file"):
+                # Mutual TLS: the node's certificate (signed by the farm CA, like
+                # its peers') is farmctl's client certificate too.
+                out.update(tls_ca=st["tls_client_ca_file"], tls_cert=st["tls_cert_file"],
+                           tls_key=st.get("tls_key_file"))
+            else:
+                out["tls_needs_ca"] = True
+        return {k: v for k, v in out.items() if v}
+    unknown = sorted(set(data) - set(CLIENT_KEYS))
+    if unknown:
+        raise FarmError(f"configuration {path}: unknown key {', '.join(map(str, unknown))} "
+                        f"(known: {', '.join(CLIENT_KEYS)})")
+    for k, v in data.items():
+        if v is not None and not isinstance(v, str):
+            raise FarmError(f"configuration {path}: {k} must be a string")
+    return {k: v for k, v in data.items() if v}
+
+
+def connection(args) -> Connection:
+    """The target and TLS settings: options, else $NLBFARM_* variables, else the configuration file."""
+    from nlbfarm.tls import ClientTLS
+    path = getattr(args, "config", None) or os.environ.get("NLBFARM_CONFIG")
+    if not path and os.path.exists(DEFAULT_CONFIG_FILE):
+        path = DEFAULT_CONFIG_FILE
+    file_cfg = read_client_config(path) if path else {}
+    values, sources = {}, {}
+    for key in CLIENT_KEYS:
+        opt, env = getattr(args, key, None), f"NLBFARM_{key.upper()}"
+        if opt:
+            values[key], sources[key] = opt, "--" + key.replace("_", "-")
+        elif key not in ("token_file",) and os.environ.get(env):
+            values[key], sources[key] = os.environ[env], f"${env}"
+        elif file_cfg.get(key):
+            values[key], sources[key] = file_cfg[key], f"{key} in {path}"
+    ca, cert, key = values.get("tls_ca"), values.get("tls_cert"), values.get("tls_key")
+    if bool(cert) != bool(key):
+        raise FarmError("--tls-cert and --tls-key go together: the client certificate and its key "
+                        f"(got only {sources.get('tls_cert') or sources.get('tls_key')})")
+    if file_cfg.get("tls_needs_ca") and not ca:
+        raise FarmError(f"{path}: the agent speaks TLS (status.tls_cert_file) but the file does not name the CA "
+                        "that signed its certificate (status.tls_client_ca_file is unset): give --tls-ca")
+    tls = None
+    if ca or cert:
+        tls = ClientTLS(ca_file=ca, cert_file=cert, key_file=key, server_name=values.get("tls_server_name"),
+                        names=(sources.get("tls_ca", "--tls-ca"), sources.get("tls_cert", "--tls-cert"),
+                               sources.get("tls_key", "--tls-key")))
+    elif values.get("tls_server_name"):
+        raise FarmError(f"{sources['tls_server_name']} needs TLS: give --tls-ca")
+    return Connection(target=values.get("target") or DEFAULT_TARGET, tls=tls,
+                      token_file=file_cfg.get("token_file") if "token_file" in file_cfg else None,
+                      sources=sources)
+
+
+def tls_hint(conn: Connection, problem: str | None) -> str | None:
+    """What to do about a TLS problem found on the way to the agent."""
+    from nlbfarm import tls as t
+    where = f"the agent at {conn.target}"
+    ca = f"{conn.tls.ca_file} ({conn.name('tls_ca')})" if conn.tls and conn.tls.ca_file else "gRPC's default roots"
+    cert = f"{conn.tls.cert_file} ({conn.name('tls_cert')})" if conn.tls and conn.tls.cert_file else ""
+    return {
+        t.NEEDS_TLS: f"{where} speaks TLS and farmctl connected in plaintext: give the CA that signed its "
+                     "certificate with --tls-ca (or $NLBFARM_TLS_CA, or --config)",
+        t.NOT_TLS: f"{where} speaks plaintext (its status.tls_* are unset) and farmctl used TLS: drop "
+                   f"{conn.name('tls_ca')} and the other TLS settings",
+        t.UNTRUSTED: f"{where} presented a certificate that is not signed by the CA in {ca}, "
+                     "or that has expired",
+        t.NAME_MISMATCH: f"{where} presented a certificate that does not name {conn.target.rpartition(':')[0]}: "
+                         "give --tls-server-name with a name from its subjectAltName",
+        t.CERT_REQUIRED: f"{where} requires a client certificate (mutual TLS: its status.tls_client_ca_file is "
+                         "set): give --tls-cert and --tls-key (or $NLBFARM_TLS_CERT and $NLBFARM_TLS_KEY)",
+        t.CERT_REFUSED: f"{where} refused the client certificate {cert}: it is not signed by "
+                        "the agent's status.tls_client_ca_file, has expired, or is not for client authentication",
+    }.get(problem)
+
+
+def rpc_failure(conn: Connection, method: str, exc, what: str | None = None) -> FarmError:
+    """A FarmError for a failed call; a TLS mismatch is named with what to change."""
+    import grpc
+
+    from nlbfarm import tls as t
+    code, details = exc.code(), exc.details() or ""
+    what = what or f"{method} on {conn.target} failed"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        problem = t.classify(details, conn.tls is not None, bool(conn.tls and conn.tls.cert_file))
+        if problem is None:
+            problem = t.probe(conn.target, conn.tls)
+        hint = tls_hint(conn, problem)
+        if hint:
+            return FarmError(f"{what}: {hint} ({code.name}: {details})")
+    return FarmError(f"{what}: {code.name}: {details}")
+
+
+def _channel(conn: Connection):
+    from nlbfarm.tls import channel
+    return channel(conn.target, conn.tls)
+
+
+def fetch_status(target, timeout: float) -> dict:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
     from nlbfarm.proto import farm_pb2, farm_pb2_grpc
-    with grpc.insecure_channel(target) as ch:
+    conn = _as_conn(target)
+    with _channel(conn) as ch:
         stub = farm_pb2_grpc.FarmStub(ch)
         try:
             resp = stub.GetStatus(farm_pb2.GetStatusRequest(), timeout=timeout)
         except grpc.RpcError as exc:
-            raise FarmError(f"cannot get status from {target}: {exc.code().name}: {exc.details()}") from None
+            raise rpc_failure(conn, "GetStatus", exc, f"cannot get status from {conn.target}") from None
     return MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
-def _stub(target: str):
-    import grpc
-
+def _stub(target):
     from nlbfarm.proto import farm_pb2_grpc
-    ch = grpc.insecure_channel(target)
+    ch = _channel(_as_conn(target))
     return ch, farm_pb2_grpc.FarmStub(ch)
 
 
 def token_metadata(args) -> tuple:
-    """('authorization', 'Bearer ...') from --token-file / $NLBFARM_TOKEN_FILE / the default file."""
-    path = getattr(args, "token_file", None) or os.environ.get("NLBFARM_TOKEN_FILE")
+    """('authorization', 'Bearer ...') from --token-file / $NLBFARM_TOKEN_FILE / the configuration
+    file's token_file / the default file."""
+    conn = getattr(args, "conn", None)
+    path = (getattr(args, "token_file", None) or os.environ.get("NLBFARM_TOKEN_FILE")
+            or (conn.token_file if conn else None))
     if not path:
         if not os.path.exists(DEFAULT_TOKEN_FILE):
             return ()
@@ -85,14 +253,15 @@ def token_metadata(args) -> tuple:
     return (("authorization", f"Bearer {token}"),)
 
 
-def _rpc(target: str, method: str, request, timeout: float, metadata: tuple = ()):
+def _rpc(target, method: str, request, timeout: float, metadata: tuple = ()):
     import grpc
-    ch, stub = _stub(target)
+    conn = _as_conn(target)
+    ch, stub = _stub(conn)
     with ch:
         try:
             return getattr(stub, method)(request, timeout=timeout, metadata=metadata or None)
         except grpc.RpcError as exc:
-            raise FarmError(f"{method} on {target} failed: {exc.code().name}: {exc.details()}") from None
+            raise rpc_failure(conn, method, exc) from None
 
 
 def member_of(st: dict, node: str) -> dict | None:
@@ -112,7 +281,7 @@ def drain_progress(st: dict, node: str) -> tuple[bool, str]:
 
 def cmd_drain(args) -> int:
     from nlbfarm.proto import farm_pb2
-    resp = _rpc(args.target, "Drain", farm_pb2.DrainRequest(node_id=args.node, timeout_s=args.timeout or 0),
+    resp = _rpc(args.conn, "Drain", farm_pb2.DrainRequest(node_id=args.node, timeout_s=args.timeout or 0),
                 args.rpc_timeout, token_metadata(args))
     if not args.wait:
         print(json.dumps({"node": args.node, "message": resp.message}) if args.json else resp.message)
@@ -120,7 +289,7 @@ def cmd_drain(args) -> int:
     deadline = time.monotonic() + args.wait_timeout
     last = ""
     while True:
-        st = fetch_status(args.target, args.rpc_timeout)
+        st = fetch_status(args.conn, args.rpc_timeout)
         done, line = drain_progress(st, args.node)
         if line != last and not args.json:
             print(line, flush=True)
@@ -181,7 +350,7 @@ def cmd_which(args) -> int:
     else:
         raise FarmError("give CLIENT:PORT or --from-file FILE")
     import grpc
-    ch, stub = _stub(args.target)
+    ch, stub = _stub(args.conn)
     out = []
 
     def which(ip, port):
@@ -190,7 +359,7 @@ def cmd_which(args) -> int:
                                                     vip_port=args.port or 0, protocol=args.protocol or ""),
                               timeout=args.rpc_timeout)
         except grpc.RpcError as exc:
-            raise FarmError(f"Which on {args.target} failed: {exc.code().name}: {exc.details()}") from None
+            raise rpc_failure(args.conn, "Which", exc) from None
 
     with ch:
         for ip, port in clients:
@@ -223,7 +392,7 @@ def cmd_which(args) -> int:
 
 
 def cmd_members(args) -> int:
-    st = fetch_status(args.target, args.rpc_timeout)
+    st = fetch_status(args.conn, args.rpc_timeout)
     problems = farm_problems(st)
     if args.json:
         print(json.dumps(st["members"], indent=2))
@@ -232,7 +401,7 @@ def cmd_members(args) -> int:
     return EXIT_UNHEALTHY if problems else EXIT_OK
 
 
-def fetch_node(target: str, timeout: float) -> dict:
+def fetch_node(target, timeout: float) -> dict:
     from google.protobuf.json_format import MessageToDict
 
     from nlbfarm.proto import farm_pb2
@@ -264,7 +433,7 @@ def render_node(v: dict) -> str:
 
 
 def cmd_node(args) -> int:
-    v = fetch_node(args.target, args.rpc_timeout)
+    v = fetch_node(args.conn, args.rpc_timeout)
     if args.json:
         print(json.dumps(v, indent=2))
     else:
@@ -286,7 +455,7 @@ def cmd_events(args) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from nlbfarm.proto import farm_pb2
-    ch, stub = _stub(args.target)
+    ch, stub = _stub(args.conn)
     with ch:
         call = stub.WatchEvents(farm_pb2.WatchEventsRequest(replay=not args.new_only, follow=args.follow),
                                 timeout=args.for_seconds if args.follow else args.rpc_timeout)
@@ -297,13 +466,13 @@ def cmd_events(args) -> int:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and args.follow:
                 return EXIT_OK  # --for ran out: the normal end of a bounded follow
-            raise FarmError(f"WatchEvents on {args.target} failed: {exc.code().name}: {exc.details()}") from None
+            raise rpc_failure(args.conn, "WatchEvents", exc) from None
         except KeyboardInterrupt:
             call.cancel()
             return EXIT_OK
     if args.follow:
         # The agent ended the stream: it is stopping (or restarting).
-        print(f"farmctl: the event stream from {args.target} ended: the agent stopped", file=sys.stderr)
+        print(f"farmctl: the event stream from {args.conn.target} ended: the agent stopped", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
 
@@ -312,7 +481,7 @@ def cmd_table(args) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from nlbfarm.proto import farm_pb2
-    t = MessageToDict(_rpc(args.target, "GetTable", farm_pb2.GetTableRequest(), args.rpc_timeout),
+    t = MessageToDict(_rpc(args.conn, "GetTable", farm_pb2.GetTableRequest(), args.rpc_timeout),
                       preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     if args.json:
         print(json.dumps(t, indent=2))
@@ -327,7 +496,7 @@ def cmd_table(args) -> int:
 
 def cmd_undrain(args) -> int:
     from nlbfarm.proto import farm_pb2
-    resp = _rpc(args.target, "Undrain", farm_pb2.UndrainRequest(node_id=args.node), args.rpc_timeout,
+    resp = _rpc(args.conn, "Undrain", farm_pb2.UndrainRequest(node_id=args.node), args.rpc_timeout,
                 token_metadata(args))
     print(json.dumps({"node": args.node, "message": resp.message}) if args.json else resp.message)
     return EXIT_OK
@@ -397,7 +566,7 @@ def render_status(st: dict) -> str:
 
 
 def cmd_status(args) -> int:
-    st = fetch_status(args.target, args.timeout)
+    st = fetch_status(args.conn, args.timeout)
     problems = local_problems(st) + farm_problems(st)
     if args.json:
         st["healthy"] = not problems
@@ -476,8 +645,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="farmctl", description="operate an nlbfarm farm")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
+    def connection_opts(p):
+        p.add_argument("--target", metavar="HOST:PORT", help=f"the agent's gRPC address (default: $NLBFARM_TARGET, the "
+                                        f"configuration file, else {DEFAULT_TARGET})")
+        p.add_argument("--config", metavar="FILE", help="farmctl.yaml or farmd.yaml to take the target, TLS files and token "
+                                        f"file from (default: $NLBFARM_CONFIG, else {DEFAULT_CONFIG_FILE} "
+                                        "if it exists)")
+        p.add_argument("--tls-ca", metavar="FILE", help="speak TLS; verify the agent's certificate with this CA file "
+                                        "(default: $NLBFARM_TLS_CA)")
+        p.add_argument("--tls-cert", metavar="FILE", help="client certificate for an agent with mutual TLS "
+                                          "(default: $NLBFARM_TLS_CERT)")
+        p.add_argument("--tls-key", metavar="FILE", help="the client certificate's key (default: $NLBFARM_TLS_KEY)")
+        p.add_argument("--tls-server-name", metavar="NAME", help="the name to expect in the agent's certificate instead of "
+                                                 "the target's host (default: $NLBFARM_TLS_SERVER_NAME)")
+
     st = sub.add_parser("status", help="members, table generation and buckets per node, from one node")
-    st.add_argument("--target", default="127.0.0.1:7400", help="the agent's gRPC address (default %(default)s)")
+    connection_opts(st)
     st.add_argument("--netns", help="run the query inside this network namespace (lab nodes)")
     st.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the agent")
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -488,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             f"else {DEFAULT_TOKEN_FILE})")
 
     def target_opts(p):
-        p.add_argument("--target", default="127.0.0.1:7400", help="an agent's gRPC address (default %(default)s)")
+        connection_opts(p)
         p.add_argument("--netns", help="run inside this network namespace (lab nodes)")
         p.add_argument("--rpc-timeout", type=float, default=5.0, help="seconds per call")
         p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -560,6 +743,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "netns", None):
         _reexec_in_netns(args.netns, _strip_netns(argv))
     try:
+        if hasattr(args, "tls_ca"):  # a command that talks to an agent
+            args.conn = connection(args)
         return args.func(args)
     except LabError as exc:
         print(f"farmctl: {exc}", file=sys.stderr)

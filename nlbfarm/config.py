@@ -237,12 +237,64 @@ class ClusterSection(_Strict):
         return self
 
 
+def _readable_file(v: str, what: str) -> str:
+    """An absolute path to a readable, non-empty file; returns its text."""
+    if not v.startswith("/"):
+        raise ValueError("must be an absolute path")
+    try:
+        with open(v, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError as exc:
+        raise ValueError(f"cannot read {v}: {exc.strerror}") from None
+    if not data.strip():
+        raise ValueError(f"{v} is empty; it must hold {what}")
+    return data.decode("utf-8", "replace")
+
+
+def _pem_file(v: str | None, kind: str, what: str) -> str | None:
+    """A readable PEM file holding a ``-----BEGIN ...<kind>-----`` block (certificate or key)."""
+    if v is None:
+        return v
+    text = _readable_file(v, what)
+    if not re.search(rf"-----BEGIN [A-Z0-9 ]*{kind}-----", text):
+        raise ValueError(f"{v} does not hold {what} (no '-----BEGIN ...{kind}-----' block found)")
+    return v
+
+
+def _cert_file(v: str | None) -> str | None:
+    return _pem_file(v, "CERTIFICATE", "a PEM certificate")
+
+
+def _key_file(v: str | None) -> str | None:
+    return _pem_file(v, "PRIVATE KEY", "a PEM private key")
+
+
 class EtcdSection(_Strict):
     endpoints: tuple[str, ...] = Field(min_length=1)
     prefix: str = "/nlbfarm"
     timeout: float = Field(default=1.0, gt=0, le=30)
     # How long a single etcd call may keep retrying before it is reported.
     retry_deadline: float = Field(default=10.0, gt=0, le=600)
+    # TLS: ca_file verifies etcd's certificate (TLS is on when it is set);
+    # cert_file + key_file are this node's client certificate, for an etcd
+    # started with --client-cert-auth.
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    # etcd authentication (etcdctl auth enable). The password lives in
+    # password_file, never in this file: the configuration is not a secret.
+    username: str | None = None
+    password_file: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_password(cls, data: object) -> object:
+        if isinstance(data, dict) and "password" in data:
+            # Never echo the value: it is a secret.
+            raise ValueError("password: the etcd password is not accepted in the configuration; "
+                             "write it to a file readable only by farmd and name that file in "
+                             "etcd.password_file")
+        return data
 
     @field_validator("endpoints")
     @classmethod
@@ -257,6 +309,51 @@ class EtcdSection(_Strict):
         if not v.startswith("/") or v.endswith("/") and v != "/":
             raise ValueError("must start with '/' and not end with '/'")
         return v
+
+    @field_validator("ca_file", "cert_file")
+    @classmethod
+    def _certs(cls, v: str | None) -> str | None:
+        return _cert_file(v)
+
+    @field_validator("key_file")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        return _key_file(v)
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, v: str | None) -> str | None:
+        if v is not None and (not v or v != v.strip() or any(c in v for c in "\r\n")):
+            raise ValueError("must be a non-empty etcd user name without surrounding spaces")
+        return v
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_file(cls, v: str | None) -> str | None:
+        if v is not None:
+            _readable_file(v, "the etcd password")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EtcdSection":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: give both (a client certificate and "
+                             "its key) or neither")
+        if self.cert_file is not None and self.ca_file is None:
+            raise ValueError("cert_file needs ca_file: the CA that signed etcd's server certificate")
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together: give both or neither")
+        schemes = {ep.split("://", 1)[0] for ep in self.endpoints if "://" in ep}
+        if "https" in schemes and self.ca_file is None:
+            raise ValueError("endpoints use https:// but ca_file is not set: TLS needs the CA that "
+                             "signed etcd's certificate")
+        if "http" in schemes and self.ca_file is not None:
+            raise ValueError("endpoints use http:// but ca_file is set: write host:port or https://")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None
 
 
 class TimingSection(_Strict):
@@ -319,6 +416,43 @@ class StatusSection(_Strict):
         if v is not None and not v.startswith("/"):
             raise ValueError("must be an absolute path")
         return v
+
+    # TLS on both listeners: this node's certificate and key. Unset: plaintext.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    # Mutual TLS: clients (farmctl, peers) must present a certificate signed
+    # by this CA. Peer probes also verify the other nodes' server
+    # certificates against it and present tls_cert_file as their client
+    # certificate, so every node's certificate must be signed by this CA and
+    # be valid for both server and client authentication.
+    tls_client_ca_file: str | None = None
+
+    @field_validator("tls_cert_file", "tls_client_ca_file")
+    @classmethod
+    def _tls_certs(cls, v: str | None) -> str | None:
+        return _cert_file(v)
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _tls_key(cls, v: str | None) -> str | None:
+        return _key_file(v)
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> "StatusSection":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: give both (the server "
+                             "certificate and its key) or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file: "
+                             "clients can only present a certificate to a TLS server")
+        if self.peer_listen and self.tls_cert_file and self.tls_client_ca_file is None:
+            raise ValueError("peer_listen with TLS needs tls_client_ca_file: peers verify each other's "
+                             "certificates against that CA (and present their own)")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 class MetricsSection(_Strict):

@@ -51,7 +51,7 @@ from nlbfarm.node.dataplane import DataPlane, DataPlaneSpec, cluster_mac_for
 from nlbfarm.node.events import EventBus
 from nlbfarm.node.metrics import AgentMetrics
 from nlbfarm.node.module import FarmModule
-from nlbfarm.node.peers import PeerProbe
+from nlbfarm.node.peers import PeerProbe, peer_tls
 from nlbfarm.node.vip import Vip
 
 log = logging.getLogger("nlbfarm.agent")
@@ -155,8 +155,7 @@ class Agent:
         self.cfg = cfg
         self.me = cfg.node.id
         self.prefix = cfg.key_prefix
-        self.store = store or EtcdStore(list(cfg.etcd.endpoints), timeout=cfg.etcd.timeout,
-                                        retry_deadline=cfg.etcd.retry_deadline)
+        self.store = store or EtcdStore.from_config(cfg.etcd)  # endpoints, timing, TLS, credentials
         self.dp = dataplane or DataPlane()
         mac = cfg.cluster.cluster_mac
         self.cluster_mac = cluster_mac_for(cfg.cluster.vips[0], cfg.cluster.mac_mode) if mac == "auto" else mac
@@ -182,7 +181,8 @@ class Agent:
         # No new buckets before this time: set when etcd comes back after an outage.
         self._acquire_after = 0.0
         self._seen_tables: dict[int, tuple] = {}  # recent tables by generation
-        self.probe = PeerProbe(self.me, timeout=min(0.5, cfg.timing.keepalive_interval))
+        self.probe = PeerProbe(self.me, timeout=min(0.5, cfg.timing.keepalive_interval),
+                               tls=peer_tls(cfg.status))
         self._watch = None
         self._keepalive_stop = threading.Event()
         self.leave_started: float | None = None
@@ -1040,7 +1040,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if token is None:
         log.warning("status.token_file is not set: drain and undrain through the API are refused")
-    agent = Agent(cfg)
+    try:
+        agent = Agent(cfg)  # builds the etcd store: its TLS files are read here
+    except ConfigError as exc:
+        print(f"farmd: {exc}", file=sys.stderr)
+        return 2
     agent.ready = ReadyTracker()
 
     def on_signal(signum, _frame):
@@ -1055,7 +1059,9 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     try:
         # Bind first: a busy port is a config error found before anything changes.
-        servers = serve_status(agent, cfg.status.listen, cfg.status.peer_listen, token, agent.ready)
+        servers = serve_status(agent, cfg.status.listen, cfg.status.peer_listen, token, agent.ready,
+                               tls_cert_file=cfg.status.tls_cert_file, tls_key_file=cfg.status.tls_key_file,
+                               tls_client_ca_file=cfg.status.tls_client_ca_file)
         if cfg.metrics.listen:
             agent.metrics.serve(cfg.metrics.listen)
         agent.start()

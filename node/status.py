@@ -9,6 +9,11 @@ Mutating calls (Drain, Undrain) also need the bearer token from
 token they are refused on every listener. Read-only calls are open: they show
 no secret.
 
+TLS (``status.tls_cert_file`` + ``tls_key_file``) applies to both listeners;
+with ``status.tls_client_ca_file`` clients must also present a certificate
+signed by that CA (mutual TLS), farmctl and peers alike. Without them both
+listeners speak plaintext (the default listener is on loopback).
+
 Both listeners also serve the standard ``grpc.health.v1.Health`` service
 (service "" = the agent answers; service ``nlbfarm.ready`` = this node is an
 active member accepting all its buckets) and server reflection, so grpcurl
@@ -208,13 +213,17 @@ class ReadyTracker:
         self.servicer.enter_graceful_shutdown()
 
 
-def _bind(server: grpc.Server, listen: str, field: str) -> None:
+def _bind(server: grpc.Server, listen: str, field: str, credentials=None) -> int:
     try:
-        port = server.add_insecure_port(listen)
+        if credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, credentials)
     except RuntimeError as exc:
         raise ConfigError(f"{field}: cannot bind {listen}: {exc}") from None
     if port == 0:
         raise ConfigError(f"{field}: cannot bind {listen}")
+    return port
 
 
 def _server(agent, ready: ReadyTracker, auth: Auth, allow_changes: bool, name: str) -> grpc.Server:
@@ -227,16 +236,33 @@ def _server(agent, ready: ReadyTracker, auth: Auth, allow_changes: bool, name: s
 
 
 def serve_status(agent, listen: str, peer_listen: str | None = None, token: str | None = None,
-                 ready: ReadyTracker | None = None) -> list[grpc.Server]:
+                 ready: ReadyTracker | None = None, tls_cert_file: str | None = None,
+                 tls_key_file: str | None = None, tls_client_ca_file: str | None = None) -> list[grpc.Server]:
+    """Start the API on ``listen`` (and the read-only peer API on ``peer_listen``).
+
+    With ``tls_cert_file`` and ``tls_key_file`` both listeners speak TLS; with
+    ``tls_client_ca_file`` too, they require a client certificate signed by it.
+    Each returned server has ``bound_port``: the port it bound (useful with port 0).
+    """
     ready = ready or ReadyTracker()
     auth = Auth(token)
+    credentials = None
+    if tls_cert_file or tls_key_file:
+        if not (tls_cert_file and tls_key_file):
+            raise ConfigError("status.tls_cert_file and status.tls_key_file go together")
+        from nlbfarm.tls import server_credentials
+        credentials = server_credentials(tls_cert_file, tls_key_file, tls_client_ca_file)
+    elif tls_client_ca_file:
+        raise ConfigError("status.tls_client_ca_file needs status.tls_cert_file and status.tls_key_file")
     main = _server(agent, ready, auth, True, "grpc")
-    _bind(main, listen, "status.listen")
+    main.bound_port = _bind(main, listen, "status.listen", credentials)
     servers = [main]
     if peer_listen:
         peer = _server(agent, ready, auth, False, "grpc-peer")
-        _bind(peer, peer_listen, "status.peer_listen")
+        peer.bound_port = _bind(peer, peer_listen, "status.peer_listen", credentials)
         servers.append(peer)
     for s in servers:
         s.start()
+    mode = "plaintext" if credentials is None else ("mutual TLS" if tls_client_ca_file else "TLS")
+    log.info("status API listen=%s peer_listen=%s transport=%s", listen, peer_listen or "-", mode)
     return servers
