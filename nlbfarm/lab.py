@@ -109,6 +109,9 @@ class Lab:
     # Dual stack: IPv6 addresses on every host, VIP6 as a second VIP, and the
     # app answering on IPv6 too.
     ipv6: bool = False
+    # argv put in front of the agent's command inside its namespace, e.g. a
+    # setpriv that leaves farmd only the capabilities the systemd unit grants.
+    agent_wrapper: tuple = ()
 
     def __post_init__(self):
         if self.app not in ("python", "nginx"):
@@ -506,7 +509,7 @@ http {{
         st = self.load_state()
         path = self.config_path(name)
         path.write_text(yaml.safe_dump(self.node_config(name), sort_keys=False))
-        agent = [self.python, "-m", "nlbfarm.node.agent", "--config", str(path)]
+        agent = [*self.agent_wrapper, self.python, "-m", "nlbfarm.node.agent", "--config", str(path)]
         if self.supervise:
             pidfile = self.dir / f"{name}.agent.pid"
             pidfile.unlink(missing_ok=True)

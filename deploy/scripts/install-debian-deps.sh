@@ -5,7 +5,9 @@ set -euo pipefail
 PKGS=(nftables python3-nftables python3-venv python3-pip etcd-server etcd-client
       iproute2 conntrack curl iputils-ping procps nginx-light
       # make bench: load generators and the peers it compares against
-      wrk iperf3 haproxy keepalived iptables netsniff-ng)
+      wrk iperf3 haproxy keepalived iptables netsniff-ng
+      # deploy/ansible: the role, its playbooks and their lint (tests/lab/test_ansible.py)
+      ansible-core ansible-lint)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,238 @@
+"""The Ansible role and playbooks (deploy/ansible), run for real against lab hosts.
+
+The lab (nlbfarm.lab) provides the switch, etcd, the client and one network
+namespace per node with the application on :80 (it stands for the app's own
+unit). Nothing of farmd is on the nodes: install.yml installs it from nothing
+(venv from Debian's python3, nlbfarm from a wheelhouse built from this
+checkout, farmd.yaml validated by farmd --check, the systemd unit rendered and
+checked by systemd-analyze verify), with the inventory's hosts being the
+namespaces (connection plugin nlbfarm_netns) and nlbfarm_service_manager: lab
+(no systemd here; farmd runs under the supervisor with the unit's two
+capabilities). Then upgrade.yml rolls a newer build over the farm, one node at
+a time, while a client keeps opening new connections and holds long-lived
+ones: 0 failed, 0 broken. Finally a node that does not come back aborts the
+rollout before the next node is touched.
+"""
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nlbfarm.analysis import failures
+from nlbfarm.lab import ETCD_PREFIX, Lab, LabTiming
+
+from test_faults import HOLD_CONNS, Load, check_exactly_once, held_max, split_holds
+
+REPO = Path(__file__).resolve().parents[2]
+ANSIBLE_DIR = REPO / "deploy" / "ansible"
+NODES = ["n1", "n2", "n3"]
+SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "nlbfarm", "node", "coordinator", "proto")
+
+pytestmark = pytest.mark.skipif(shutil.which("ansible-playbook") is None,
+                                reason="ansible-playbook is not installed "
+                                       "(deploy/scripts/install-debian-deps.sh installs ansible-core)")
+
+
+def base_version() -> str:
+    cp = configparser.ConfigParser()
+    cp.read(REPO / "setup.cfg")
+    return cp["metadata"]["version"]
+
+
+def build_wheel(src_root: Path, version: str, wheelhouse: Path, deps: bool) -> None:
+    """A wheel of this checkout as ``version`` (an upgrade is a newer build)."""
+    src = src_root / f"src-{version}"
+    src.mkdir(parents=True)
+    for name in SOURCES:
+        p = REPO / name
+        if p.is_dir():
+            shutil.copytree(p, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(p, src / name)
+    cfg = (src / "setup.cfg").read_text()
+    (src / "setup.cfg").write_text(cfg.replace(f"version = {base_version()}", f"version = {version}", 1))
+    init = src / "nlbfarm" / "__init__.py"
+    text = init.read_text()
+    assert '__version__ = "' in text
+    init.write_text("\n".join(f'__version__ = "{version}"' if line.startswith("__version__ =") else line
+                              for line in text.splitlines()) + "\n")
+    pip = [str(REPO / ".venv" / "bin" / "python"), "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
+           "--no-build-isolation", "-w", str(wheelhouse)]
+    cp = subprocess.run([*pip, *([] if deps else ["--no-deps"]), str(src)], capture_output=True, text=True,
+                        timeout=300)
+    assert cp.returncode == 0, cp.stderr[-2000:]
+
+
+def inventory(lab: Lab, root: Path, wheelhouse: Path, version: str, hosts: list[str]) -> dict:
+    first = lab.node_config(hosts[0])
+    t = first["timing"]
+    nodes = {}
+    for n in hosts:
+        c = lab.node_config(n)
+        d = root / n
+        nodes[n] = {"ansible_netns": lab.ns(n), "nlbfarm_addresses": c["node"]["addresses"],
+                    "nlbfarm_peer_listen": c["status"]["peer_listen"],
+                    "nlbfarm_install_dir": str(d / "opt/nlbfarm"), "nlbfarm_config_dir": str(d / "etc/nlbfarm"),
+                    "nlbfarm_unit_dir": str(d / "etc/systemd/system"), "nlbfarm_run_dir": str(d / "run/nlbfarm")}
+    return {"all": {"children": {"nlbfarm_nodes": {"hosts": nodes, "vars": {
+        "ansible_connection": "nlbfarm_netns",
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "nlbfarm_service_manager": "lab",
+        "nlbfarm_apt_update_cache": False,   # lab hosts have no route out
+        "nlbfarm_wheelhouse": str(wheelhouse),
+        "nlbfarm_version": version,
+        "nlbfarm_cluster_name": first["cluster"]["name"],
+        "nlbfarm_vips": first["cluster"]["vips"],
+        "nlbfarm_buckets": first["cluster"]["buckets"],
+        "nlbfarm_etcd_endpoints": first["etcd"]["endpoints"],
+        "nlbfarm_etcd": {"prefix": ETCD_PREFIX, "timeout": 0.5, "retry_deadline": 5.0},
+        "nlbfarm_timing": t,
+        "nlbfarm_token": lab.token_file.read_text().strip(),
+        "nlbfarm_healthy_timeout": 60,
+        "nlbfarm_drain_wait_timeout": 120,
+    }}}}}
+
+
+def playbook(name: str, inv: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0",
+               ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(inv.parent / "ansible-local"),
+               ANSIBLE_REMOTE_TEMP=str(inv.parent / "ansible-remote"))
+    try:
+        return subprocess.run(["ansible-playbook", "-i", str(inv), name, *extra], cwd=ANSIBLE_DIR,
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return subprocess.CompletedProcess(exc.cmd, -1, out + f"\n(ansible-playbook timed out after {timeout:.0f} s)",
+                                           "")
+
+
+def versions(lab: Lab) -> dict[str, str]:
+    return {n: m.version for n, m in lab.snapshot().members.items()}
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    """Switch, etcd, client and the nodes' application; no farmd anywhere yet."""
+    tmp = tmp_path_factory.mktemp("ansible")
+    lab = Lab(prefix="tans", state_root=tmp / "labstate",
+              timing=LabTiming(drain_timeout=60.0, stop_drain_timeout=20.0, leave_timeout=5.0))
+    lab.down()
+    try:
+        lab._build_network(NODES)
+        lab._save_state({"prefix": lab.prefix, "vip": "", "url": "", "subnet": "", "cluster": "lab",
+                         "nodes": NODES, "etcd": {"endpoint": ",".join(lab.etcd_endpoints()),
+                                                  "netns": lab.ns("etcd"), "pids": {}},
+                         "pids": {}, "dir": str(lab.dir), "app": "python"})
+        lab._write_token()
+        lab.start_etcd()
+        for n in NODES:
+            lab.start_app(n)
+        wheelhouse = tmp / "wheelhouse"
+        old, new = base_version(), base_version() + ".post1"
+        build_wheel(tmp, old, wheelhouse, deps=True)
+        build_wheel(tmp, new, wheelhouse, deps=False)
+        yield lab, tmp, wheelhouse, old, new
+    finally:
+        lab.down()
+    assert not lab.lab_namespaces()
+
+
+def write_inventory(farm, version: str, name: str) -> Path:
+    lab, tmp, wheelhouse, _, _ = farm
+    inv = tmp / name
+    inv.write_text(yaml.safe_dump(inventory(lab, tmp / "hosts", wheelhouse, version, NODES), sort_keys=False))
+    return inv
+
+
+def test_install_from_nothing(farm):
+    lab, tmp, _, old, _ = farm
+    for n in NODES:
+        assert not (tmp / "hosts" / n).exists()
+    inv = write_inventory(farm, old, "inventory-install.yml")
+    cp = playbook("install.yml", inv)
+    (tmp / "install.out").write_text(cp.stdout + cp.stderr)
+    assert cp.returncode == 0, cp.stdout[-6000:] + cp.stderr[-2000:]
+    lab.wait_converged(NODES, timeout=30)
+    assert set(versions(lab).values()) == {old}
+    for n in NODES:
+        d = tmp / "hosts" / n
+        unit = (d / "etc/systemd/system/farmd.service").read_text()
+        assert "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW" in unit and "ProtectSystem=strict" in unit
+        assert f"ExecStart={d}/opt/nlbfarm/.venv/bin/farmd --config {d}/etc/nlbfarm/farmd.yaml" in unit
+        cfg = yaml.safe_load((d / "etc/nlbfarm/farmd.yaml").read_text())
+        assert cfg["node"]["id"] == n and cfg["node"]["weight"] == 1
+        # farmd runs with the unit's two capabilities only
+        pid = int((d / "run/nlbfarm/farmd.pid").read_text())
+        with open(f"/proc/{pid}/status") as f:
+            eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff"))
+        assert eff == (1 << 12) | (1 << 13), hex(eff)
+    # A second run changes nothing and restarts nothing.
+    cp = playbook("install.yml", inv)
+    assert cp.returncode == 0, cp.stdout[-4000:]
+    recap = [line for line in cp.stdout.splitlines() if line.startswith(tuple(NODES))]
+    assert recap and all("failed=0" in line and "changed=0" in line for line in recap), recap
+    pids_after = {n: int((tmp / "hosts" / n / "run/nlbfarm/farmd.pid").read_text()) for n in NODES}
+    assert all(lab._alive(p) for p in pids_after.values())
+
+
+def test_rolling_upgrade_under_load(farm):
+    lab, tmp, _, old, new = farm
+    lab.wait_converged(NODES, timeout=30)
+    inv = write_inventory(farm, new, "inventory-upgrade.yml")
+    load = Load(lab, tmp, duration=UPGRADE_LOAD_S)
+    try:
+        load.wait_until(load.t0 + 10)      # long-lived connections are open on every node
+        t = time.time()
+        cp = playbook("upgrade.yml", inv, timeout=UPGRADE_LOAD_S - 15)
+        took = time.time() - t
+        assert cp.returncode == 0, cp.stdout[-6000:] + cp.stderr[-2000:]
+        news, holds = load.finish()
+    finally:
+        load.stop()
+    assert set(versions(lab).values()) == {new}, versions(lab)
+    lab.wait_converged(NODES, timeout=30)
+    # serial: 1 -- each node was drained, upgraded and back before the next one started
+    order = [line.split("[")[1].split("]")[0] for line in cp.stdout.splitlines()
+             if line.startswith("TASK [nlbfarm : Drain, and wait")]
+    assert len(order) == 3, cp.stdout[-3000:]
+    broken, never = split_holds(holds)
+    news = sorted(news + never, key=lambda r: r["t"])
+    assert held_max(holds) >= HOLD_CONNS * 0.9
+    assert len(news) > 500
+    check_exactly_once(lab, news, NODES)
+    assert failures(news) == [], failures(news)[:5]
+    assert broken == [], broken[:5]
+    print(f"rolling upgrade {old} -> {new}: {took:.0f} s, {len(news)} new connections, "
+          f"{len(holds)} long-lived, 0 failed, 0 broken")
+
+
+def test_a_node_that_does_not_come_back_aborts_the_rollout(farm):
+    """n1's new configuration has a health check that never passes: n1 stays out, n2 and n3 are not touched."""
+    lab, tmp, _, _, new = farm
+    inv = write_inventory(farm, new, "inventory-broken.yml")
+    data = yaml.safe_load(inv.read_text())
+    data["all"]["children"]["nlbfarm_nodes"]["hosts"]["n1"].update({
+        "nlbfarm_healthy_timeout": 12,
+        "nlbfarm_module": {"name": "app", "checks": [
+            {"name": "never", "type": "tcp", "port": 9, "interval": 0.5, "timeout": 0.2}]}})
+    inv.write_text(yaml.safe_dump(data, sort_keys=False))
+    before = {n: (tmp / "hosts" / n / "etc/nlbfarm/farmd.yaml").read_text() for n in NODES}
+    cp = playbook("upgrade.yml", inv, timeout=200)
+    (tmp / "broken.out").write_text(cp.stdout + cp.stderr)
+    assert cp.returncode != 0, cp.stdout[-3000:]
+    assert "n1" in cp.stdout and "serves no connection - n2" not in cp.stdout, cp.stdout[-4000:]
+    for n in ("n2", "n3"):
+        assert (tmp / "hosts" / n / "etc/nlbfarm/farmd.yaml").read_text() == before[n]
+    assert (tmp / "hosts" / "n1" / "etc/nlbfarm/farmd.yaml").read_text() != before["n1"]
+    lab.wait_converged(["n2", "n3"], timeout=30)
+
+
+UPGRADE_LOAD_S = 160
