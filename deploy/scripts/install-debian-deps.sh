@@ -7,7 +7,8 @@ PKGS=(nftables python3-nftables python3-venv python3-pip etcd-server etcd-client
       # make bench: load generators and the peers it compares against
       wrk iperf3 haproxy keepalived iptables netsniff-ng
       # deploy/ansible: the role, its playbooks and their lint (tests/lab/test_ansible.py)
-      ansible-core ansible-lint)
+      # (python3-apt for its apt tasks, systemd for systemd-analyze verify of the unit)
+      ansible-core ansible-lint python3-apt systemd)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
