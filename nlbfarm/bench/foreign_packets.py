@@ -50,7 +50,6 @@ doing and not an accident of the setup.
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
 import os
 import random
@@ -58,10 +57,11 @@ import re
 import resource
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from nlbfarm.bench.netns import Lock, delete_ns, remove_stale, sh
 
 TITLE = "Foreign-packet cost: ns per dropped packet at ingress, before and after conntrack"
 
@@ -193,55 +193,6 @@ def trafgen_config(pairs, dst_mac: str) -> str:
 # Namespaces and tools
 # ---------------------------------------------------------------------------
 
-def _sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-    p = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr.strip()[-400:]}")
-    return p
-
-
-def _delete_ns(name: str) -> None:
-    for pid in _sh("ip", "netns", "pids", name, check=False).stdout.split():
-        try:
-            os.kill(int(pid), 9)
-        except (OSError, ValueError):
-            pass
-    _sh("ip", "netns", "del", name, check=False)
-
-
-def _remove_stale(prefix: str) -> list[str]:
-    """Delete every namespace with ``prefix``: called under the lock, so none of them is in use."""
-    stale = [line.split()[0] for line in _sh("ip", "netns", "list", check=False).stdout.splitlines()
-             if line.strip() and line.split()[0].startswith(prefix)]
-    for name in stale:
-        _delete_ns(name)
-    return stale
-
-
-class _Lock:
-    """One run of this benchmark at a time (its stale-namespace cleanup must not hit a live run)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.f = open(self.path, "w")
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    self.f.close()
-                    raise RuntimeError(f"another run holds {self.path} for more than {LOCK_WAIT_S:.0f} s")
-                time.sleep(0.5)
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.f, fcntl.LOCK_UN)
-        self.f.close()
-
 
 class _Lab:
     def __init__(self, tx: str, rx: str, workdir: str):
@@ -249,20 +200,20 @@ class _Lab:
 
     def up(self) -> str:
         for ns in (self.tx, self.rx):
-            _sh("ip", "netns", "add", ns)
+            sh("ip", "netns", "add", ns)
             # Quiet links: no IPv6 (no router or neighbour solicitations to count).
-            _sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+            sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
                 "net.ipv6.conf.default.disable_ipv6=1")
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
-        _sh("ip", "-n", self.tx, "link", "add", TX_IF, "type", "veth", "peer", "name", RX_IF, "netns", self.rx)
-        _sh("ip", "-n", self.tx, "link", "set", TX_IF, "up")
-        _sh("ip", "-n", self.rx, "link", "set", RX_IF, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", self.tx, "link", "add", TX_IF, "type", "veth", "peer", "name", RX_IF, "netns", self.rx)
+        sh("ip", "-n", self.tx, "link", "set", TX_IF, "up")
+        sh("ip", "-n", self.rx, "link", "set", RX_IF, "up")
         # The VIP is local on the receiver, as on a node.
-        _sh("ip", "-n", self.rx, "addr", "add", f"{VIP}/32", "dev", RX_IF)
-        return json.loads(_sh("ip", "-n", self.rx, "-j", "link", "show", RX_IF).stdout)[0]["address"]
+        sh("ip", "-n", self.rx, "addr", "add", f"{VIP}/32", "dev", RX_IF)
+        return json.loads(sh("ip", "-n", self.rx, "-j", "link", "show", RX_IF).stdout)[0]["address"]
 
     def nft(self, *args: str) -> str:
-        return _sh("ip", "netns", "exec", self.rx, "nft", *args).stdout
+        return sh("ip", "netns", "exec", self.rx, "nft", *args).stdout
 
     def load(self, cmds: list[dict]) -> None:
         self.nft("flush", "ruleset")
@@ -289,7 +240,7 @@ class _Lab:
     def conntrack_count(self) -> int | None:
         if shutil.which("conntrack") is None:
             return None
-        p = _sh("ip", "netns", "exec", self.rx, "conntrack", "-C", check=False)
+        p = sh("ip", "netns", "exec", self.rx, "conntrack", "-C", check=False)
         try:
             return int(p.stdout.strip())
         except ValueError:
@@ -300,7 +251,7 @@ class _Lab:
         before = _softnet()
         ru0, k0 = resource.getrusage(resource.RUSAGE_CHILDREN), _ksoftirqd_seconds(CPU)
         t0 = time.monotonic()
-        p = _sh("ip", "netns", "exec", self.tx, "taskset", "-c", str(CPU), "trafgen", "-o", TX_IF, "-i", cfg,
+        p = sh("ip", "netns", "exec", self.tx, "taskset", "-c", str(CPU), "trafgen", "-o", TX_IF, "-i", cfg,
                 "-n", str(packets), "-P", "1", "--no-sock-mem", "--notouch-irq", timeout=timeout, check=False)
         wall = time.monotonic() - t0
         ru1, k1 = resource.getrusage(resource.RUSAGE_CHILDREN), _ksoftirqd_seconds(CPU)
@@ -365,8 +316,8 @@ def run(progress, quick: bool = False) -> dict:
     owned = flows(ranges, owned=True, count=256, seed=2)
     notes: list[str] = []
     t_start = time.monotonic()
-    with _Lock(LOCK_PATH), tempfile.TemporaryDirectory(prefix="bnf-") as work:
-        stale = _remove_stale(NS_PREFIX)
+    with Lock(LOCK_PATH, LOCK_WAIT_S), tempfile.TemporaryDirectory(prefix="bnf-") as work:
+        stale = remove_stale(NS_PREFIX)
         if stale:
             notes.append(f"removed namespaces left by an earlier run: {', '.join(stale)}")
         tag = f"{NS_PREFIX}{os.getpid()}"
@@ -404,7 +355,7 @@ def run(progress, quick: bool = False) -> dict:
             if shutil.which("conntrack"):
                 # The accepted packets made confirmed entries: clear them, so the
                 # count after each trial shows what the trials leave behind.
-                _sh("ip", "netns", "exec", lab.rx, "conntrack", "-F", check=False)
+                sh("ip", "netns", "exec", lab.rx, "conntrack", "-F", check=False)
 
             # trafgen's own start (ip netns exec, compiling 1024 packets, the
             # ring): CPU time that is not per packet, taken off every trial.
@@ -444,7 +395,7 @@ def run(progress, quick: bool = False) -> dict:
             lab.nft("flush", "ruleset")
         finally:
             for ns in (lab.tx, lab.rx):
-                _delete_ns(ns)
+                delete_ns(ns)
 
     rows = {}
     for v in VARIANTS:

@@ -34,7 +34,6 @@ holds.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import random
@@ -49,6 +48,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from nlbfarm.bench.netns import Lock, delete_ns, remove_stale, sh
 
 TITLE = "Rule programming: time to apply a new table, one transaction"
 
@@ -312,57 +313,6 @@ class _Monitor:
 
 
 # ---------------------------------------------------------------------------
-# Namespaces
-# ---------------------------------------------------------------------------
-
-def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=check)
-
-
-def _delete_ns(name: str) -> None:
-    for pid in _sh("ip", "netns", "pids", name, check=False).stdout.split():
-        try:
-            os.kill(int(pid), 9)
-        except (OSError, ValueError):
-            pass
-    _sh("ip", "netns", "del", name, check=False)
-
-
-def _remove_stale(prefix: str) -> list[str]:
-    """Delete every namespace with ``prefix``: called under the lock, so none of them is in use."""
-    stale = [line.split()[0] for line in _sh("ip", "netns", "list", check=False).stdout.splitlines()
-             if line.strip() and line.split()[0].startswith(prefix)]
-    for name in stale:
-        _delete_ns(name)
-    return stale
-
-
-class _Lock:
-    """One run of this benchmark at a time (its stale-namespace cleanup must not hit a live run)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.f = open(self.path, "w")
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    self.f.close()
-                    raise RuntimeError(f"another run holds {self.path} for more than {LOCK_WAIT_S:.0f} s")
-                time.sleep(0.5)
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.f, fcntl.LOCK_UN)
-        self.f.close()
-
-
-# ---------------------------------------------------------------------------
 # run
 # ---------------------------------------------------------------------------
 
@@ -398,14 +348,14 @@ def run(progress, quick: bool = False) -> dict:
         c["n_ranges"] = len(c["ranges"])
         c.update(ruleset_size(build_ruleset(make_spec(c["ranges"], c["buckets"]))))
     notes: list[str] = []
-    with _Lock(LOCK_PATH):
-        stale = _remove_stale(NS_PREFIX)
+    with Lock(LOCK_PATH, LOCK_WAIT_S):
+        stale = remove_stale(NS_PREFIX)
         if stale:
             notes.append(f"removed namespaces left by an earlier run: {', '.join(stale)}")
         ns = f"{NS_PREFIX}{os.getpid()}"
         helper = monitor = None
         try:
-            _sh("ip", "netns", "add", ns)
+            sh("ip", "netns", "add", ns)
             helper = _Helper(ns)
             monitor = _Monitor(ns)
             # Sync: the monitor has subscribed once it prints a teardown's generation.
@@ -462,7 +412,7 @@ def run(progress, quick: bool = False) -> dict:
                 monitor.close()
             if helper is not None:
                 helper.close()
-            _delete_ns(ns)
+            delete_ns(ns)
 
     base = configs[0]
     base_first, base_replace = _med(base["first_ms"]), _med(base["replace_ms"])
