@@ -116,53 +116,13 @@ def metrics_delta(a: dict, b: dict) -> dict:
             "watch_events": b["watch_events"] - a["watch_events"]}
 
 
-# ---- stand-ins for the kernel and the VIP ------------------------------------------
-
-class NullDataPlane:
-    """Takes every ruleset the agent would program, keeps only the last one."""
-
-    def __init__(self):
-        self.current = None
-
-    def apply(self, spec):
-        if spec == self.current:
-            return False
-        self.current = spec
-        return True
-
-    def refresh_fence(self, still_ok):
-        return False
-
-    def fence_is_open(self):
-        return bool(self.current and self.current.fence_open)
-
-    def counters(self):
-        return []
-
-    def teardown(self, table=None):
-        self.current = None
-
-
-class NoVip:
-    def up(self):
-        pass
-
-    def link_up(self):
-        return True
-
-    def announce(self):
-        pass
-
-    def down(self):
-        return True
-
-
 # ---- worker: a process hosting agents as threads ---------------------------------
 
 def worker_main(endpoint: str, cluster: str, ids: list[str]) -> int:
     from nlbfarm.config import parse_config
     from nlbfarm.logs import setup_logging
     from nlbfarm.node.agent import Agent
+    from nlbfarm.node.standins import NoVip, RecordingDataPlane
 
     setup_logging(os.environ.get("NLBFARM_BENCH_LOG_LEVEL", "warning"), "kv")
     print(json.dumps({"rss_kb": proc_rss_kb(os.getpid())}), flush=True)
@@ -171,7 +131,7 @@ def worker_main(endpoint: str, cluster: str, ids: list[str]) -> int:
         cfg = parse_config({"node": {"id": nid, "weight": 1},
                             "cluster": {"name": cluster, "vips": [VIP], "buckets": BUCKETS},
                             "etcd": {"endpoints": [endpoint]}})
-        agents.append(Agent(cfg, dataplane=NullDataPlane(), vip=NoVip()))
+        agents.append(Agent(cfg, dataplane=RecordingDataPlane(), vip=NoVip()))
     started, errors = [], []
     lock = threading.Lock()
 

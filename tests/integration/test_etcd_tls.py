@@ -27,6 +27,7 @@ from nlbfarm.config import parse_config
 from nlbfarm.coordinator.store import EtcdStore, StoreAuthError, etcd3
 from nlbfarm.errors import ConfigError, StoreError, StoreUnavailable
 from nlbfarm.node.agent import Agent
+from nlbfarm.node.standins import NoVip, RecordingDataPlane
 
 pytestmark = pytest.mark.integration
 
@@ -399,43 +400,6 @@ def assert_no_secret(e: TlsEtcd, *texts: str) -> None:
     for t in texts:
         assert e.password not in t, "the etcd password leaked"
         assert e.root_password not in t
-
-
-class RecordingDataPlane:
-    """Stands in for the kernel (as in test_membership)."""
-
-    def __init__(self):
-        self.current = None
-
-    def apply(self, spec):
-        changed, self.current = spec != self.current, spec
-        return changed
-
-    def refresh_fence(self, still_ok):
-        return False
-
-    def fence_is_open(self):
-        return bool(self.current and self.current.fence_open)
-
-    def counters(self):
-        return []
-
-    def teardown(self, table=None):
-        self.current = None
-
-
-class NoVip:
-    def up(self):
-        pass
-
-    def link_up(self):
-        return True
-
-    def announce(self):
-        pass
-
-    def down(self):
-        return True
 
 
 def test_no_secret_in_logs_farmctl_output_or_metrics(etcd, pki, cluster, tmp_path, caplog, capsys,

@@ -18,6 +18,7 @@ from nlbfarm.coordinator.store import EtcdStore
 from nlbfarm.coordinator.table import counts
 from nlbfarm.errors import ConfigError, DuplicateMember
 from nlbfarm.node.agent import Agent
+from nlbfarm.node.standins import NoVip, RecordingDataPlane
 
 pytestmark = pytest.mark.integration
 
@@ -162,44 +163,6 @@ def test_farmd_retries_with_backoff_while_etcd_is_unreachable(tmp_path):
         assert "nlbfarm" not in tables
     finally:
         subprocess.run(["ip", "netns", "del", ns])
-
-
-class RecordingDataPlane:
-    """Stands in for the kernel: records what the agent would accept."""
-
-    def __init__(self):
-        self.current = None
-        self.history = []
-
-    def apply(self, spec):
-        if spec == self.current:
-            return False
-        self.current = spec
-        self.history.append(spec)
-        return True
-
-    def refresh_fence(self, still_ok):
-        return False
-
-    def fence_is_open(self):
-        return bool(self.current and self.current.fence_open)
-
-    def teardown(self, table=None):
-        self.current = None
-
-
-class NoVip:
-    def up(self):
-        pass
-
-    def link_up(self):
-        return True
-
-    def announce(self):
-        pass
-
-    def down(self):
-        return True
 
 
 def accepted(spec) -> int:
