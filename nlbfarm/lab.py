@@ -66,6 +66,33 @@ def node_addr6(i: int) -> str:
     return f"{SUBNET6}{10 + i}"
 
 
+def build_switch(lan: str) -> None:
+    """The lab's switch: bridge br0 in namespace ``lan``."""
+    iplib.ensure_netns(lan)
+    iplib.set_link_up("lo", lan)
+    iplib.ensure_bridge("br0", lan)
+    iplib.set_link_up("br0", lan)
+
+
+def plug_host(lan: str, ns: str, port: str, cidrs: list[str], port_up: bool = True) -> None:
+    """A host on the switch: namespace ``ns`` with eth0 and ``cidrs``, its cable ``port`` on br0.
+
+    IPv6 addresses skip duplicate address detection: a lab needs no DAD delay.
+    ``port_up=False`` leaves the cable unplugged (the switch port down).
+    """
+    iplib.ensure_netns(ns)
+    iplib.set_link_up("lo", ns)
+    iplib.ensure_veth_pair(port, "eth0", netns=lan, peer_netns=ns)
+    iplib.set_master(port, "br0", lan)
+    if port_up:
+        iplib.set_link_up(port, lan)
+    else:
+        iplib.set_link_down(port, lan)
+    for cidr in cidrs:
+        iplib.add_address("eth0", cidr, ns, nodad=":" in cidr)
+    iplib.set_link_up("eth0", ns)
+
+
 @dataclass
 class LabTiming:
     lease_ttl: int = 3
@@ -299,26 +326,15 @@ class Lab:
     def _build_network(self, names: list[str]) -> None:
         lan = self.ns("lan")
         self.progress(f"creating namespaces {self.prefix}-{{lan,etcd,client,{','.join(names)}}}")
-        iplib.ensure_netns(lan)
-        iplib.set_link_up("lo", lan)
-        iplib.ensure_bridge("br0", lan)
-        iplib.set_link_up("br0", lan)
+        build_switch(lan)
         hosts = [("etcd", ETCD_ADDR), ("client", CLIENT_ADDR)] + [
             (n, node_addr(i)) for i, n in enumerate(names, 1)]
         for host, addr in hosts:
-            ns = self.ns(host)
-            iplib.ensure_netns(ns)
-            iplib.set_link_up("lo", ns)
-            port = f"p-{host}"
-            iplib.ensure_veth_pair(port, "eth0", netns=lan, peer_netns=ns)
-            iplib.set_master(port, "br0", lan)
-            iplib.set_link_up(port, lan)
-            iplib.add_address("eth0", f"{addr}/24", ns)
+            cidrs = [f"{addr}/24"]
             if self.ipv6 and host != "etcd":
-                # nodad: a lab needs no duplicate address detection delay
                 addr6, plen = ((CLIENT_ADDR6, 64) if host == "client" else (node_addr6(int(host[1:])), 48))
-                iplib.add_address("eth0", f"{addr6}/{plen}", ns, nodad=True)
-            iplib.set_link_up("eth0", ns)
+                cidrs.append(f"{addr6}/{plen}")
+            plug_host(lan, self.ns(host), f"p-{host}", cidrs)
         for addr in ETCD_MEMBER_ADDRS[1:self.etcd_members]:
             iplib.add_address("eth0", f"{addr}/24", self.ns("etcd"))
 

@@ -74,7 +74,7 @@ from pathlib import Path
 
 from nlbfarm.coordinator.hashing import bucket_of_address, jhash_bytes, reciprocal_scale
 from nlbfarm.errors import LabError
-from nlbfarm.lab import APP_PORT, SUBNET, VIP, Lab, node_addr
+from nlbfarm.lab import APP_PORT, SUBNET, VIP, Lab, node_addr, plug_host
 from nlbfarm.node import iplib
 from nlbfarm.node.dataplane import cluster_mac_for
 
@@ -315,13 +315,7 @@ class _Bench:
     def setup(self) -> None:
         lab, lan, client = self.lab, self.lab.ns("lan"), self.lab.ns("client")
         self.progress("adding the load-balancer host bnd-lb, client addresses, iperf3 servers")
-        iplib.ensure_netns(LB_NS)
-        iplib.set_link_up("lo", LB_NS)
-        iplib.ensure_veth_pair(LB_PORT, "eth0", netns=lan, peer_netns=LB_NS)
-        iplib.set_master(LB_PORT, "br0", lan)
-        iplib.add_address("eth0", f"{LB_ADDR}/24", LB_NS)
-        iplib.set_link_up("eth0", LB_NS)
-        iplib.set_link_down(LB_PORT, lan)  # plugged in only for the HAProxy scenario
+        plug_host(lan, LB_NS, LB_PORT, [f"{LB_ADDR}/24"], port_up=False)  # plugged in only for HAProxy
         # Client side (and the LB's, which is a client of the nodes): enough
         # ephemeral ports for tens of thousands of short connections.
         for ns in (client, LB_NS):

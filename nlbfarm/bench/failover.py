@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from nlbfarm.errors import LabError
-from nlbfarm.lab import CLUSTER_NAME, ETCD_PREFIX, VIP, Lab, LabTiming
+from nlbfarm.lab import CLUSTER_NAME, ETCD_PREFIX, VIP, Lab, LabTiming, build_switch, plug_host
 from nlbfarm.node import iplib
 
 TITLE = "Failover and convergence"
@@ -552,20 +552,9 @@ K_NS = {"lan": f"{PREFIX}-klan", "client": f"{PREFIX}-kc", "k1": f"{PREFIX}-k1",
 
 def k_build(tmp: Path) -> None:
     lan = K_NS["lan"]
-    iplib.ensure_netns(lan)
-    iplib.set_link_up("lo", lan)
-    iplib.ensure_bridge("br0", lan)
-    iplib.set_link_up("br0", lan)
+    build_switch(lan)
     for host, addr in K_HOSTS.items():
-        ns = K_NS[host]
-        iplib.ensure_netns(ns)
-        iplib.set_link_up("lo", ns)
-        port = f"p-{host}"
-        iplib.ensure_veth_pair(port, "eth0", netns=lan, peer_netns=ns)
-        iplib.set_master(port, "br0", lan)
-        iplib.set_link_up(port, lan)
-        iplib.add_address("eth0", f"{addr}/24", ns)
-        iplib.set_link_up("eth0", ns)
+        plug_host(lan, K_NS[host], f"p-{host}", [f"{addr}/24"])
     for host in ("k1", "k2"):
         d = tmp / host
         d.mkdir(parents=True, exist_ok=True)
