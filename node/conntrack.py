@@ -39,6 +39,15 @@ def count_by_bucket(entries: Iterable[tuple[str, int, str, int, str]], vips: Ite
     return out
 
 
+def _canonical(addr: str) -> str:
+    """An address in the text the config writes VIPs in (IPv6 compressed, lower case).
+
+    IPv4 as conntrack prints it is already that text; parsing every one of
+    tens of thousands of entries would only cost time.
+    """
+    return str(ipaddress.ip_address(addr)) if ":" in addr else addr
+
+
 def parse_conntrack_lines(text: str) -> list[tuple[str, int, str, int, str]]:
     """Parse ``conntrack -L -p tcp`` lines (IPv4 or IPv6) into (client_ip, client_port, vip, vip_port, state)."""
     out = []
@@ -53,9 +62,8 @@ def parse_conntrack_lines(text: str) -> list[tuple[str, int, str, int, str]]:
             if sep and k not in fields:  # the first src/dst/sport belong to the original direction
                 fields[k] = v
         try:
-            # Addresses in Python's canonical text, as the config writes VIPs (IPv6 compressed).
-            out.append((str(ipaddress.ip_address(fields["src"])), int(fields["sport"]),
-                        str(ipaddress.ip_address(fields["dst"])), int(fields["dport"]), state))
+            out.append((_canonical(fields["src"]), int(fields["sport"]), _canonical(fields["dst"]),
+                        int(fields["dport"]), state))
         except (KeyError, ValueError):
             continue
     return out
