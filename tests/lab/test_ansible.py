@@ -16,7 +16,6 @@ rollout before the next node is touched.
 from __future__ import annotations
 
 import configparser
-import json
 import os
 import shutil
 import subprocess
