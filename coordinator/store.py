@@ -612,8 +612,15 @@ class EtcdStore(Store):
             if self._closed or self._client is not failed_client:
                 return
             old_ep = self.endpoints[self._index]
-            self._index = (self._index + 1) % len(self._endpoints)
-            self._client = self._connect(self._index)
+            index = (self._index + 1) % len(self._endpoints)
+            try:
+                client = self._connect(index)
+            except ConfigError as exc:
+                # A TLS file that cannot be read right now (a certificate being
+                # renewed, say) must not kill the calling thread: stay on the old
+                # client, so the next failure tries again, and report etcd unreachable.
+                raise StoreUnavailable(f"cannot reconnect to etcd at {self.endpoints[index]}: {exc}") from None
+            self._index, self._client = index, client
             new_ep = self.endpoints[self._index]
         log.debug("etcd reconnect from=%s to=%s", old_ep, new_ep)
         failed_client.close()
@@ -900,7 +907,10 @@ class _PrefixWatch(WatchHandle):
                         self.prefix, endpoint, self.last_revision, self._store._why(exc),
                     )
                 if is_connection_error(exc):
-                    self._store._rotate(client)
+                    try:
+                        self._store._rotate(client)
+                    except StoreError as rot:  # e.g. a TLS file unreadable during a renewal
+                        log.warning("watch cannot reconnect prefix=%s reason=%s; retrying", self.prefix, rot)
             # Always pause, so a stream that keeps failing right after
             # creation cannot spin.
             if self._stop.wait(delay):

@@ -471,3 +471,48 @@ def test_no_secret_in_logs_farmctl_output_or_metrics(etcd, pki, cluster, tmp_pat
     for t in texts:
         assert api_token not in t, "the API token leaked"
         assert etcd_token not in t, "etcd's auth token leaked"
+
+
+def test_an_unreadable_certificate_during_a_reconnect_is_retried_not_fatal(etcd, cluster, tmp_path, caplog):
+    """A certificate renewal that briefly removes the files while the store reconnects:
+    calls fail with etcd unreachable naming the file, the watch thread keeps trying, and
+    both work again once the files are back."""
+    caplog.set_level(logging.WARNING)
+    files = {}
+    for name, src in (("ca.crt", etcd.pki.ca.crt), ("client.crt", etcd.pki.client.crt),
+                      ("client.key", etcd.pki.client.key)):
+        files[name] = tmp_path / name
+        shutil.copy(src, files[name])
+    prefix = f"/nlbfarm/{cluster}/"
+    # The first endpoint is dead, so the first call has to reconnect (to the real one).
+    s = EtcdStore(["127.0.0.1:1", etcd.endpoint], timeout=0.5, retry_deadline=1.0, ca_file=str(files["ca.crt"]),
+                  cert_file=str(files["client.crt"]), key_file=str(files["client.key"]), username=etcd.user,
+                  password_file=str(etcd.password_file))
+    got = threading.Event()
+    w = None
+    try:
+        for p in files.values():
+            p.rename(p.with_name(p.name + ".renewing"))
+        with pytest.raises(StoreUnavailable, match=r"cannot reconnect to etcd at .*cannot read .*ca\.crt"):
+            s.get(prefix + "x")
+        w = s.watch_prefix(prefix, lambda ev: got.set() if ev.key == prefix + "after" else None)
+        time.sleep(1.5)  # the watch fails over and over meanwhile
+        assert w._thread.is_alive(), "the watch thread died on an unreadable certificate"
+        assert "watch cannot reconnect" in caplog.text
+        for p in files.values():
+            p.with_name(p.name + ".renewing").rename(p)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                s.put(prefix + "after", b"1")
+                break
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert s.endpoint == etcd.endpoint
+        assert got.wait(15), "the watch did not deliver once the certificate was back"
+    finally:
+        if w is not None:
+            w.cancel()
+        s.close()
