@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -83,6 +84,7 @@ def inventory(lab: Lab, root: Path, wheelhouse: Path, version: str, hosts: list[
                     "nlbfarm_unit_dir": str(d / "etc/systemd/system"), "nlbfarm_run_dir": str(d / "run/nlbfarm")}
     return {"all": {"children": {"nlbfarm_nodes": {"hosts": nodes, "vars": {
         "ansible_connection": "nlbfarm_netns",
+        "ansible_become": False,             # already root in the lab's namespaces; no sudo here
         "ansible_python_interpreter": "/usr/bin/python3",
         "nlbfarm_service_manager": "lab",
         "nlbfarm_apt_update_cache": False,   # lab hosts have no route out
@@ -224,12 +226,28 @@ def test_a_node_that_does_not_come_back_aborts_the_rollout(farm):
             {"name": "never", "type": "tcp", "port": 9, "interval": 0.5, "timeout": 0.2}]}})
     inv.write_text(yaml.safe_dump(data, sort_keys=False))
     before = {n: (tmp / "hosts" / n / "etc/nlbfarm/farmd.yaml").read_text() for n in NODES}
+
+    def farmd_pid(n: str) -> str:
+        return (tmp / "hosts" / n / "run/nlbfarm/farmd.pid").read_text().strip()
+
+    pids = {n: farmd_pid(n) for n in ("n2", "n3")}
     cp = playbook("upgrade.yml", inv, timeout=200)
     (tmp / "broken.out").write_text(cp.stdout + cp.stderr)
     assert cp.returncode != 0, cp.stdout[-3000:]
     assert "n1" in cp.stdout and "serves no connection - n2" not in cp.stdout, cp.stdout[-4000:]
+    # The task that failed is n1's wait for health, and the rescue undrained n1.
+    tasks = re.findall(r"^TASK \[(?:nlbfarm : )?(.*?)\]", cp.stdout, re.M)
+    fatal = cp.stdout.split("\nfatal: [n1]")[0].rsplit("\nTASK [", 1)[-1]
+    assert fatal.startswith("nlbfarm : Wait until the node is active, in the table and healthy - n1"), \
+        cp.stdout[-4000:]
+    assert "Undrain after the failed upgrade - n1" in tasks and "Stop the rollout" in tasks, tasks
+    assert re.search(r'upgrade of n1 failed at \\?"Wait until the node is active', cp.stdout), cp.stdout[-3000:]
+    assert "n1" not in lab.snapshot().drains
+    # n2 and n3: same config, and the same farmd processes (never restarted)
     for n in ("n2", "n3"):
         assert (tmp / "hosts" / n / "etc/nlbfarm/farmd.yaml").read_text() == before[n]
+        assert farmd_pid(n) == pids[n], f"{n}'s farmd was restarted"
+        assert lab._alive(int(pids[n])), f"{n}'s farmd is gone"
     assert (tmp / "hosts" / "n1" / "etc/nlbfarm/farmd.yaml").read_text() != before["n1"]
     lab.wait_converged(["n2", "n3"], timeout=30)
 
