@@ -9,6 +9,11 @@ ARP reached the client (CAP_NET_RAW), and that the farm serves. It also shows
 what the unit's comment says about farm modules: a child of farmd cannot bind
 port 80 (no CAP_NET_BIND_SERVICE), so an application such as nginx must be
 started through its own unit (``systemctl start nginx``).
+
+The unit's ``ProtectSystem=strict`` is emulated as well: each agent runs in
+its own mount namespace in which every file system except /proc, /sys and
+/dev (the API file systems strict leaves writable) is remounted read-only, so
+the farm serving here also shows that farmd needs to write no file.
 """
 from __future__ import annotations
 
@@ -25,6 +30,13 @@ CAPS = "net_admin,net_raw"
 SETPRIV = ("setpriv", f"--bounding-set=-all,+{CAPS.replace(',', ',+')}",
            f"--inh-caps=-all,+{CAPS.replace(',', ',+')}",
            f"--ambient-caps=-all,+{CAPS.replace(',', ',+')}", "--no-new-privs", "--")
+# ProtectSystem=strict without systemd: a private mount namespace whose every
+# mount but the API file systems is read-only, then the capability limits.
+READ_ONLY_FS = ("unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+                'for m in $(cut -d" " -f5 /proc/self/mountinfo | sort -u); do '
+                'case "$m" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) ;; '
+                '*) mount -o remount,bind,ro "$m" 2>/dev/null || true ;; esac; done; exec "$@"',
+                "protect-system-strict")
 CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
 WANT = (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW)
 
@@ -50,7 +62,8 @@ def proc_caps(pid: int) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    lab = Lab(prefix="tcaps", state_root=tmp_path_factory.mktemp("labstate"), agent_wrapper=SETPRIV)
+    lab = Lab(prefix="tcaps", state_root=tmp_path_factory.mktemp("labstate"),
+              agent_wrapper=(*READ_ONLY_FS, *SETPRIV))
     with lab.running(nodes=2, wait=60):
         yield lab
 
@@ -80,6 +93,30 @@ def test_agent_serves_with_only_net_admin_and_net_raw(lab):
         if cp.returncode == 0:
             seen.add(cp.stdout.strip())
     assert seen == {"n1", "n2"}
+
+
+def mounts(pid: int) -> dict[str, set[str]]:
+    """Mount point -> its per-mount options, as the process sees them."""
+    out = {}
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            out[fields[4]] = set(fields[5].split(","))
+    return out
+
+
+def test_agent_runs_on_a_read_only_file_system(lab):
+    """ProtectSystem=strict: farmd serves (previous test) with every file system but /proc, /sys, /dev read-only."""
+    for n in ("n1", "n2"):
+        pid = lab.pid(n, "agent")
+        seen = mounts(pid)
+        writable = sorted(m for m, opts in seen.items() if "rw" in opts and not m.startswith(("/proc", "/sys", "/dev"))
+                          and not m.startswith("/run/netns/"))
+        assert "ro" in seen["/"] and writable == [], (n, writable)
+        assert str(lab.dir).startswith("/") and "ro" in seen[max((m for m in seen if str(lab.dir).startswith(m)),
+                                                                 key=len)]
+        log = (lab.dir / f"{n}.agent.log").read_text()
+        assert "Read-only file system" not in log, log[-2000:]
 
 
 def test_gratuitous_arp_is_sent(lab):
