@@ -362,6 +362,16 @@ def _family_chains_pre(fam: Family) -> list[str]:
     return [fam.chain("vip_in"), fam.chain("drain_in")]
 
 
+def _needs_post_ct(spec: DataPlaneSpec) -> bool:
+    """Is the hook after conntrack needed? Only while a bucket drains here or is guarded.
+
+    In the steady state every verdict is taken before conntrack; a base chain
+    after it would cost every packet a hook call and a few rules for nothing
+    (about 1% of the connection rate in the data-plane benchmark).
+    """
+    return bool(spec.draining or spec.guarded)
+
+
 def _family_chains_post(spec: DataPlaneSpec, fam: Family) -> list[str]:
     rules = _family_rules(spec, fam)
     return [fam.chain("vip_ct"),
@@ -438,11 +448,13 @@ def _build_family(spec: DataPlaneSpec, fam: Family, rule) -> list[dict]:
                          count("dropped_draining_syn"), {"drop": None}))
         cmds.append(rule(ch("drain_in"), count("draining"), {"accept": None}))
 
-    cmds += [
-        rule("postct", to_vip, {"jump": {"target": ch("vip_ct")}}),
-        rule(ch("vip_ct"), {"match": {"op": "in", "left": {"ct": {"key": "state"}},
-                                      "right": ["established", "related"]}}, {"accept": None}),
-    ]
+    if _needs_post_ct(spec):
+        cmds.append(rule("postct", to_vip, {"jump": {"target": ch("vip_ct")}}))
+    # Always present, reached or not: this ct expression is what keeps conntrack
+    # tracking the VIP's connections in this namespace, so that a drain starting
+    # later knows every connection that was open before it.
+    cmds.append(rule(ch("vip_ct"), {"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                                              "right": ["established", "related"]}}, {"accept": None}))
     if spec.draining or spec.guarded:
         for r in rules:
             if "tcp" in r.protocols:
@@ -494,7 +506,8 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
     if spec.fence_open:
         cmds.append({"add": fence_element(spec)})
     cmds += [chain("prerouting", PRIO_RAW), *[chain(n) for f in fams for n in _family_chains_pre(f)],
-             chain("postct", PRIO_POST_CT), *[chain(n) for f in fams for n in _family_chains_post(spec, f)]]
+             *([chain("postct", PRIO_POST_CT)] if _needs_post_ct(spec) else []),
+             *[chain(n) for f in fams for n in _family_chains_post(spec, f)]]
     for f in fams:
         cmds += _build_family(spec, f, rule)
     nd = build_nd_rules(spec, rule)

@@ -354,3 +354,23 @@ def test_ipv4_only_spec_has_no_ipv6_chains():
     cmds = build_ruleset(CASES["rules_two_vips_one_node"])
     names = [c["add"]["chain"]["name"] for c in cmds if "chain" in c.get("add", {})]
     assert not [n for n in names if "6" in n or n == "nd_out"]
+
+
+def _hooked_chains(cmds):
+    return {c["add"]["chain"]["name"]: c["add"]["chain"] for c in cmds
+            if "add" in c and "chain" in c["add"] and "hook" in c["add"]["chain"]}
+
+
+def _has_ct_expression(cmds):
+    return any(isinstance(e, dict) and "ct" in e.get("match", {}).get("left", {})
+               for c in cmds if "add" in c and "rule" in c["add"] for e in c["add"]["rule"]["expr"])
+
+
+def test_steady_state_has_no_hook_after_conntrack_but_keeps_conntrack_on():
+    """No bucket drains or is guarded: every verdict falls before conntrack, so there is
+    no post-conntrack hook; a ct expression stays in the table so conntrack keeps tracking."""
+    steady = build_ruleset(CASES["owner_fence_open"])
+    assert "postct" not in _hooked_chains(steady)
+    assert _has_ct_expression(steady)
+    handover = build_ruleset(CASES["handover_draining_and_guarded"])
+    assert _hooked_chains(handover)["postct"]["prio"] > -200  # after conntrack
