@@ -133,12 +133,20 @@ def restart_gracefully(lab: Lab, node: str, nodes: list[str]) -> None:
     lab.wait_converged(nodes, timeout=30)
 
 
-def test_planned_changes_break_nothing(make_lab, tmp_path):
-    """Scale-out 2 -> 3, drain and undrain of a node, rolling restart of all: 0 failed, 0 broken."""
-    lab = make_lab(3)
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_planned_changes_break_nothing(make_lab, tmp_path, family):
+    """Scale-out 2 -> 3, drain and undrain of a node, rolling restart of all: 0 failed, 0 broken.
+
+    Every bucket that moves here moves while connections in it are open, so
+    this is also the handover test for each address family's drain and guard rules.
+    IPv6 skips the rolling restart: a graceful stop hands over through the same
+    drain and guard rules as the drain, and the suite's time is better spent elsewhere.
+    """
+    v6 = family == "ipv6"
+    lab = make_lab(3, ipv6=v6)
     lab.kill("n3", "agent", sig=signal.SIGTERM, wait=20)   # start as a 2-node farm
     lab.wait_converged(["n1", "n2"], timeout=20)
-    load = Load(lab, tmp_path, duration=100)
+    load = Load(lab, tmp_path, duration=60 if v6 else 100, vip=VIP6 if v6 else VIP)
     try:
         load.wait_until(load.t0 + LIFETIME + 2)
         t = time.time()
@@ -153,10 +161,11 @@ def test_planned_changes_break_nothing(make_lab, tmp_path):
         cp = farmctl(lab, "n1", "undrain", "n2")
         assert cp.returncode == 0, cp.stderr
         lab.wait_converged(["n1", "n2", "n3"], timeout=30)
-        t = time.time()
-        for node in ("n1", "n2", "n3"):                       # rolling restart
-            restart_gracefully(lab, node, ["n1", "n2", "n3"])
-        steps["rolling_restart_s"] = time.time() - t
+        if not v6:
+            t = time.time()
+            for node in ("n1", "n2", "n3"):                   # rolling restart
+                restart_gracefully(lab, node, ["n1", "n2", "n3"])
+            steps["rolling_restart_s"] = time.time() - t
         news, holds = load.finish()
     finally:
         load.stop()
@@ -165,9 +174,10 @@ def test_planned_changes_break_nothing(make_lab, tmp_path):
     figures = {"failed": len(failures(news)), "broken": len(broken), "new_connections": len(news),
                "long_lived": len(holds), "long_lived_open_max": held_max(holds), "recovery_s": 0.0,
                **{k: round(v, 1) for k, v in steps.items()}}
-    record("planned: scale-out 2->3, drain, rolling restart", figures)
+    record("IPv6 planned: scale-out 2->3, drain" if v6 else "planned: scale-out 2->3, drain, rolling restart",
+           figures)
     assert figures["long_lived_open_max"] >= HOLD_CONNS * 0.9
-    check_exactly_once(lab, news, ["n1", "n2", "n3"])
+    check_exactly_once(lab, news, ["n1", "n2", "n3"], CLIENT_ADDR6 if v6 else CLIENT_ADDR)
     assert failures(news) == [], failures(news)[:5]
     assert broken == [], broken[:5]
 
@@ -207,9 +217,13 @@ def _crash_and_rejoin(lab: Lab, tmp_path: Path, victim: str, crash, rejoin, faul
     # The client waits 15 s for an answer: long enough for the TCP
     # retransmission that follows the takeover, whose backoff can reach
     # several seconds by then.
-    assert all(r["node"] == victim for r in broken), [r for r in broken if r["node"] != victim][:3]
     def rel(rs):
         return [(round(r["t0"] - t_fault, 2), round(r["t1"] - t_fault, 2), r["node"], r["error"]) for r in rs][:5]
+
+    bystanders = [r for r in broken if r["node"] != victim]
+    assert bystanders == [], (f"{len(bystanders)} long-lived connections on survivors broke "
+                              f"(times relative to the fault, takeover at {t_takeover - t_fault:.2f} s): "
+                              f"{rel(bystanders)}\n" + timeline(lab, nodes))
 
     hung = [r for r in broken if "Timeout" in (r["error"] or "")]
     assert hung == [], f"{len(hung)} long-lived connections hung (times relative to the fault): {rel(hung)}\n" \
