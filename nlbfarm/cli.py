@@ -581,7 +581,8 @@ def cmd_status(args) -> int:
 def _lab(args):
     from nlbfarm.lab import Lab
     quiet = getattr(args, "json", False)
-    return Lab(prefix=args.prefix, ipv6=getattr(args, "ipv6", False), progress=(lambda m: None) if quiet else
+    return Lab(prefix=args.prefix, ipv6=getattr(args, "ipv6", False), tls=getattr(args, "tls", False),
+               progress=(lambda m: None) if quiet else
                (lambda m: print(f"lab: {m}", file=sys.stderr, flush=True)))
 
 
@@ -608,6 +609,16 @@ def render_lab_status(st: dict) -> str:
             agent = (f"{a['grpc']} {'running' if a['agent_running'] else 'STOPPED'}, app "
                      f"{'running' if a['app_running'] else 'STOPPED'}")
         lines.append(f"{name:<8} {h['netns']:<14} {h['address'] or '-':<14} {agent}")
+    if "tls" in st:
+        t = st["tls"]
+        # The node's farmd.yaml gives farmctl its certificate, key, CA and token (mutual TLS).
+        n1 = st["agents"]["n1"]["config"] if "n1" in st["agents"] else "<node>.yaml"
+        lines.append(f"\nTLS: certificates in {t['dir']}; etcd https with client certificates, user "
+                     f"{t['etcd_user']} (password in {t['etcd_password_file']}); agents' API mutual TLS "
+                     f"(CA {t['farm_ca']})")
+        lines.append(f"query a node: farmctl status --netns {st['prefix']}-n1 --config {n1}")
+        lines.append(f"drain a node: farmctl drain n2 --netns {st['prefix']}-n1 --config {n1}")
+        return "\n".join(lines)
     lines.append(f"\nquery a node: farmctl status --netns {st['prefix']}-n1")
     lines.append(f"drain a node: NLBFARM_TOKEN_FILE={st['token_file']} farmctl drain n2 --netns {st['prefix']}-n1")
     return "\n".join(lines)
@@ -723,6 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = lsub.add_parser("up", help="create the lab and start etcd, agents and apps")
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--ipv6", action="store_true", help="dual stack: also an IPv6 VIP (2001:db8::100)")
+    up.add_argument("--tls", action="store_true", help="etcd over TLS with client certificates and "
+                                                       "authentication, mutual TLS on the agents' API")
     up.add_argument("--prefix", default="nlbf", help="namespace name prefix (default %(default)s)")
     up.add_argument("--json", action="store_true")
     up.set_defaults(func=cmd_lab_up)

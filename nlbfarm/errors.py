@@ -39,3 +39,7 @@ class NotFound(NetError):
 
 class LabError(FarmError):
     """The one-machine lab could not be brought up or down."""
+
+
+class PkiError(FarmError):
+    """openssl could not make a throwaway key or certificate (nlbfarm.pki: lab and tests)."""

@@ -12,6 +12,15 @@ return; their pids and everything else ``lab status`` reports live in
 ``/run/nlbfarm/lab/<prefix>/lab.json``. ``down()`` works without that file:
 it kills every process inside the lab's namespaces and deletes them, which is
 what cleans up after a crashed run.
+
+``Lab(tls=True)`` runs the farm as the README's "Security" section sets one
+up: a throwaway PKI in ``<state dir>/tls`` (``nlbfarm.pki``), etcd serving
+only https with ``--client-cert-auth`` and authentication on (user ``farm``,
+whose role is limited to the farm's prefix), agents that present a client
+certificate and a password file to etcd, and mutual TLS on every agent's API
+and peer listeners. The lab's own helpers (snapshot, convergence waits,
+farmctl) then use the same certificates; ``lab.json`` records that the lab
+is a TLS lab, so a ``Lab(prefix=...)`` attached to it later agrees.
 """
 from __future__ import annotations
 
@@ -33,8 +42,9 @@ from typing import Callable
 
 import yaml
 
+from nlbfarm import pki
 from nlbfarm.coordinator.cluster import ClusterSnapshot, build_snapshot
-from nlbfarm.errors import LabError
+from nlbfarm.errors import LabError, PkiError
 from nlbfarm.node import iplib
 
 STATE_ROOT = Path(os.environ.get("NLBFARM_LAB_DIR", "/run/nlbfarm/lab"))
@@ -56,6 +66,14 @@ SUBNET6 = "2001:db8::"
 VIP6 = f"{SUBNET6}100"
 CLIENT_ADDR6 = f"{SUBNET6}3"
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+# Lab(tls=True): etcd's farm user and role (read-write on ETCD_PREFIX/ only),
+# and the names of the files in <state dir>/tls.
+ETCD_USER = "farm"
+ETCD_ROLE = "farm"
+ETCD_CA = "etcd-ca"          # signs etcd's server certificate and the agents' client certificate
+ETCD_SERVER = "etcd-server"
+ETCD_CLIENT = "etcd-client"  # CN is not an etcd user: the certificate alone grants nothing
+FARM_CA = "farm-ca"          # signs the nodes' API certificates (status.tls_client_ca_file)
 
 
 def node_addr(i: int) -> str:
@@ -64,6 +82,23 @@ def node_addr(i: int) -> str:
 
 def node_addr6(i: int) -> str:
     return f"{SUBNET6}{10 + i}"
+
+
+def etcd_tls_args(cert: str, key: str, ca: str) -> list[str]:
+    """etcd's flags for https client URLs that require a client certificate signed by ``ca``."""
+    return ["--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca, "--client-cert-auth"]
+
+
+def client_urls(addrs: list[str], tls: bool, port: int = 2379) -> list[str]:
+    """etcd client URLs; etcdctl needs the https scheme to speak TLS."""
+    scheme = "https" if tls else "http"
+    return [f"{scheme}://{a}:{port}" for a in addrs]
+
+
+def node_cert_names(addr: str, addr6: str | None = None) -> list[str]:
+    """What a node's API certificate must name: its peer_listen address (peers dial it) and
+    127.0.0.1 (farmctl dials status.listen on loopback)."""
+    return [addr, "127.0.0.1", *([addr6] if addr6 else [])]
 
 
 def build_switch(lan: str) -> None:
@@ -139,6 +174,9 @@ class Lab:
     # argv put in front of the agent's command inside its namespace, e.g. a
     # setpriv that leaves farmd only the capabilities the systemd unit grants.
     agent_wrapper: tuple = ()
+    # etcd with https, client certificates and authentication; mutual TLS on the
+    # agents' API and peer listeners (see the module docstring).
+    tls: bool = False
 
     def __post_init__(self):
         if self.app not in ("python", "nginx"):
@@ -190,13 +228,151 @@ class Lab:
     def farmctl_bin(self) -> str:
         return str(Path(self.python).with_name("farmctl"))
 
-    def farmctl(self, node: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        """farmctl inside a node's namespace, with the lab's token."""
-        return self.run(node, [self.farmctl_bin, *args], timeout=timeout, check=False,
-                        env=dict(os.environ, NLBFARM_TOKEN_FILE=str(self.token_file)))
+    def farmctl(self, node: str, *args: str, timeout: float = 120, config: bool = True) -> subprocess.CompletedProcess:
+        """farmctl inside a node's namespace, with the lab's token.
+
+        In a TLS lab farmctl reads the node's farmd.yaml ($NLBFARM_CONFIG, as
+        ``--config``): it dials status.listen with the node's certificate and key
+        and verifies the agent against status.tls_client_ca_file. An explicit
+        ``--config`` or ``--tls-*`` in ``args`` still wins; ``config=False``
+        leaves farmctl with only ``args`` (to see what it does without them).
+        """
+        from nlbfarm.cli import CLIENT_KEYS
+        env = dict(os.environ, NLBFARM_TOKEN_FILE=str(self.token_file))
+        if self.tls_active:
+            if config:
+                env["NLBFARM_CONFIG"] = str(self.config_path(node))
+            else:  # nor from our own environment
+                for k in ("config", *(k for k in CLIENT_KEYS if k != "token_file")):
+                    env.pop(f"NLBFARM_{k.upper()}", None)
+        return self.run(node, [self.farmctl_bin, *args], timeout=timeout, check=False, env=env)
 
     def node_names(self) -> list[str]:
         return list(self.load_state()["nodes"])
+
+    # ---- TLS (Lab(tls=True)) -------------------------------------------------
+
+    @property
+    def tls_active(self) -> bool:
+        """Is this a TLS lab? As recorded in lab.json when it is up, else as asked (``tls``)."""
+        try:
+            return bool(self.load_state().get("tls"))
+        except (LabError, ValueError):
+            return self.tls
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.dir / "tls"
+
+    def tls_cert(self, name: str) -> pki.Cert:
+        """A certificate of the lab's PKI by file name (ETCD_CA, ETCD_CLIENT, FARM_CA, "n1", ...)."""
+        return pki.Cert(str(self.tls_dir / f"{name}.crt"), str(self.tls_dir / f"{name}.key"))
+
+    @property
+    def etcd_password_file(self) -> Path:
+        """The farm user's etcd password (mode 600): farmd's etcd.password_file."""
+        return self.tls_dir / "etcd-password"
+
+    @property
+    def etcd_root_password_file(self) -> Path:
+        """etcd's root password (mode 600): etcd refuses `auth enable` without a root user."""
+        return self.tls_dir / "etcd-root-password"
+
+    def etcd_password(self) -> str:
+        try:
+            return self.etcd_password_file.read_text().strip()
+        except OSError as exc:
+            raise LabError(f"cannot read the lab's etcd password {self.etcd_password_file}: {exc.strerror}") from None
+
+    @staticmethod
+    def _write_secret(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("pw-" + secrets.token_hex(16) + "\n")
+
+    def make_pki(self, names: list[str]) -> None:
+        """Two CAs (etcd's and the farm API's), etcd's server certificate, the agents' etcd
+        client certificate, one API certificate per node, and the etcd passwords.
+
+        Two CAs so that a node's API certificate (clientAuth too) is no client
+        certificate for etcd, and the agents' etcd certificate opens no agent API.
+        """
+        self.progress(f"making a throwaway PKI in {self.tls_dir}")
+        try:
+            ca = pki.Authority(self.tls_dir)
+            etcd_ca = ca.make_ca(ETCD_CA, f"nlbfarm lab {self.prefix} etcd CA")
+            # 127.0.0.1: the first member also listens on loopback (etcdctl in its namespace).
+            etcd_names = [*ETCD_MEMBER_ADDRS[:self.etcd_members], "127.0.0.1"]
+            ca.make_leaf(ETCD_SERVER, "etcd", etcd_ca, pki.san(etcd_names), pki.SERVER_AND_CLIENT)
+            ca.make_leaf(ETCD_CLIENT, f"nlbfarm-lab-{self.prefix}-agent", etcd_ca, f"DNS:{ETCD_CLIENT}",
+                         pki.CLIENT_ONLY)
+            ca.make_ca(FARM_CA, f"nlbfarm lab {self.prefix} farm CA")
+        except PkiError as exc:
+            raise LabError(f"cannot make the lab's TLS certificates in {self.tls_dir}: {exc}") from None
+        for n in names:
+            self.make_node_cert(n)
+        self._write_secret(self.etcd_password_file)
+        self._write_secret(self.etcd_root_password_file)
+
+    def make_node_cert(self, name: str) -> pki.Cert:
+        """The node's API certificate, signed by the farm CA (serverAuth and clientAuth)."""
+        i = int(name[1:])
+        names = node_cert_names(node_addr(i), node_addr6(i) if self.ipv6 else None)
+        try:
+            return pki.Authority(self.tls_dir).make_leaf(name, name, self.tls_cert(FARM_CA), pki.san(names),
+                                                         pki.SERVER_AND_CLIENT)
+        except PkiError as exc:
+            raise LabError(f"cannot make {name}'s TLS certificate in {self.tls_dir}: {exc}") from None
+
+    def etcdctl_argv(self, *args: str, endpoints: list[str] | None = None) -> list[str]:
+        """etcdctl towards the lab's etcd (run it in the etcd namespace with ``etcdctl_env()``):
+        in a TLS lab with https URLs, the etcd CA and the agents' client certificate."""
+        tls = self.tls_active
+        if endpoints is None:
+            endpoints = client_urls(ETCD_MEMBER_ADDRS[:self.etcd_members], True) if tls else self.etcd_endpoints()
+        argv = ["etcdctl", "--endpoints", ",".join(endpoints)]
+        if tls:
+            c = self.tls_cert(ETCD_CLIENT)
+            argv += ["--cacert", self.tls_cert(ETCD_CA).crt, "--cert", c.crt, "--key", c.key]
+        return [*argv, *args]
+
+    def etcdctl_env(self, user: bool = True) -> dict | None:
+        """The environment for etcdctl (None: inherit ours, as a plain lab always did). In a TLS
+        lab whose etcd has authentication on: the farm user and its password, in the
+        environment rather than in argv so that the password shows neither in `ps` nor in a
+        LabError that quotes the command."""
+        if not self.tls_active:
+            return None
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
+        env["ETCDCTL_API"] = "3"
+        if user and self.load_state()["etcd"].get("auth"):
+            env["ETCDCTL_USER"] = ETCD_USER
+            env["ETCDCTL_PASSWORD"] = self.etcd_password()
+        return env
+
+    def etcdctl(self, *args: str, check: bool = True, timeout: float = 10, user: bool = True,
+                **kw) -> subprocess.CompletedProcess:
+        """etcdctl ``args`` in the etcd namespace, with whatever the lab's etcd requires."""
+        return self.run("etcd", self.etcdctl_argv(*args), timeout=timeout, check=check,
+                        env=self.etcdctl_env(user), **kw)
+
+    def enable_etcd_auth(self) -> None:
+        """etcd's authentication, as the README's minimal set-up: root, the farm user with a role
+        limited to the farm's prefix, then `auth enable`. Passwords go in on stdin."""
+        self.progress(f"etcd: user {ETCD_USER}, role {ETCD_ROLE} on {ETCD_PREFIX}/, auth enable")
+        root_pw = self.etcd_root_password_file.read_text().strip()
+        self.etcdctl("user", "add", "root", "--interactive=false", input=root_pw + "\n", user=False)
+        self.etcdctl("user", "add", ETCD_USER, "--interactive=false", input=self.etcd_password() + "\n",
+                     user=False)
+        self.etcdctl("role", "add", ETCD_ROLE, user=False)
+        self.etcdctl("role", "grant-permission", ETCD_ROLE, "--prefix=true", "readwrite", f"{ETCD_PREFIX}/",
+                     user=False)
+        self.etcdctl("user", "grant-role", ETCD_USER, ETCD_ROLE, user=False)
+        self.etcdctl("auth", "enable", user=False)
+        st = self.load_state()
+        st["etcd"]["auth"] = True
+        self._save_state(st)
 
     # ---- process helpers ---------------------------------------------------
 
@@ -304,12 +480,20 @@ class Lab:
             st = {"prefix": self.prefix, "vip": VIP, "url": f"http://{VIP}:{APP_PORT}/",
                   **({"vip6": VIP6, "url6": f"http://[{VIP6}]:{APP_PORT}/"} if self.ipv6 else {}),
                   "subnet": f"{SUBNET}.0/24", "cluster": CLUSTER_NAME, "nodes": names,
-                  "etcd": {"endpoint": ",".join(self.etcd_endpoints()), "netns": self.ns("etcd"),
+                  "etcd": {"endpoint": ",".join(client_urls(ETCD_MEMBER_ADDRS[:self.etcd_members], True)
+                                                if self.tls else self.etcd_endpoints()), "netns": self.ns("etcd"),
                            "pids": {}},
-                  "pids": {}, "dir": str(self.dir), "app": self.app}
+                  "pids": {}, "dir": str(self.dir), "app": self.app,
+                  **({"tls": True} if self.tls else {})}
             self._save_state(st)
             self._write_token()
+            if self.tls:
+                self.make_pki(names)
             self.start_etcd()
+            if self.tls:
+                # Before any agent starts: a farmd whose user does not exist yet would
+                # only log refusals until it does.
+                self.enable_etcd_auth()
             for n in names:
                 self.start_node(n)
             self.progress(f"waiting for {nodes} nodes to converge")
@@ -320,7 +504,8 @@ class Lab:
         except BaseException:
             self.down(keep_logs=True)  # the error message points at these logs
             raise
-        self.progress(f"lab {self.prefix} is up: VIP {VIP}{' and ' + VIP6 if self.ipv6 else ''}, {nodes} nodes")
+        self.progress(f"lab {self.prefix} is up: VIP {VIP}{' and ' + VIP6 if self.ipv6 else ''}, {nodes} nodes"
+                      f"{', TLS and etcd authentication' if self.tls else ''}")
         return self.status()
 
     def _build_network(self, names: list[str]) -> None:
@@ -350,20 +535,28 @@ class Lab:
         """Start every etcd member (or just ``member``), keeping any data already on disk."""
         st = self.load_state()
         names = self.etcd_names()
+        tls = bool(st.get("tls"))
+        # Peers stay plaintext even in a TLS lab: every member is in the etcd namespace,
+        # so peer traffic never crosses the lab's switch.
         cluster = ",".join(f"{n}=http://{a}:2380" for n, a in zip(names, ETCD_MEMBER_ADDRS))
+        tls_args = []
+        if tls:
+            server = self.tls_cert(ETCD_SERVER)
+            tls_args = etcd_tls_args(server.crt, server.key, self.tls_cert(ETCD_CA).crt)
         for name, addr in zip(names, ETCD_MEMBER_ADDRS):
             if member is not None and name != member:
                 continue
-            self.progress(f"starting {name} in {self.ns('etcd')} on {addr}:2379")
-            local = ",http://127.0.0.1:2379" if addr == ETCD_ADDR else ""
+            [url] = client_urls([addr], tls)
+            self.progress(f"starting {name} in {self.ns('etcd')} on {url}")
+            local = "," + client_urls(["127.0.0.1"], tls)[0] if addr == ETCD_ADDR else ""
             pid = self.spawn("etcd", [
                 "etcd", "--name", name, "--data-dir", str(self.dir / f"{name}-data"),
-                "--listen-client-urls", f"http://{addr}:2379{local}",
-                "--advertise-client-urls", f"http://{addr}:2379",
+                "--listen-client-urls", f"{url}{local}",
+                "--advertise-client-urls", url,
                 "--listen-peer-urls", f"http://{addr}:2380",
                 "--initial-advertise-peer-urls", f"http://{addr}:2380",
                 "--initial-cluster", cluster, "--initial-cluster-state", "new",
-                "--log-level", "warn"], f"{name}.log")
+                *tls_args, "--log-level", "warn"], f"{name}.log")
             st["etcd"]["pids"][name] = pid
         self._save_state(st)
         if wait:
@@ -371,10 +564,8 @@ class Lab:
 
     def wait_etcd(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
-        eps = ",".join(self.etcd_endpoints())
         while time.monotonic() < deadline:
-            cp = self.run("etcd", ["etcdctl", "--endpoints", eps, "endpoint", "health"],
-                          check=False, timeout=10)
+            cp = self.etcdctl("endpoint", "health", check=False, timeout=10)
             if cp.returncode == 0 or (self.etcd_members == 3 and cp.stdout.count("is healthy") >= 2):
                 return
             time.sleep(0.2)
@@ -390,8 +581,7 @@ class Lab:
 
     def etcd_leader(self) -> str | None:
         """Name of the current etcd leader, from etcdctl's status table."""
-        cp = self.run("etcd", ["etcdctl", "--endpoints", ",".join(self.etcd_endpoints()), "endpoint",
-                               "status", "-w", "json"], check=False, timeout=10)
+        cp = self.etcdctl("endpoint", "status", "-w", "json", check=False, timeout=10)
         try:
             rows = json.loads(cp.stdout or "[]")
         except ValueError:
@@ -438,7 +628,7 @@ class Lab:
     def node_config(self, name: str) -> dict:
         i = int(name[1:])
         t = self.timing
-        return {
+        cfg = {
             "node": {"id": name, "interface": "eth0", "weight": self.weights.get(name, 1),
                      "addresses": [node_addr(i)]},
             "cluster": {"name": CLUSTER_NAME, "vips": self.vips, "buckets": self.buckets,
@@ -453,6 +643,23 @@ class Lab:
                        "token_file": str(self.token_file)},
             **({"module": self.nginx_module(name)} if self.app == "nginx" else {}),
         }
+        if self.tls_active:
+            cfg["etcd"].update(self.etcd_tls_config())
+            cfg["status"].update(self.status_tls_config(name))
+        return cfg
+
+    def etcd_tls_config(self) -> dict:
+        """farmd's etcd section in a TLS lab: https endpoints, the CA, the client certificate,
+        the farm user and its password file."""
+        client = self.tls_cert(ETCD_CLIENT)
+        return {"endpoints": client_urls(ETCD_MEMBER_ADDRS[:self.etcd_members], True),
+                "ca_file": self.tls_cert(ETCD_CA).crt, "cert_file": client.crt, "key_file": client.key,
+                "username": ETCD_USER, "password_file": str(self.etcd_password_file)}
+
+    def status_tls_config(self, name: str) -> dict:
+        """Mutual TLS on the node's API and peer listeners: its own certificate, the farm CA."""
+        own = self.tls_cert(name)
+        return {"tls_cert_file": own.crt, "tls_key_file": own.key, "tls_client_ca_file": self.tls_cert(FARM_CA).crt}
 
     # ---- nginx as the farm module ------------------------------------------
 
@@ -523,6 +730,8 @@ http {{
 
     def start_agent(self, name: str) -> None:
         st = self.load_state()
+        if st.get("tls") and not Path(self.tls_cert(name).crt).exists():
+            self.make_node_cert(name)  # a node added after up()
         path = self.config_path(name)
         path.write_text(yaml.safe_dump(self.node_config(name), sort_keys=False))
         agent = [*self.agent_wrapper, self.python, "-m", "nlbfarm.node.agent", "--config", str(path)]
@@ -580,8 +789,7 @@ http {{
 
     def snapshot(self) -> ClusterSnapshot:
         """The cluster as stored in etcd, read with etcdctl inside the etcd namespace."""
-        cp = self.run("etcd", ["etcdctl", "--endpoints", ",".join(self.etcd_endpoints()), "get", "--prefix",
-                               f"{ETCD_PREFIX}/{CLUSTER_NAME}/", "-w", "json"], timeout=10)
+        cp = self.etcdctl("get", "--prefix", f"{ETCD_PREFIX}/{CLUSTER_NAME}/", "-w", "json", timeout=10)
         d = json.loads(cp.stdout)
         items = {base64.b64decode(kv["key"]).decode(): (base64.b64decode(kv.get("value", "")),
                                                        int(kv["mod_revision"]))
@@ -647,7 +855,15 @@ http {{
                 "etcd": {"endpoint": st["etcd"]["endpoint"], "netns": self.ns("etcd"),
                          "running": all(self._alive(p) for p in st["etcd"]["pids"].values())},
                 "hosts": hosts, "agents": agents, "dir": st["dir"], "token_file": str(self.token_file),
-                "app": st.get("app", "python")}
+                "app": st.get("app", "python"),
+                **({"tls": self.tls_status()} if st.get("tls") else {})}
+
+    def tls_status(self) -> dict:
+        """Where a TLS lab's certificates are, for `farmctl lab status` (no secret, only paths)."""
+        client = self.tls_cert(ETCD_CLIENT)
+        return {"dir": str(self.tls_dir), "etcd_ca": self.tls_cert(ETCD_CA).crt, "etcd_cert": client.crt,
+                "etcd_key": client.key, "etcd_user": ETCD_USER, "etcd_password_file": str(self.etcd_password_file),
+                "farm_ca": self.tls_cert(FARM_CA).crt}
 
     def client_cmd(self, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns("client"), *argv]
