@@ -366,8 +366,7 @@ def _needs_post_ct(spec: DataPlaneSpec) -> bool:
     """Is the hook after conntrack needed? Only while a bucket drains here or is guarded.
 
     In the steady state every verdict is taken before conntrack; a base chain
-    after it would cost every packet a hook call and a few rules for nothing
-    (about 1% of the connection rate in the data-plane benchmark).
+    after it would cost every packet a hook call and a few rules for nothing.
     """
     return bool(spec.draining or spec.guarded)
 

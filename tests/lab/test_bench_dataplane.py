@@ -57,8 +57,12 @@ def test_traffic_verified_per_scenario(result):
     # the checks name what they compared
     farm = ran["farm"]["trials"][0]
     assert all(farm["per_node_close"][n] > 0 for n in dataplane.NODES)
-    base = ran[dataplane.BASELINE]["trials"][0]
-    assert base["per_node_close"]["n2"] == base["per_node_close"]["n3"] == 0
+    for sc in (dataplane.BASELINE, dataplane.FILTER_COST, "multicast-one"):
+        one = ran[sc]["trials"][0]
+        assert one["per_node_close"]["n1"] > 0 and one["per_node_close"]["n2"] == one["per_node_close"]["n3"] == 0, sc
+    # farm-one: n1's filter saw everything and dropped nothing; n2 and n3 were unplugged
+    f = ran[dataplane.FILTER_COST]["trials"][0]["filter"]
+    assert f["n1"]["accepted"] > 0 and f["n1"]["dropped_foreign"] == 0, f
 
 
 def test_ratios_against_the_baseline(result):
@@ -75,6 +79,8 @@ def test_report_and_plot_render(result, tmp_path):
         assert (tmp_path / p).stat().st_size > 1000
     text = dataplane.report(result, plots)
     assert "| scenario |" in text
+    assert "Target: the farm filter costs at most 5%" in text
+    assert any("target" in row["metric"] for row in result["summary"])
     for sc in dataplane.SCENARIOS:
         assert dataplane.LABELS[sc] in text
 
