@@ -630,9 +630,10 @@ class EtcdStore(Store):
         endpoint's client; map every failure into the nlbfarm.errors tree."""
         started = time.monotonic()
         attempts = 0
+        reconnect_error: StoreError | None = None
 
         def attempt():
-            nonlocal attempts
+            nonlocal attempts, reconnect_error
             attempts += 1
             client, endpoint = self._current()
             metadata = None
@@ -646,7 +647,10 @@ class EtcdStore(Store):
                 if is_connection_error(exc):
                     log.debug("etcd call failed op=%s endpoint=%s attempt=%d reason=%s",
                               op, endpoint, attempts, _describe(exc))
-                    self._rotate(client)
+                    try:
+                        self._rotate(client)
+                    except StoreError as rot:  # e.g. a TLS file unreadable during a renewal
+                        reconnect_error = rot  # keep retrying on the old client until the deadline
                     raise
                 if self._token_rejected(client, metadata, exc):
                     raise _TokenRejected(_error_text(exc)) from exc
@@ -669,6 +673,7 @@ class EtcdStore(Store):
                     f"etcd unreachable: op={op} endpoints={','.join(self.endpoints)} "
                     f"attempts={attempts} elapsed={time.monotonic() - started:.1f}s "
                     f"last_error={self._why(exc)}"
+                    + (f"; {reconnect_error}" if reconnect_error is not None else "")
                 ) from exc
             if _is_lease_not_found(exc):
                 raise LeaseExpired(f"etcd lease not found (expired or revoked): op={op}") from exc
@@ -834,6 +839,7 @@ class _PrefixWatch(WatchHandle):
         self._call = None
         self._established = False  # the current stream got its "created" reply
         self._lost_since: float | None = None  # start of the current outage
+        self._reconnect_failing = False  # a reconnect failed (warned once until one succeeds)
         self._thread = threading.Thread(
             target=self._run, name=f"etcd-watch {prefix}", daemon=True
         )
@@ -909,8 +915,11 @@ class _PrefixWatch(WatchHandle):
                 if is_connection_error(exc):
                     try:
                         self._store._rotate(client)
-                    except StoreError as rot:  # e.g. a TLS file unreadable during a renewal
-                        log.warning("watch cannot reconnect prefix=%s reason=%s; retrying", self.prefix, rot)
+                        self._reconnect_failing = False
+                    except Exception as rot:  # noqa: BLE001 - e.g. a TLS file unreadable during a renewal
+                        if not self._reconnect_failing:  # once per outage, not once per retry
+                            log.warning("watch cannot reconnect prefix=%s reason=%s; retrying", self.prefix, rot)
+                        self._reconnect_failing = True
             # Always pause, so a stream that keeps failing right after
             # creation cannot spin.
             if self._stop.wait(delay):
