@@ -215,6 +215,37 @@ def test_rolling_upgrade_under_load(farm):
           f"{len(holds)} long-lived, 0 failed, 0 broken")
 
 
+def test_a_refused_configuration_undrains_the_node_and_stops_the_rollout(farm):
+    """n1's new configuration fails farmd --check after n1 was drained: the rescue undrains
+    it, its old farmd keeps running with the old file and serves again, n2 and n3 are untouched."""
+    lab, tmp, _, _, new = farm
+    lab.wait_converged(NODES, timeout=30)
+    inv = write_inventory(farm, new, "inventory-refused.yml")
+    data = yaml.safe_load(inv.read_text())
+    n1_vars = data["all"]["children"]["nlbfarm_nodes"]["hosts"]["n1"]
+    timing = dict(data["all"]["children"]["nlbfarm_nodes"]["vars"]["nlbfarm_timing"])
+    n1_vars["nlbfarm_timing"] = {**timing, "fence_timeout": int(timing["lease_ttl"]) + 1}  # must be < lease_ttl
+    inv.write_text(yaml.safe_dump(data, sort_keys=False))
+    before = {n: (tmp / "hosts" / n / "etc/nlbfarm/farmd.yaml").read_text() for n in NODES}
+    pids = {n: (tmp / "hosts" / n / "run/nlbfarm/farmd.pid").read_text().strip() for n in NODES}
+    cp = playbook("upgrade.yml", inv, timeout=200)
+    (tmp / "refused.out").write_text(cp.stdout + cp.stderr)
+    assert cp.returncode != 0, cp.stdout[-3000:]
+    fatal = cp.stdout.split("\nfatal: [n1]")[0].rsplit("\nTASK [", 1)[-1]
+    assert fatal.startswith("nlbfarm : Write farmd.yaml, validated by farmd --check"), cp.stdout[-4000:]
+    assert "must be less than" in cp.stdout, cp.stdout[-3000:]
+    # The drain had happened (the refusal came after it), and the rescue lifted it.
+    assert "TASK [nlbfarm : Drain, and wait until the node serves no connection - n1]" in cp.stdout
+    assert re.search(r"TASK \[nlbfarm : Undrain after the failed upgrade - n1\][^\n]*\nchanged: \[n1\]",
+                     cp.stdout), cp.stdout[-3000:]
+    assert "n1" not in lab.snapshot().drains
+    for n in NODES:  # nothing restarted, n1's file untouched; n2 and n3 never reached
+        assert (tmp / "hosts" / n / "etc/nlbfarm/farmd.yaml").read_text() == before[n]
+        assert (tmp / "hosts" / n / "run/nlbfarm/farmd.pid").read_text().strip() == pids[n]
+    assert "serves no connection - n2" not in cp.stdout
+    lab.wait_converged(NODES, timeout=30)  # n1 takes its share again
+
+
 def test_a_node_that_does_not_come_back_aborts_the_rollout(farm):
     """n1's new configuration has a health check that never passes: n1 stays out, n2 and n3 are not touched."""
     lab, tmp, _, _, new = farm
