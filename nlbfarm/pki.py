@@ -62,7 +62,8 @@ class Authority:
         self.days = days
         if shutil.which(OPENSSL) is None:
             raise PkiError(f"openssl is not installed (looked for {OPENSSL}); it makes the test certificates")
-        self.root.mkdir(parents=True, exist_ok=True)
+        # 0700: openssl writes each key with the default umask before _key's chmod.
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _run(self, *args: str) -> None:
         try:

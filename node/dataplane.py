@@ -12,8 +12,10 @@ Shape of what a node programs (two tables, both owned by nlbfarm only):
   cluster-wide seed) and its *draining* buckets (released TCP buckets whose
   established connections it keeps, minus new SYNs), and drops the rest.
   Foreign buckets never reach conntrack.
-  A second prerouting chain after conntrack (priority -150) decides per
-  connection: established and related packets pass; in draining buckets
+  While a bucket drains here or is guarded, a second prerouting chain after
+  conntrack (priority -150) decides per connection (in the steady state it is
+  absent: an unreached chain keeps a ct rule, which keeps conntrack tracking
+  the connections a later drain must know): established and related packets pass; in draining buckets
   nothing else does; in *guarded* buckets (owned here, but a live peer still
   drains old connections in them) unknown mid-stream TCP packets are dropped
   silently because they belong to that peer. Anything else in an owned bucket

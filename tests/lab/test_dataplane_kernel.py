@@ -212,3 +212,18 @@ def test_ipv6_golden_rulesets_load_into_the_kernel(netns, case):
     if case == "ipv6_rules_handover":
         assert "jhash @nh,64,64 mod 4096" in out  # network affinity: the client's /64
         assert "jhash ip6 saddr . th sport mod 4096" in out
+
+
+def test_steady_state_keeps_conntrack_tracking_without_a_post_conntrack_hook(netns):
+    """No bucket drains: no hook after conntrack, yet conntrack tracks connections, so a
+    drain that starts later knows every connection opened before it."""
+    apply_spec(netns, SPEC)
+    assert nft(netns, "list", "chain", "inet", "nlbfarm", "postct").returncode != 0  # not there
+    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True, timeout=10)
+    code = ("import socket, subprocess\n"
+            "srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(); port = srv.getsockname()[1]\n"
+            "c = socket.create_connection(('127.0.0.1', port), timeout=5); a, _ = srv.accept()\n"
+            "out = subprocess.run(['conntrack', '-L', '-p', 'tcp', '--dport', str(port)], capture_output=True,"
+            " text=True, timeout=10).stdout\n"
+            "print('ESTABLISHED' in out)\n")
+    assert in_ns(netns, code).split() == ["True"]
