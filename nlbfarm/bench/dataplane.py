@@ -347,7 +347,9 @@ class _Bench:
         # A Linux bridge hands every multicast frame it floods to its own IP stack
         # as well, on the sending CPU; a hardware switch does not. In trial runs
         # that cost every multicast scenario several percent of its connection rate.
+        # Declared and deleted first, so that a rerun of setup replaces the rule rather than adding a second.
         self.run_ns(lan, ["nft", "-f", "-"], input=(
+            f"table bridge {SWITCH_TABLE}\ndelete table bridge {SWITCH_TABLE}\n"
             f"table bridge {SWITCH_TABLE} {{\n chain input {{\n  type filter hook input priority -300; "
             f"policy accept;\n  ether daddr {CLUSTER_MAC} drop\n }}\n}}\n"))
         # Client side (and the LB's, which is a client of the nodes): enough
@@ -451,6 +453,9 @@ class _Bench:
             except iplib.NetError:
                 pass
             self.run_ns(ns, ["conntrack", "-F"], check=False)
+            # flood and xt_cluster set it; back to what a new link here starts with
+            iplib.set_sysctl(ns, "net.ipv4.conf.eth0.arp_announce",
+                             iplib.get_sysctl(ns, "net.ipv4.conf.default.arp_announce"))
             if not lab.alive(n, "app"):
                 lab.start_nginx(n)
         self._del_addr(LB_NS, f"{VIP}/32")
