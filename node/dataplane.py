@@ -13,14 +13,15 @@ Shape of what a node programs (two tables, both owned by nlbfarm only):
   established connections it keeps, minus new SYNs), and drops the rest.
   Foreign buckets never reach conntrack.
   While a bucket drains here or is guarded, a second prerouting chain after
-  conntrack (priority -150) decides per connection (in the steady state it is
-  absent: an unreached chain keeps a ct rule, which keeps conntrack tracking
-  the connections a later drain must know): established and related packets pass; in draining buckets
-  nothing else does; in *guarded* buckets (owned here, but a live peer still
-  drains old connections in them) unknown mid-stream TCP packets are dropped
-  silently because they belong to that peer. Anything else in an owned bucket
-  reaches the TCP stack, which answers an unknown connection with a reset:
-  that is how clients of a dead node learn at once that their connection is gone.
+  conntrack (priority -150) decides per connection: established and related
+  packets pass; in draining buckets nothing else does; in *guarded* buckets
+  (owned here, but a live peer still drains old connections in them) unknown
+  mid-stream TCP packets are dropped silently because they belong to that
+  peer. Anything else in an owned bucket reaches the TCP stack, which answers
+  an unknown connection with a reset: that is how clients of a dead node learn
+  at once that their connection is gone. In the steady state that chain is
+  not hooked, but its ct rule stays in the table: a ct expression is what
+  keeps conntrack tracking the connections that a later drain must know.
 
 Each accept or drop rule of ``vip_in``, ``drain_in`` and ``vip_ct`` (not the
 ICMP error and established-connection accepts) counts its packets in a named
@@ -456,7 +457,7 @@ def _build_family(spec: DataPlaneSpec, fam: Family, rule) -> list[dict]:
     # later knows every connection that was open before it.
     cmds.append(rule(ch("vip_ct"), {"match": {"op": "in", "left": {"ct": {"key": "state"}},
                                               "right": ["established", "related"]}}, {"accept": None}))
-    if spec.draining or spec.guarded:
+    if _needs_post_ct(spec):
         for r in rules:
             if "tcp" in r.protocols:
                 cmds.append(rule(ch("vip_ct"), *_rule_match(r, spec, fam, tcp_only=True),
