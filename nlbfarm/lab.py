@@ -330,7 +330,7 @@ class Lab:
         in a TLS lab with https URLs, the etcd CA and the agents' client certificate."""
         tls = self.tls_active
         if endpoints is None:
-            endpoints = client_urls(ETCD_MEMBER_ADDRS[:self.etcd_members], True) if tls else self.etcd_endpoints()
+            endpoints = self.etcd_endpoints(tls)
         argv = ["etcdctl", "--endpoints", ",".join(endpoints)]
         if tls:
             c = self.tls_cert(ETCD_CLIENT)
@@ -480,8 +480,7 @@ class Lab:
             st = {"prefix": self.prefix, "vip": VIP, "url": f"http://{VIP}:{APP_PORT}/",
                   **({"vip6": VIP6, "url6": f"http://[{VIP6}]:{APP_PORT}/"} if self.ipv6 else {}),
                   "subnet": f"{SUBNET}.0/24", "cluster": CLUSTER_NAME, "nodes": names,
-                  "etcd": {"endpoint": ",".join(client_urls(ETCD_MEMBER_ADDRS[:self.etcd_members], True)
-                                                if self.tls else self.etcd_endpoints()), "netns": self.ns("etcd"),
+                  "etcd": {"endpoint": ",".join(self.etcd_endpoints(self.tls)), "netns": self.ns("etcd"),
                            "pids": {}},
                   "pids": {}, "dir": str(self.dir), "app": self.app,
                   **({"tls": True} if self.tls else {})}
@@ -525,8 +524,11 @@ class Lab:
 
     # ---- processes -------------------------------------------------------
 
-    def etcd_endpoints(self) -> list[str]:
-        return [f"{a}:2379" for a in ETCD_MEMBER_ADDRS[:self.etcd_members]]
+    def etcd_endpoints(self, tls: bool = False) -> list[str]:
+        """The etcd members' client endpoints; with ``tls`` as https URLs (the scheme is how
+        etcdctl knows to speak TLS)."""
+        addrs = ETCD_MEMBER_ADDRS[:self.etcd_members]
+        return client_urls(addrs, True) if tls else [f"{a}:2379" for a in addrs]
 
     def etcd_names(self) -> list[str]:
         return [f"etcd{i}" for i in range(1, self.etcd_members + 1)]
@@ -652,7 +654,7 @@ class Lab:
         """farmd's etcd section in a TLS lab: https endpoints, the CA, the client certificate,
         the farm user and its password file."""
         client = self.tls_cert(ETCD_CLIENT)
-        return {"endpoints": client_urls(ETCD_MEMBER_ADDRS[:self.etcd_members], True),
+        return {"endpoints": self.etcd_endpoints(tls=True),
                 "ca_file": self.tls_cert(ETCD_CA).crt, "cert_file": client.crt, "key_file": client.key,
                 "username": ETCD_USER, "password_file": str(self.etcd_password_file)}
 
