@@ -43,6 +43,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from nlbfarm.bench.netns import proc_cpu_s
+
 TITLE = "Control-plane scale"
 
 NS = "bnc-cp"
@@ -76,12 +78,6 @@ def stats(values) -> dict:
     vals = [v for v in values if v is not None]
     return {"n": len(vals), "p50": _r(percentile(vals, 50)), "p99": _r(percentile(vals, 99)),
             "min": _r(min(vals)) if vals else None, "max": _r(max(vals)) if vals else None}
-
-
-def proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_rss_kb(pid: int) -> int:

@@ -83,6 +83,7 @@ import time
 from pathlib import Path
 
 from nlbfarm.coordinator.hashing import bucket_of_address, jhash_bytes, reciprocal_scale
+from nlbfarm.bench.netns import proc_cpu_s
 from nlbfarm.errors import LabError
 from nlbfarm.config import CheckSpec, TimingSection
 from nlbfarm.lab import APP_PORT, SUBNET, VIP, Lab, LabTiming, node_addr, plug_host
@@ -129,8 +130,8 @@ METRICS = (("conn_rate", "new connections/s", "conn/s"), ("req_rate", "keep-aliv
 TARGET = 0.95  # the farm may cost a node at most 5% of its connection rate (farm-one vs multicast-one)
 DEFAULT_TIMING = TimingSection()
 DEFAULT_CHECK_INTERVAL = CheckSpec.model_fields["interval"].default
-# Counters that filter_counters() reads as running totals (the rest are rule counts).
 ONE_SERVER = ("no-filter", "farm-one", "multicast-one", "flood")  # n1 serves everything
+# Counters that filter_counters() reads as running totals (the rest are rule counts).
 PACKET_COUNTERS = frozenset({"accepted", "dropped_foreign", "dropped", "marked"})
 
 
@@ -655,9 +656,7 @@ backend iperf
             if not pid or not self.lab.alive(n, "agent"):
                 continue
             try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                total += proc_cpu_s(pid)
             except (OSError, ValueError, IndexError):
                 continue
         return total

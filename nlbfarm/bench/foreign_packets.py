@@ -61,7 +61,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nlbfarm.bench.netns import Lock, delete_ns, remove_stale, sh
+from nlbfarm.bench.netns import Lock, delete_ns, proc_cpu_s, remove_stale, sh
 
 TITLE = "Foreign-packet cost: ns per dropped packet at ingress, before and after conntrack"
 
@@ -285,9 +285,7 @@ def _ksoftirqd_seconds(cpu: int) -> float:
             with open(f"/proc/{pid}/comm") as f:
                 if f.read().strip() != f"ksoftirqd/{cpu}":
                     continue
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return proc_cpu_s(int(pid))
         except (OSError, IndexError, ValueError):
             continue
     return 0.0

@@ -1,4 +1,5 @@
-"""Namespace housekeeping shared by the benchmarks that build their own namespaces."""
+"""Housekeeping shared by the benchmarks: namespaces they build themselves, the run lock,
+and a process's CPU time."""
 from __future__ import annotations
 
 import fcntl
@@ -12,6 +13,13 @@ def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.Comple
     if check and p.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr.strip()[-400:]}")
     return p
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User and system CPU seconds a process has used (utime + stime of /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def delete_ns(name: str) -> None:
