@@ -119,6 +119,16 @@ def versions(lab: Lab) -> dict[str, str]:
     return {n: m.version for n, m in lab.snapshot().members.items()}
 
 
+def farmd_pid(tmp: Path, node: str) -> int:
+    """The pid of a lab host's farmd, as the lab service manager recorded it."""
+    return int((tmp / "hosts" / node / "run/nlbfarm/farmd.pid").read_text())
+
+
+def failed_task(stdout: str, host: str) -> str:
+    """The header of the task that failed first on ``host``, from ansible-playbook's output."""
+    return stdout.split(f"\nfatal: [{host}]")[0].rsplit("\nTASK [", 1)[-1]
+
+
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory):
     """Switch, etcd, client and the nodes' application; no farmd anywhere yet."""
@@ -171,7 +181,7 @@ def test_install_from_nothing(farm):
         cfg = yaml.safe_load((d / "etc/nlbfarm/farmd.yaml").read_text())
         assert cfg["node"]["id"] == n and cfg["node"]["weight"] == 1
         # farmd runs with the unit's two capabilities only
-        pid = int((d / "run/nlbfarm/farmd.pid").read_text())
+        pid = farmd_pid(tmp, n)
         with open(f"/proc/{pid}/status") as f:
             eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff"))
         assert eff == (1 << 12) | (1 << 13), hex(eff)
@@ -180,7 +190,7 @@ def test_install_from_nothing(farm):
     assert cp.returncode == 0, cp.stdout[-4000:]
     recap = [line for line in cp.stdout.splitlines() if line.startswith(tuple(NODES))]
     assert recap and all("failed=0" in line and "changed=0" in line for line in recap), recap
-    pids_after = {n: int((tmp / "hosts" / n / "run/nlbfarm/farmd.pid").read_text()) for n in NODES}
+    pids_after = {n: farmd_pid(tmp, n) for n in NODES}
     assert all(lab._alive(p) for p in pids_after.values())
 
 
@@ -227,11 +237,11 @@ def test_a_refused_configuration_undrains_the_node_and_stops_the_rollout(farm):
     n1_vars["nlbfarm_timing"] = {**timing, "fence_timeout": int(timing["lease_ttl"]) + 1}  # must be < lease_ttl
     inv.write_text(yaml.safe_dump(data, sort_keys=False))
     before = {n: (tmp / "hosts" / n / "etc/nlbfarm/farmd.yaml").read_text() for n in NODES}
-    pids = {n: (tmp / "hosts" / n / "run/nlbfarm/farmd.pid").read_text().strip() for n in NODES}
+    pids = {n: farmd_pid(tmp, n) for n in NODES}
     cp = playbook("upgrade.yml", inv, timeout=200)
     (tmp / "refused.out").write_text(cp.stdout + cp.stderr)
     assert cp.returncode != 0, cp.stdout[-3000:]
-    fatal = cp.stdout.split("\nfatal: [n1]")[0].rsplit("\nTASK [", 1)[-1]
+    fatal = failed_task(cp.stdout, "n1")
     assert fatal.startswith("nlbfarm : Write farmd.yaml, validated by farmd --check"), cp.stdout[-4000:]
     assert "must be less than" in cp.stdout, cp.stdout[-3000:]
     # The drain had happened (the refusal came after it), and the rescue lifted it.
@@ -241,7 +251,7 @@ def test_a_refused_configuration_undrains_the_node_and_stops_the_rollout(farm):
     assert "n1" not in lab.snapshot().drains
     for n in NODES:  # nothing restarted, n1's file untouched; n2 and n3 never reached
         assert (tmp / "hosts" / n / "etc/nlbfarm/farmd.yaml").read_text() == before[n]
-        assert (tmp / "hosts" / n / "run/nlbfarm/farmd.pid").read_text().strip() == pids[n]
+        assert farmd_pid(tmp, n) == pids[n]
     assert "serves no connection - n2" not in cp.stdout
     lab.wait_converged(NODES, timeout=30)  # n1 takes its share again
 
@@ -257,18 +267,14 @@ def test_a_node_that_does_not_come_back_aborts_the_rollout(farm):
             {"name": "never", "type": "tcp", "port": 9, "interval": 0.5, "timeout": 0.2}]}})
     inv.write_text(yaml.safe_dump(data, sort_keys=False))
     before = {n: (tmp / "hosts" / n / "etc/nlbfarm/farmd.yaml").read_text() for n in NODES}
-
-    def farmd_pid(n: str) -> str:
-        return (tmp / "hosts" / n / "run/nlbfarm/farmd.pid").read_text().strip()
-
-    pids = {n: farmd_pid(n) for n in ("n2", "n3")}
+    pids = {n: farmd_pid(tmp, n) for n in ("n2", "n3")}
     cp = playbook("upgrade.yml", inv, timeout=200)
     (tmp / "broken.out").write_text(cp.stdout + cp.stderr)
     assert cp.returncode != 0, cp.stdout[-3000:]
     assert "n1" in cp.stdout and "serves no connection - n2" not in cp.stdout, cp.stdout[-4000:]
     # The task that failed is n1's wait for health, and the rescue undrained n1.
     tasks = re.findall(r"^TASK \[(?:nlbfarm : )?(.*?)\]", cp.stdout, re.M)
-    fatal = cp.stdout.split("\nfatal: [n1]")[0].rsplit("\nTASK [", 1)[-1]
+    fatal = failed_task(cp.stdout, "n1")
     assert fatal.startswith("nlbfarm : Wait until the node is active, in the table and healthy - n1"), \
         cp.stdout[-4000:]
     assert "Undrain after the failed upgrade - n1" in tasks and "Stop the rollout" in tasks, tasks
@@ -277,8 +283,8 @@ def test_a_node_that_does_not_come_back_aborts_the_rollout(farm):
     # n2 and n3: same config, and the same farmd processes (never restarted)
     for n in ("n2", "n3"):
         assert (tmp / "hosts" / n / "etc/nlbfarm/farmd.yaml").read_text() == before[n]
-        assert farmd_pid(n) == pids[n], f"{n}'s farmd was restarted"
-        assert lab._alive(int(pids[n])), f"{n}'s farmd is gone"
+        assert farmd_pid(tmp, n) == pids[n], f"{n}'s farmd was restarted"
+        assert lab._alive(pids[n]), f"{n}'s farmd is gone"
     assert (tmp / "hosts" / "n1" / "etc/nlbfarm/farmd.yaml").read_text() != before["n1"]
     lab.wait_converged(["n2", "n3"], timeout=30)
 
