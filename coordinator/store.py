@@ -14,6 +14,11 @@ Data model
     strictly increasing *revision*; :class:`KV.mod_revision` is the revision of
     the last change to that key. Reads are linearizable (never stale).
 
+    Keys that are not UTF-8 are skipped with a warning (one per distinct key;
+    any other etcd client can write one): ``get``, ``get_prefix`` and resync
+    snapshots omit them, watches do not deliver their changes but still
+    advance past them. Everything else under the prefix is unaffected.
+
 Leases
     :meth:`Store.grant_lease` returns a :class:`Lease` whose ``ttl`` is the TTL
     the server actually granted, which may be *longer* than requested (etcd 3.4
@@ -62,6 +67,11 @@ Watches
       ``snapshot`` is the complete current content and whose ``mod_revision``
       is the revision of that read; the consumer must replace its cache with
       it. Events then continue from that revision + 1.
+    * The same happens, with a warning, when etcd's revision is lower than
+      the last delivered one (etcd restored from an older snapshot, or a new
+      empty etcd at the same endpoints; also a ``start_revision`` beyond
+      etcd's current revision): resuming there would wait for revisions this
+      etcd may never reach.
     * With ``start_revision=None`` (or 0) the first delivery is a
       ``"resync"`` with the current content (a list-then-watch without a
       gap); with a ``start_revision`` the first deliveries are the changes
@@ -77,6 +87,7 @@ Thread safety
 from __future__ import annotations
 
 import abc
+import hashlib
 import logging
 import threading
 import time
@@ -163,6 +174,9 @@ class WatchEvent:
     mod_revision: int
     lease: int = 0
     snapshot: Mapping[str, KV] | None = field(default=None, compare=False)
+    # On a resync: etcd's revision went backwards (a restore, a new etcd), so
+    # this read is newer than anything held, though its revision is lower.
+    rewound: bool = False
 
 
 class WatchHandle(abc.ABC):
@@ -194,13 +208,17 @@ class Store(abc.ABC):
         """Revoke the lease, deleting its keys. Idempotent (no error if gone)."""
 
     @abc.abstractmethod
-    def create(self, key: str, value: bytes, lease_id: int | None = None) -> bool:
+    def create(self, key: str, value: bytes, lease_id: int | None = None,
+               deadline: float | None = None) -> bool:
         """Write ``key`` only if it does not exist. ``False`` if it exists
         (its value and lease are left untouched)."""
 
     @abc.abstractmethod
-    def put(self, key: str, value: bytes, lease_id: int | None = None) -> int:
-        """Write ``key`` unconditionally; returns the new revision."""
+    def put(self, key: str, value: bytes, lease_id: int | None = None, deadline: float | None = None) -> int:
+        """Write ``key`` unconditionally; returns the new revision.
+
+        ``deadline`` (on every write) overrides the retry deadline for this
+        call: the agent's loop must not sit in retries longer than its lease."""
 
     @abc.abstractmethod
     def get(self, key: str) -> KV | None:
@@ -212,13 +230,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def compare_and_swap(
-        self, key: str, value: bytes, expected_mod_revision: int, lease_id: int | None = None
+        self, key: str, value: bytes, expected_mod_revision: int, lease_id: int | None = None,
+        deadline: float | None = None,
     ) -> bool:
         """Write ``key`` only if its mod_revision equals ``expected_mod_revision``
         (0: only if it does not exist). ``False`` if it did not match."""
 
     @abc.abstractmethod
-    def delete(self, key: str) -> bool:
+    def delete(self, key: str, deadline: float | None = None) -> bool:
         """Delete ``key``; ``True`` if it existed."""
 
     @abc.abstractmethod
@@ -407,13 +426,70 @@ def _prefix_range_end(prefix: str) -> bytes:
     return bytes(raw)
 
 
-def _kv(pb_kv) -> KV:
-    return KV(
-        key=pb_kv.key.decode(),
-        value=bytes(pb_kv.value),
-        mod_revision=pb_kv.mod_revision,
-        lease=pb_kv.lease,
-    )
+def _kv(pb_kv, key: str) -> KV:
+    """``pb_kv`` as a :class:`KV`; ``key`` is its key, already decoded (see _KeyDecoder)."""
+    return KV(key=key, value=bytes(pb_kv.value), mod_revision=pb_kv.mod_revision, lease=pb_kv.lease)
+
+
+# How many distinct non-UTF-8 keys a store remembers having warned about. The
+# keys are outside input: without a bound, a client writing fresh ones would
+# grow our memory for ever.
+MAX_SKIPPED_KEYS_REMEMBERED = 1000
+# A key may be up to etcd's request size (1.5 MiB): log only its start.
+_KEY_LOG_BYTES = 200
+
+
+def _key_repr(raw: bytes) -> str:
+    if len(raw) <= _KEY_LOG_BYTES:
+        return repr(raw)
+    return f"{raw[:_KEY_LOG_BYTES]!r}... ({len(raw)} bytes)"
+
+
+class _KeyDecoder:
+    """etcd key bytes -> ``str``, or ``None`` for a key that is not UTF-8 (skip it).
+
+    etcd keys are bytes and any client with write access can put one that is
+    not UTF-8. Raising would stop every read that lists it and freeze a watch
+    for good (it would reconnect at that event again and again), so such a key
+    is skipped instead. Each distinct key is warned about once; the keys warned
+    about are remembered as small digests, at most ``limit`` of them. Past
+    that, one more warning says so and further keys are skipped with a debug
+    line only: a warning per read would flood the log just the same.
+    """
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._warned: set[bytes] = set()
+        self._full = False
+        self._lock = threading.Lock()
+
+    def __call__(self, raw: bytes) -> str | None:
+        try:
+            return raw.decode()  # strict: no surrogates, no overlong forms
+        except UnicodeDecodeError:
+            self._skipped(bytes(raw))
+            return None
+
+    def _skipped(self, raw: bytes) -> None:
+        digest = hashlib.blake2b(raw, digest_size=16).digest()  # a 1 MiB key costs 16 bytes
+        with self._lock:
+            if digest in self._warned:
+                return
+            if len(self._warned) < self._limit:
+                self._warned.add(digest)
+                outcome = "warn"
+            elif not self._full:
+                self._full = True
+                outcome = "limit reached"
+            else:
+                outcome = "quiet"
+        if outcome == "warn":
+            log.warning("etcd key is not UTF-8, skipped key=%s", _key_repr(raw))
+        elif outcome == "limit reached":
+            log.warning("more than %d distinct etcd keys are not UTF-8; skipping further ones "
+                        "without a warning each key=%s", self._limit, _key_repr(raw))
+        else:
+            log.debug("etcd key is not UTF-8, skipped key=%s", _key_repr(raw))
 
 
 # --------------------------------------------------------------------------
@@ -477,6 +553,7 @@ class EtcdStore(Store):
         self._index = 0
         self._client = self._connect(0)
         self._watches: set[_PrefixWatch] = set()
+        self._decode_key = _KeyDecoder(MAX_SKIPPED_KEYS_REMEMBERED)
 
     @classmethod
     def from_config(cls, etcd) -> "EtcdStore":
@@ -709,7 +786,8 @@ class EtcdStore(Store):
 
     # -- keys --------------------------------------------------------------------
 
-    def create(self, key: str, value: bytes, lease_id: int | None = None) -> bool:
+    def create(self, key: str, value: bytes, lease_id: int | None = None,
+               deadline: float | None = None) -> bool:
         value = bytes(value)
 
         def fn(c, retry):
@@ -723,15 +801,15 @@ class EtcdStore(Store):
             # An earlier attempt may have been applied with its reply lost.
             return retry and _holds(responses, value, lease_id)
 
-        return self._call(f"create key={key}", fn)
+        return self._call(f"create key={key}", fn, deadline)
 
-    def put(self, key: str, value: bytes, lease_id: int | None = None) -> int:
-        resp = self._call(f"put key={key}", lambda c, retry: c.put(key, bytes(value), lease_id))
+    def put(self, key: str, value: bytes, lease_id: int | None = None, deadline: float | None = None) -> int:
+        resp = self._call(f"put key={key}", lambda c, retry: c.put(key, bytes(value), lease_id), deadline)
         return resp.header.revision
 
     def get(self, key: str) -> KV | None:
         resp = self._call(f"get key={key}", lambda c, retry: c.get_response(key))
-        return _kv(resp.kvs[0]) if resp.kvs else None
+        return self._kvs(resp.kvs).get(key)
 
     def get_prefix(self, prefix: str) -> tuple[dict[str, KV], int]:
         if not prefix:
@@ -740,10 +818,20 @@ class EtcdStore(Store):
             f"get_prefix prefix={prefix}",
             lambda c, retry: c.get_range_response(prefix, _prefix_range_end(prefix)),
         )
-        return {kv.key: kv for kv in map(_kv, resp.kvs)}, resp.header.revision
+        return self._kvs(resp.kvs), resp.header.revision
+
+    def _kvs(self, pb_kvs) -> dict[str, KV]:
+        """The keys of a range response by name, without those that are not UTF-8."""
+        out = {}
+        for pb_kv in pb_kvs:
+            key = self._decode_key(pb_kv.key)
+            if key is not None:
+                out[key] = _kv(pb_kv, key)
+        return out
 
     def compare_and_swap(
-        self, key: str, value: bytes, expected_mod_revision: int, lease_id: int | None = None
+        self, key: str, value: bytes, expected_mod_revision: int, lease_id: int | None = None,
+        deadline: float | None = None,
     ) -> bool:
         value = bytes(value)
         if expected_mod_revision == 0:
@@ -761,10 +849,10 @@ class EtcdStore(Store):
                 return True
             return retry and _holds(responses, value, lease_id, newer_than=expected_mod_revision)
 
-        return self._call(f"compare_and_swap key={key} expected={expected_mod_revision}", fn)
+        return self._call(f"compare_and_swap key={key} expected={expected_mod_revision}", fn, deadline)
 
-    def delete(self, key: str) -> bool:
-        return self._call(f"delete key={key}", lambda c, retry: c.delete(key))
+    def delete(self, key: str, deadline: float | None = None) -> bool:
+        return self._call(f"delete key={key}", lambda c, retry: c.delete(key), deadline)
 
     # -- watches -------------------------------------------------------------
 
@@ -819,6 +907,12 @@ class _Compacted(Exception):
         self.compact_revision = compact_revision
 
 
+class _RevisionWentBack(Exception):
+    def __init__(self, etcd_revision: int):
+        super().__init__(f"etcd is at revision {etcd_revision}")
+        self.etcd_revision = etcd_revision
+
+
 class _PrefixWatch(WatchHandle):
     """One prefix watch: its own thread and its own gRPC Watch stream.
 
@@ -835,6 +929,7 @@ class _PrefixWatch(WatchHandle):
         # Revision the next (re)created stream starts at; None = list first.
         self._next_rev: int | None = start_revision if start_revision else None
         self._stop = threading.Event()
+        self._rewound = False  # the next resync follows a revision that went backwards
         self._lock = threading.Lock()
         self._call = None
         self._established = False  # the current stream got its "created" reply
@@ -891,6 +986,17 @@ class _PrefixWatch(WatchHandle):
                 )
                 self._next_rev = None
                 continue
+            except _RevisionWentBack as exc:
+                log.warning(
+                    "etcd revision went backwards (restored from an older snapshot, or a new etcd) "
+                    "prefix=%s endpoint=%s last_revision=%d etcd_revision=%d action=resync",
+                    self.prefix, endpoint, self.last_revision, exc.etcd_revision,
+                )
+                self._next_rev = None
+                self._rewound = True
+                # No `continue`: pause as after an error, so that an etcd that
+                # keeps answering below our revision cannot make us re-list in a
+                # tight loop.
             except Exception as exc:
                 if self._stop.is_set():
                     break
@@ -929,12 +1035,14 @@ class _PrefixWatch(WatchHandle):
 
     def _resync(self, client) -> None:
         resp = client.get_range_response(self.prefix, self._range_end)
-        snapshot = {kv.key: kv for kv in map(_kv, resp.kvs)}
+        snapshot = self._store._kvs(resp.kvs)
         rev = resp.header.revision
         log.info("watch resync prefix=%s revision=%d keys=%d", self.prefix, rev, len(snapshot))
         self._deliver(
-            WatchEvent(kind="resync", key=self.prefix, value=b"", mod_revision=rev, snapshot=snapshot)
+            WatchEvent(kind="resync", key=self.prefix, value=b"", mod_revision=rev, snapshot=snapshot,
+                       rewound=self._rewound)
         )
+        self._rewound = False
         self._next_rev = rev + 1
 
     def _stream(self, client, endpoint: str) -> None:
@@ -964,6 +1072,7 @@ class _PrefixWatch(WatchHandle):
                     raise _Compacted(rs.compact_revision)
                 if rs.canceled:
                     raise StoreError(f"watch canceled by etcd: {rs.cancel_reason or 'no reason given'}")
+                self._check_revision(rs.header.revision)
                 if rs.created:
                     self._established = True
                     if self._lost_since is not None:
@@ -980,7 +1089,9 @@ class _PrefixWatch(WatchHandle):
                     for ev in rs.events:
                         if self._stop.is_set():
                             return
-                        self._deliver(_event(ev))
+                        key = self._store._decode_key(ev.kv.key)
+                        if key is not None:  # else skipped; _next_rev still moves past it
+                            self._deliver(_event(ev, key))
                     self._next_rev = rs.events[-1].kv.mod_revision + 1
                 elif not rs.created and self._next_rev is not None:
                     # Progress notification: nothing under the prefix changed
@@ -997,6 +1108,20 @@ class _PrefixWatch(WatchHandle):
             with self._lock:
                 self._call = None
 
+    def _check_revision(self, etcd_revision: int) -> None:
+        """Raise _RevisionWentBack if etcd is below the revision we have delivered.
+
+        A live etcd's revision never decreases, so this means it lost history
+        (restored from a snapshot, or replaced by a new one): resuming at
+        ``_next_rev`` would wait, silently, until etcd reaches it. Every
+        response carries the revision, and a new stream always gets one at
+        once: etcd answers ``created`` even when ``start_revision`` lies in the
+        future. (A member lagging a little behind may also trip this after an
+        endpoint switch; a resync is then merely redundant.)
+        """
+        if etcd_revision and etcd_revision < self.last_revision:  # 0: no header
+            raise _RevisionWentBack(etcd_revision)
+
     def _deliver(self, event: WatchEvent) -> None:
         if self._stop.is_set():
             return
@@ -1009,13 +1134,14 @@ class _PrefixWatch(WatchHandle):
             )
 
 
-def _event(ev) -> WatchEvent:
+def _event(ev, key: str) -> WatchEvent:
+    """``ev`` as a :class:`WatchEvent`; ``key`` is its key, already decoded (see _KeyDecoder)."""
     kv = ev.kv
     if ev.type == kv_pb2.Event.DELETE:
-        return WatchEvent(kind="delete", key=kv.key.decode(), value=b"", mod_revision=kv.mod_revision)
+        return WatchEvent(kind="delete", key=key, value=b"", mod_revision=kv.mod_revision)
     return WatchEvent(
         kind="put",
-        key=kv.key.decode(),
+        key=key,
         value=bytes(kv.value),
         mod_revision=kv.mod_revision,
         lease=kv.lease,

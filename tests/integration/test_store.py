@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
+import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
+import nlbfarm.coordinator.store as store_module
 from nlbfarm.coordinator.store import KV, EtcdStore, LeaseExpired, WatchEvent
 from nlbfarm.errors import StoreUnavailable
 
@@ -575,3 +579,237 @@ def test_second_endpoint_is_used_when_first_is_dead(etcd_server, prefix):
         handle.cancel()
     finally:
         s.close()
+
+
+# -- hostile keys and lost history -------------------------------------------------
+
+
+def raw_put(etcd_server, key: bytes, value: bytes) -> int:
+    """Put with python-etcd3 itself, which takes any bytes as a key (EtcdStore takes str only)."""
+    client = etcd_server.client()
+    try:
+        return client.put(key, value).header.revision
+    finally:
+        client.close()
+
+
+def raw_delete(etcd_server, key: bytes) -> None:
+    client = etcd_server.client()
+    try:
+        assert client.delete(key)
+    finally:
+        client.close()
+
+
+def warnings_naming(caplog, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and text in r.getMessage()]
+
+
+def test_regression_non_utf8_key_does_not_freeze_the_watch(etcd_server, store, prefix, caplog):
+    caplog.set_level(logging.INFO, logger=STORE_LOG)
+    bad = prefix.encode() + b"\xff\xfe-not-utf8"
+    rec = Recorder()
+    handle = store.watch_prefix(prefix, rec)
+    replay = None
+    try:
+        rec.wait_for(lambda e: e, "initial resync")
+        bad_rev = raw_put(etcd_server, bad, b"v1")
+        # The skipped event is the newest one: the watch must move past it all the same.
+        wait_until(lambda: handle.last_revision >= bad_rev, "the watch to pass the skipped event", timeout=5)
+        good = ("put", prefix + "good", b"1", store.put(prefix + "good", b"1"))
+        raw_put(etcd_server, bad, b"v2")
+        raw_delete(etcd_server, bad)
+        after = ("put", prefix + "after", b"2", store.put(prefix + "after", b"2"))
+        events = rec.wait_key(prefix + "after", timeout=5)
+        assert changes(events) == [good, after], "the bad key's put, put and delete are skipped"
+        assert handle.last_revision == after[3]
+
+        # A watch (re)started at the bad key's revision gets past it too, instead of
+        # failing on it and reconnecting to the same event for ever.
+        rec2 = Recorder()
+        replay = store.watch_prefix(prefix, rec2, start_revision=bad_rev)
+        events = rec2.wait_key(prefix + "after", timeout=5)
+        assert changes(events) == [good, after]
+        assert not any("watch lost" in r.getMessage() for r in caplog.records)
+
+        # One warning for the key, whatever the number of its events and watches.
+        (warning,) = warnings_naming(caplog, repr(bad))
+        assert "not UTF-8" in warning
+    finally:
+        handle.cancel()
+        if replay is not None:
+            replay.cancel()
+
+
+def test_regression_non_utf8_key_is_left_out_of_reads_and_resyncs(etcd_server, store, prefix, caplog):
+    caplog.set_level(logging.INFO, logger=STORE_LOG)
+    bad = prefix.encode() + b"node/\xc3\x28"  # an invalid 2-byte sequence
+    raw_put(etcd_server, bad, b"junk")
+    good_rev = store.put(prefix + "node/a", b"1")
+    expected = {prefix + "node/a": KV(prefix + "node/a", b"1", good_rev, 0)}
+
+    items, rev = store.get_prefix(prefix)
+    assert items == expected and rev >= good_rev
+    assert store.get(prefix + "node/a") == expected[prefix + "node/a"]
+
+    # An agent restart: a new store whose first read and watch resync meet the key.
+    restarted = EtcdStore([etcd_server.endpoint], timeout=2.0, retry_deadline=5.0)
+    rec = Recorder()
+    handle = restarted.watch_prefix(prefix, rec)
+    try:
+        assert restarted.get_prefix(prefix)[0] == expected
+        (resync,) = rec.wait_for(lambda e: e, "initial resync", timeout=5)
+        assert resync.kind == "resync" and resync.snapshot == expected
+        rev = store.put(prefix + "node/b", b"2")
+        events = rec.wait_key(prefix + "node/b", timeout=5)
+        assert changes(events) == [("put", prefix + "node/b", b"2", rev)]
+    finally:
+        handle.cancel()
+        restarted.close()
+    # One warning per store that met the key (its get_prefix and watch share it).
+    assert len(warnings_naming(caplog, repr(bad))) == 2
+
+
+def test_regression_non_utf8_key_warnings_are_bounded(etcd_server, prefix, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger=STORE_LOG)
+    monkeypatch.setattr(store_module, "MAX_SKIPPED_KEYS_REMEMBERED", 3)
+    huge = prefix.encode() + b"\x80" + b"x" * 20_000  # sorts first: among the keys named
+    bad = [huge] + [prefix.encode() + b"\xff%d" % i for i in range(5)]
+    for key in bad:
+        raw_put(etcd_server, key, b"junk")
+    s = EtcdStore([etcd_server.endpoint], timeout=2.0, retry_deadline=5.0)
+    try:
+        for _ in range(3):
+            assert s.get_prefix(prefix)[0] == {}
+        warned = [r.getMessage() for r in caplog.records if r.name == STORE_LOG and r.levelno == logging.WARNING]
+        # Three keys named once each, then one line that says the rest are skipped quietly.
+        assert len(warned) == 4, warned
+        assert sum("not UTF-8, skipped key=" in w for w in warned) == 3
+        assert "more than 3 distinct etcd keys are not UTF-8" in warned[3]
+        assert len(s._decode_key._warned) == 3, "memory is bounded too"
+        # A long key is named by its start and its length, not logged whole.
+        assert all(len(w) < 1000 for w in warned)
+        assert f"({len(huge)} bytes)" in warned[0]
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def own_etcd(etcd_server):
+    """An etcd of this test's own, which it may wipe; process and directory are always removed.
+
+    It is the conftest's EtcdServer class (conftest modules cannot be imported
+    by name), started in a temporary directory of its own.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="nlbfarm-etcd-"))
+    server = type(etcd_server)(tmp / "data", name="nlbfarm-wiped")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_with_empty_etcd(server) -> None:
+    """Stop ``server`` and start a new, empty etcd at the same ports (a lost or older data dir)."""
+    server.stop()
+    server.data_dir = server.data_dir.parent / f"data-{uuid.uuid4().hex[:6]}"
+    server.start()
+
+
+def test_regression_etcd_revision_going_backwards_resyncs_the_watch(own_etcd, prefix, caplog):
+    caplog.set_level(logging.INFO, logger=STORE_LOG)
+    proxy = TcpProxy(own_etcd.client_port)
+    writer = EtcdStore([own_etcd.endpoint], timeout=1.0, retry_deadline=15.0)
+    watcher = EtcdStore([proxy.endpoint], timeout=1.0, retry_deadline=5.0)
+    rec = Recorder()
+    handle = None
+    try:
+        for i in range(30):  # a revision well above what the new etcd will have
+            writer.put(prefix + f"old-{i}", b"old")
+        handle = watcher.watch_prefix(prefix, rec)
+        rec.wait_for(lambda e: e, "initial resync", timeout=5)
+        high = writer.put(prefix + "last-old", b"old")
+        rec.wait_key(prefix + "last-old", timeout=5)
+        assert handle.last_revision == high
+
+        # The watcher is cut off while etcd is replaced, so that it is back only
+        # once the new etcd holds a key: its resync must show exactly that key.
+        proxy.cut()
+        wait_log(caplog, "watch lost")
+        replace_with_empty_etcd(own_etcd)
+        new_rev = writer.put(prefix + "new", b"fresh")
+        assert new_rev < high, "the new etcd's revision is behind the watch's"
+        proxy.restore()
+
+        events = rec.wait_for(lambda e: sum(x.kind == "resync" for x in e) == 2,
+                              "a resync from the new etcd", timeout=5)
+        resync = events[-1]
+        assert resync.kind == "resync" and resync.mod_revision >= new_rev
+        assert resync.snapshot == {prefix + "new": KV(prefix + "new", b"fresh", new_rev, 0)}
+        (warning,) = warnings_naming(caplog, "etcd revision went backwards")
+        assert f"last_revision={high}" in warning and "action=resync" in warning
+
+        # Then it carries on from the read's revision + 1.
+        rev = writer.put(prefix + "after", b"2")
+        events = rec.wait_key(prefix + "after", timeout=5)
+        assert changes(events)[-1] == ("put", prefix + "after", b"2", rev)
+        assert sum(e.kind == "resync" for e in events) == 2
+        assert handle.last_revision == rev
+    finally:
+        if handle is not None:
+            handle.cancel()
+        watcher.close()
+        writer.close()
+        proxy.close()
+
+
+def test_regression_watch_on_a_replaced_etcd_converges_to_its_content(own_etcd, prefix, caplog):
+    """The same without a proxy: the watch sees etcd go away and come back empty."""
+    caplog.set_level(logging.INFO, logger=STORE_LOG)
+    s = EtcdStore([own_etcd.endpoint], timeout=1.0, retry_deadline=15.0)
+    cache: dict[str, bytes] = {}
+    lock = threading.Lock()
+
+    def apply(event: WatchEvent) -> None:
+        with lock:
+            if event.kind == "resync":
+                cache.clear()
+                cache.update({k: kv.value for k, kv in event.snapshot.items()})
+            elif event.kind == "put":
+                cache[event.key] = event.value
+            else:
+                cache.pop(event.key, None)
+
+    handle = s.watch_prefix(prefix, apply)
+    try:
+        for i in range(30):
+            s.put(prefix + f"old-{i}", b"old")
+        wait_until(lambda: len(cache) == 30, "the old content in the cache", timeout=5)
+
+        replace_with_empty_etcd(own_etcd)
+        s.put(prefix + "new", b"fresh")
+        wait_until(lambda: cache == {prefix + "new": b"fresh"}, "the cache to hold the new etcd's content",
+                   timeout=5)
+        assert warnings_naming(caplog, "etcd revision went backwards")
+    finally:
+        handle.cancel()
+        s.close()
+
+
+def test_regression_start_revision_beyond_etcd_revision_resyncs(store, prefix, caplog):
+    caplog.set_level(logging.INFO, logger=STORE_LOG)
+    rev = store.put(prefix + "k", b"v")
+    rec = Recorder()
+    # A revision this etcd has not reached: it came from an etcd with more history.
+    handle = store.watch_prefix(prefix, rec, start_revision=rev + 1000)
+    try:
+        (resync,) = rec.wait_for(lambda e: e, "a resync instead of silence", timeout=5)
+        assert resync.kind == "resync" and resync.snapshot == {prefix + "k": KV(prefix + "k", b"v", rev, 0)}
+        assert warnings_naming(caplog, "etcd revision went backwards")
+        rev2 = store.put(prefix + "k", b"v2")
+        events = rec.wait_for(lambda e: len(e) == 2, "the next change", timeout=5)
+        assert changes(events) == [("put", prefix + "k", b"v2", rev2)]
+    finally:
+        handle.cancel()
