@@ -12,11 +12,22 @@ Key layout under ``<prefix>`` (``<etcd.prefix>/<cluster.name>``):
 ``ClusterSnapshot`` is an immutable view built from a consistent cache of
 those keys. Malformed values are skipped with a warning naming the key, so a
 bad write by a tool or a newer agent version never crashes a node.
+
+Everything here is decoded at the boundary with bounds, because anyone who
+can write under the prefix (an operator, a script, a buggy peer) can put any
+bytes there: bucket ranges lie inside B, generations and counts are capped,
+values have a size cap, node ids in keys follow the node id syntax. A record
+that must be bound to a lease (``members/``, ``applied/``) but is not, is
+ignored: it would outlive any node. A lease-bound record that does not
+decode still marks its node as *live* (the node may be serving; see
+``ClusterSnapshot.live``), but gives it nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
@@ -29,6 +40,21 @@ log = logging.getLogger(__name__)
 # not passed yet; "failed": a check failed (the node withdrew by itself);
 # "stopped": a failed check stopped the application (on_failure: stop).
 MEMBER_STATES = ("starting", "active", "failed", "draining", "leaving", "stopped")
+
+# Bounds on what is read from etcd. Generations stay exact in JSON and in
+# every language's doubles, and far below the API's uint64 fields.
+MAX_GENERATION = 2 ** 53 - 1
+MAX_COUNT = 2 ** 32 - 1
+# The largest table (B = 65536, 64 nodes, no run longer than one bucket) and
+# the most fragmented draining list stay well below these; etcd's own request
+# limit is 1.5 MiB.
+MAX_LARGE_VALUE = 1 << 20     # table, applied
+MAX_SMALL_VALUE = 16 << 10    # cluster, members, drain
+MAX_TEXT = 512                # one string field of a member record
+MAX_ADDRESSES = 16
+NODE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")
+# A lease-bound record must say which lease: 0 means "no lease".
+NO_LEASE = 0
 
 
 def cluster_key(prefix: str) -> str:
@@ -51,16 +77,37 @@ def drain_key(prefix: str, node_id: str) -> str:
     return f"{prefix}/drain/{node_id}"
 
 
-def _ranges(value, what: str) -> tuple[tuple[int, int], ...]:
-    if not isinstance(value, list):
-        raise ValueError(f"{what} must be a list of [first, last] bucket ranges")
+def _ranges(value, what: str, buckets: int) -> tuple[tuple[int, int], ...]:
+    """Sorted, disjoint, non-adjacent [first, last] ranges inside 0..buckets-1.
+
+    The canonical form ``bucket_ranges`` writes; anything else is refused, so
+    a hostile list can never expand to more than B buckets.
+    """
+    if not isinstance(value, list) or len(value) > buckets:
+        raise ValueError(f"{what} must be a list of at most {buckets} [first, last] bucket ranges")
     out = []
+    prev = -2
     for r in value:
-        if (not isinstance(r, list) or len(r) != 2 or not all(isinstance(x, int) and x >= 0 for x in r)
-                or r[0] > r[1]):
-            raise ValueError(f"{what} must be a list of [first, last] bucket ranges, got {r!r}")
+        if (not isinstance(r, list) or len(r) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+                or not prev + 1 < r[0] <= r[1] < buckets):
+            raise ValueError(f"{what} must be sorted, disjoint [first, last] bucket ranges inside "
+                             f"0..{buckets - 1}, got {r!r}")
         out.append((r[0], r[1]))
+        prev = r[1]
     return tuple(out)
+
+
+def _int(value, name: str, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer from {lo} to {hi}, got {value!r}"[:200])
+    return value
+
+
+def _text(value, name: str) -> str:
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        raise ValueError(f"{name} must be a string of at most {MAX_TEXT} characters")
+    return value
 
 
 def expand(ranges) -> frozenset[int]:
@@ -93,23 +140,19 @@ class Member:
 
     @classmethod
     def decode(cls, node_id: str, raw: bytes) -> "Member":
-        d = _json_object(raw)
+        d = _json_object(raw, MAX_SMALL_VALUE)
         if d.get("id") != node_id:
-            raise ValueError(f"id {d.get('id')!r} does not match its key {node_id!r}")
-        weight = d.get("weight")
-        if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 1000:
-            raise ValueError(f"weight must be an integer from 0 to 1000, got {weight!r}")
+            raise ValueError(f"id {str(d.get('id'))[:80]!r} does not match its key {node_id!r}")
+        weight = _int(d.get("weight"), "weight", 0, 1000)
         state = d.get("state", "active")
         if state not in MEMBER_STATES:
-            raise ValueError(f"state must be one of {', '.join(MEMBER_STATES)}, got {state!r}")
+            raise ValueError(f"state must be one of {', '.join(MEMBER_STATES)}, got {str(state)[:80]!r}")
         addresses = d.get("addresses", [])
-        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
-            raise ValueError("addresses must be a list of strings")
-        version, instance, peer = d.get("version", ""), d.get("instance", ""), d.get("peer", "")
-        reason, rules = d.get("reason", ""), d.get("rules", "")
-        if not all(isinstance(v, str) for v in (version, instance, peer, reason, rules)):
-            raise ValueError("version, instance, peer, reason and rules must be strings")
-        return cls(node_id, weight, state, tuple(addresses), version, instance, peer, reason, rules)
+        if (not isinstance(addresses, list) or len(addresses) > MAX_ADDRESSES
+                or not all(isinstance(a, str) and len(a) <= MAX_TEXT for a in addresses)):
+            raise ValueError(f"addresses must be a list of at most {MAX_ADDRESSES} strings")
+        fields = {n: _text(d.get(n, ""), n) for n in ("version", "instance", "peer", "reason", "rules")}
+        return cls(node_id, weight, state, tuple(addresses), **fields)
 
 
 @dataclass(frozen=True)
@@ -122,7 +165,7 @@ class ClusterSettings:
 
     @classmethod
     def decode(cls, raw: bytes) -> "ClusterSettings":
-        d = _json_object(raw)
+        d = _json_object(raw, MAX_SMALL_VALUE)
         seed, buckets = d.get("seed"), d.get("buckets")
         if not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
             raise ValueError(f"seed must be a 32-bit unsigned integer, got {seed!r}")
@@ -145,17 +188,33 @@ class TableRecord:
 
     @classmethod
     def decode(cls, raw: bytes, mod_revision: int, expected_buckets: int | None) -> "TableRecord":
-        d = _json_object(raw)
-        gen, buckets = d.get("generation"), d.get("buckets")
-        if not isinstance(gen, int) or gen < 1:
-            raise ValueError(f"generation must be a positive integer, got {gen!r}")
+        d = _json_object(raw, MAX_LARGE_VALUE)
+        gen, buckets = _int(d.get("generation"), "generation", 1, MAX_GENERATION), d.get("buckets")
         if expected_buckets is not None and buckets != expected_buckets:
-            raise ValueError(f"has {buckets!r} buckets, the cluster has {expected_buckets}")
+            raise ValueError(f"has {str(buckets)[:40]} buckets, the cluster has {expected_buckets}")
         owners = decode_owners(d.get("owners"), buckets=buckets)
         return cls(gen, buckets, tuple(owners), mod_revision)
 
     def owned_by(self, node_id: str) -> frozenset[int]:
         return frozenset(i for i, o in enumerate(self.owners) if o == node_id)
+
+    @property
+    def digest(self) -> str:
+        """The contents' fingerprint, published with ``applied/``.
+
+        Generations are unique only while every table is written by CAS from
+        the one before; after an etcd restore or a hand-written table two
+        different tables can carry one generation. Rule R therefore compares
+        (generation, digest), never the generation alone.
+        """
+        return table_digest(self.owners)
+
+
+def table_digest(owners) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for o in owners:
+        h.update(b"\x00" if o is None else o.encode() + b"\x01")
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -167,23 +226,40 @@ class Applied:
     accepting: int = 0
     draining: tuple[tuple[int, int], ...] = ()
     draining_connections: int = 0
+    # table_digest() of the table applied: (generation, table) names it.
+    table: str = ""
+    # The etcd revision at which the publisher last saw etcd's history go back
+    # (a restore): it trusts no record written at or below it, and peers whose
+    # own record is that old write theirs again (0: never).
+    trust_after: int = 0
+    # Where the record was read (0 when built locally); not encoded.
+    mod_revision: int = field(default=0, compare=False)
 
     def encode(self) -> bytes:
         return json.dumps({"generation": self.generation, "accepting": self.accepting,
                            "draining": [list(r) for r in self.draining],
-                           "draining_connections": self.draining_connections}).encode()
+                           "draining_connections": self.draining_connections,
+                           "table": self.table, "trust_after": self.trust_after}).encode()
 
     @classmethod
-    def decode(cls, raw: bytes) -> "Applied":
-        d = _json_object(raw)
-        gen, acc = d.get("generation"), d.get("accepting", 0)
-        conns = d.get("draining_connections", 0)
-        if not isinstance(gen, int) or gen < 0:
-            raise ValueError(f"generation must be a non-negative integer, got {gen!r}")
-        for name, v in (("accepting", acc), ("draining_connections", conns)):
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
-        return cls(gen, acc, _ranges(d.get("draining", []), "draining"), conns)
+    def decode(cls, raw: bytes, buckets: int = 65536, mod_revision: int = 0) -> "Applied":
+        """``buckets``: the cluster's B; ranges outside it are refused."""
+        d = _json_object(raw, MAX_LARGE_VALUE)
+        gen = _int(d.get("generation"), "generation", 0, MAX_GENERATION)
+        acc = _int(d.get("accepting", 0), "accepting", 0, buckets)
+        conns = _int(d.get("draining_connections", 0), "draining_connections", 0, MAX_COUNT)
+        trust_after = _int(d.get("trust_after", 0), "trust_after", 0, MAX_GENERATION)
+        table = d.get("table", "")
+        if not isinstance(table, str) or not re.fullmatch(r"[0-9a-f]{0,64}", table):
+            raise ValueError("table must be a hex digest")
+        return cls(gen, acc, _ranges(d.get("draining", []), "draining", buckets), conns, table, trust_after,
+                   mod_revision)
+
+    def applies(self, table: "TableRecord", trust_after: int = 0) -> bool:
+        """This record reports exactly ``table`` as applied (rule R's test), and was written
+        after ``trust_after`` (the reader's last rewind of etcd's history)."""
+        return (self.generation == table.generation and self.table == table.digest
+                and (self.mod_revision > trust_after or not trust_after))
 
     @property
     def draining_buckets(self) -> int:
@@ -199,18 +275,22 @@ class DrainRequest:
 
     @classmethod
     def decode(cls, raw: bytes) -> "DrainRequest":
-        d = _json_object(raw)
+        d = _json_object(raw, MAX_SMALL_VALUE)
         t = d.get("timeout")
         if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t <= 86400):
             raise ValueError(f"timeout must be seconds from 0 to 86400 or null, got {t!r}")
         return cls(None if t is None else float(t))
 
 
-def _json_object(raw: bytes) -> dict:
+def _json_object(raw: bytes, limit: int) -> dict:
+    if len(raw) > limit:
+        raise ValueError(f"value of {len(raw)} bytes is larger than the {limit} allowed")
     try:
         d = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"not valid JSON ({exc})") from None
+        raise ValueError(f"not valid JSON ({str(exc)[:120]})") from None
+    except RecursionError:  # "[[[[..." nested deeper than the parser goes
+        raise ValueError("not valid JSON (nested too deeply)") from None
     if not isinstance(d, dict):
         raise ValueError("not a JSON object")
     return d
@@ -230,6 +310,18 @@ class ClusterSnapshot:
     # mod_revision of the table key even when its value is malformed, so a
     # writer can replace a bad table by compare-and-swap (0: no key).
     table_revision: int = 0
+    # Nodes with a lease-bound members/ or applied/ key that did not decode:
+    # they may be serving, so they count as live, but they get nothing.
+    unreadable: frozenset[str] = frozenset()
+    # The revision at which this reader last saw etcd's history go back (a
+    # restore): applied/ records at or below it may describe kernels that have
+    # changed since, so rule R does not count them (0: never).
+    trust_after: int = 0
+
+    def republish_requested(self) -> int:
+        """The highest rewind revision a live peer reports: a record at or below it must be written again."""
+        return max([a.trust_after for a in self.applied.values() if a.trust_after <= self.revision]
+                   + [self.trust_after])
 
     def candidates(self) -> dict[str, int]:
         """The members that should hold buckets, with their weights."""
@@ -244,8 +336,17 @@ class ClusterSnapshot:
         return frozenset(out)
 
     def live(self) -> frozenset[str]:
-        """Nodes holding a live lease: they may still accept traffic."""
-        return frozenset(self.members) | frozenset(self.applied)
+        """Nodes holding a live lease: they may still accept traffic.
+
+        Any lease-bound key counts, readable or not: a node whose member key
+        was deleted by hand, or whose record a newer version wrote, still
+        serves until its own fence closes.
+        """
+        return frozenset(self.members) | frozenset(self.applied) | self.unreadable
+
+    def orphans(self) -> frozenset[str]:
+        """Live nodes without a readable member record (only applied/, or unreadable)."""
+        return self.live() - frozenset(self.members)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -256,40 +357,73 @@ class ClusterSnapshot:
         return out
 
 
-def build_snapshot(prefix: str, items: Mapping[str, tuple[bytes, int]], revision: int) -> ClusterSnapshot:
-    """Parse every key under ``prefix``; ``items`` maps key -> (value, mod_revision)."""
+LEASE_BOUND = ("members/", "applied/")
+
+
+def build_snapshot(prefix: str, items: Mapping[str, tuple], revision: int,
+                   trust_after: int = 0) -> ClusterSnapshot:
+    """Parse every key under ``prefix``.
+
+    ``items`` maps key -> (value, mod_revision) or (value, mod_revision,
+    lease). With the lease given (the agent's cache), ``members/`` and
+    ``applied/`` keys without one are ignored.
+    """
     warnings: list[str] = []
-    settings = None
+    raw: dict[str, list] = {"cluster": [], "table": []}
     members: dict[str, Member] = {}
     applied: dict[str, Applied] = {}
     drains: dict[str, DrainRequest] = {}
-    table_raw = None
+    unreadable: set[str] = set()
 
     def bad(key: str, exc: Exception) -> None:
         warnings.append(f"ignoring malformed value key={key} reason={exc}")
 
-    for key, (value, mod_rev) in sorted(items.items()):
-        rel = key[len(prefix) + 1:] if key.startswith(prefix + "/") else None
-        if rel is None:
+    scope = prefix.rstrip("/") + "/"
+    later = []
+    for key, entry in sorted(items.items()):
+        if not key.startswith(scope):
             continue
+        value, mod_rev = entry[0], entry[1]
+        lease = entry[2] if len(entry) > 2 else None
+        rel = key[len(scope):]
+        if rel in ("cluster", "table"):
+            raw[rel].append((key, value, mod_rev))
+            continue
+        kind, _, nid = rel.partition("/")
+        kind += "/"
+        if kind not in ("members/", "applied/", "drain/"):
+            continue
+        if not NODE_ID_RE.fullmatch(nid):
+            warnings.append(f"ignoring key={key[:200]} reason=not a node id (1-63 of A-Za-z0-9_.-)")
+            continue
+        if kind in LEASE_BOUND and lease == NO_LEASE:
+            warnings.append(f"ignoring key={key} reason=not bound to a lease (a {kind[:-1]} record "
+                            "must be written with its node's lease)")
+            continue
+        later.append((kind, nid, key, value, mod_rev))
+
+    settings = None
+    for key, value, _rev in raw["cluster"]:
         try:
-            if rel == "cluster":
-                settings = ClusterSettings.decode(value)
-            elif rel == "table":
-                table_raw = (key, value, mod_rev)
-            elif rel.startswith("members/"):
-                nid = rel.removeprefix("members/")
-                members[nid] = Member.decode(nid, value)
-            elif rel.startswith("applied/"):
-                applied[rel.removeprefix("applied/")] = Applied.decode(value)
-            elif rel.startswith("drain/"):
-                drains[rel.removeprefix("drain/")] = DrainRequest.decode(value)
+            settings = ClusterSettings.decode(value)
         except ValueError as exc:
             bad(key, exc)
+    buckets = settings.buckets if settings else 65536
+    for kind, nid, key, value, mod_rev in later:
+        try:
+            if kind == "members/":
+                members[nid] = Member.decode(nid, value)
+            elif kind == "applied/":
+                applied[nid] = Applied.decode(value, buckets, mod_rev)
+            else:
+                drains[nid] = DrainRequest.decode(value)
+        except ValueError as exc:
+            bad(key, exc)
+            if kind in LEASE_BOUND:
+                unreadable.add(nid)
     table = None
     table_revision = 0
-    if table_raw is not None:
-        key, value, mod_rev = table_raw
+    for key, value, mod_rev in raw["table"]:
         table_revision = mod_rev
         try:
             table = TableRecord.decode(value, mod_rev, settings.buckets if settings else None)
@@ -297,4 +431,4 @@ def build_snapshot(prefix: str, items: Mapping[str, tuple[bytes, int]], revision
             bad(key, exc)
     return ClusterSnapshot(revision, settings, MappingProxyType(members), table,
                            MappingProxyType(applied), tuple(warnings), MappingProxyType(drains),
-                           table_revision)
+                           table_revision, frozenset(unreadable), trust_after)

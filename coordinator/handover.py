@@ -17,8 +17,11 @@ buckets for X, and X adds a bucket b to A_X only through rule R below.
    confirmed it, publishes a_X = g. Buckets it keeps are carried over; buckets
    it lost are gone from the kernel before anyone can read a_X = g (I holds).
 2. Rule R: X adds a bucket b it did not accept before only if T_g[b] = X for its
-   current table g and every other live node Y (a member or applied key exists,
-   that is, Y holds a live lease) has published a_Y = g exactly.
+   current table g and every other live node Y (a lease-bound member or
+   applied key exists, readable or not, that is, Y holds a live lease) has
+   published a_Y = g exactly: the same generation *and* the digest of T_g's
+   contents, since only CAS makes generations unique and an etcd restore or a
+   hand-written table can reuse one.
    Then Y does not accept b: by I, A_Y ⊆ T_g⁻¹(Y), and T_g[b] = X ≠ Y.
    Y cannot start accepting b later without going through R itself at some
    generation g' > g with T_g'[b] = Y, which needs a_X = g'. X only publishes
@@ -82,7 +85,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nlbfarm.coordinator.cluster import ClusterSnapshot
+from nlbfarm.coordinator.cluster import MAX_GENERATION, ClusterSnapshot
 from nlbfarm.coordinator.table import counts, moved, rebalance
 
 
@@ -121,9 +124,13 @@ def plan_table(snap: ClusterSnapshot) -> TableUpdate | None:
         parts.append("left=" + ",".join(left))
     if not parts:
         parts.append("weights or shares changed")
-    last_gen = max([snap.table.generation if snap.table else 0]
-                   + [a.generation for a in snap.applied.values()])
-    return TableUpdate(generation=last_gen + 1, owners=new,
+    # Normally the next generation. Without a readable table (deleted or
+    # overwritten by hand), continue above what nodes report, so the new table
+    # is not mistaken for one they hold; (generation, digest) tells them apart
+    # anyway, and the cap keeps a hostile record from pushing it out of range.
+    last_gen = (snap.table.generation if snap.table
+                else max([0] + [a.generation for a in snap.applied.values()]))
+    return TableUpdate(generation=min(last_gen + 1, MAX_GENERATION), owners=new,
                        moved=moved(previous, new) if previous else sum(1 for o in new if o),
                        expected_revision=snap.table_revision, reason=" ".join(parts))
 
@@ -145,7 +152,14 @@ class AcceptPlan:
 
 
 def plan_accept(me: str, snap: ClusterSnapshot, accepting: frozenset[int]) -> AcceptPlan:
-    """Which buckets this node may accept now (steps 1 and 2 of the argument above)."""
+    """Which buckets this node may accept now (steps 1 and 2 of the argument above).
+
+    "Published g" means published exactly this table: generation and digest
+    (``Applied.applies``), so a peer that applied another table of the same
+    generation (an etcd restore, a hand-written table) does not count; and,
+    after this node saw etcd's history go back (a restore), written after
+    that point: a restored record describes a kernel that may have changed.
+    """
     if snap.table is None:
         return AcceptPlan(0, frozenset(), frozenset())
     g = snap.table.generation
@@ -155,5 +169,5 @@ def plan_accept(me: str, snap: ClusterSnapshot, accepting: frozenset[int]) -> Ac
         return AcceptPlan(g, target, keep)
     waiting = tuple(sorted(
         peer for peer in snap.live() - {me}
-        if (a := snap.applied.get(peer)) is None or a.generation != g))
+        if (a := snap.applied.get(peer)) is None or not a.applies(snap.table, snap.trust_after)))
     return AcceptPlan(g, target, target if not waiting else keep, waiting)

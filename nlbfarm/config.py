@@ -31,6 +31,27 @@ def _host_port(v: str, min_port: int = 1) -> str:
     return v
 
 
+def _host_of(v: str) -> str:
+    return v.rpartition(":")[0].strip("[]")
+
+
+def _not_routable(host: str) -> str | None:
+    """Why peers could not reach ``host`` as this node's address, or None."""
+    if host in ("", "*", "0.0.0.0", "::"):
+        return "a wildcard address (listen on every interface)"
+    if host == "localhost":
+        return "loopback"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a host name: the operator's DNS says where it is
+    if ip.is_unspecified:
+        return "a wildcard address (listen on every interface)"
+    if ip.is_loopback:
+        return "loopback"
+    return None
+
+
 def _simple_name(v: str) -> str:
     if not _ID_RE.match(v):
         raise ValueError("must be 1-63 characters of letters, digits, '_', '.', '-'")
@@ -395,11 +416,21 @@ class StatusSection(_Strict):
     # cannot ask its peers whether etcd is down for everyone, and closes its
     # fence during any etcd outage.
     peer_listen: str | None = None
+    # The host:port peers dial to reach peer_listen, published in this node's
+    # member record. Needed when peer_listen binds a wildcard or loopback
+    # address: peers dialing that address would reach themselves (and a node
+    # asking "do you reach etcd?" would hear its own "no"). Default: peer_listen.
+    peer_advertise: str | None = None
 
-    @field_validator("peer_listen")
+    @field_validator("peer_listen", "peer_advertise")
     @classmethod
     def _peer_listen(cls, v: str | None) -> str | None:
         return None if v is None else _host_port(v)
+
+    @property
+    def peer_address(self) -> str:
+        """What peers dial: peer_advertise, else peer_listen ("" without a peer listener)."""
+        return self.peer_advertise or self.peer_listen or ""
 
     # A file holding the token that mutating calls (drain, undrain) must send
     # as "authorization: Bearer <token>". Without it those calls are refused.
@@ -445,6 +476,19 @@ class StatusSection(_Strict):
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file: "
                              "clients can only present a certificate to a TLS server")
+        if self.peer_advertise and not self.peer_listen:
+            raise ValueError("peer_advertise needs peer_listen: it is the address peers dial to reach it")
+        if self.peer_listen and not self.peer_advertise:
+            why = _not_routable(_host_of(self.peer_listen))
+            if why:
+                raise ValueError(
+                    f"peer_listen {self.peer_listen} is {why}: peers cannot dial it (they would reach "
+                    "themselves); set peer_advertise to the LAN host:port peers use to reach this node")
+        if self.peer_advertise:
+            why = _not_routable(_host_of(self.peer_advertise))
+            if why:
+                raise ValueError(f"peer_advertise {self.peer_advertise} is {why}: it must be an address "
+                                 "peers can dial to reach this node")
         if self.peer_listen and self.tls_cert_file and self.tls_client_ca_file is None:
             raise ValueError("peer_listen with TLS needs tls_client_ca_file: peers verify each other's "
                              "certificates against that CA (and present their own)")
@@ -607,6 +651,10 @@ class Config(_Strict):
         if self.etcd.timeout * 2 > window:
             raise ValueError(f"etcd.timeout ({self.etcd.timeout} s) must be at most half of "
                              f"timing.lease_ttl - timing.fence_timeout ({window} s)")
+        from nlbfarm.node.decide import Timing  # the safety argument's own inequalities
+        problems = Timing.from_config(self).problems()
+        if problems:
+            raise ValueError("timing: " + "; ".join(problems))
         return self
 
     @property

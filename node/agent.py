@@ -1,20 +1,18 @@
-"""farmd: the node agent.
+"""farmd: the node agent. Wiring, the run loop, and the execution of plans.
 
-Threads and who decides what (Patroni's shape):
+Who owns what (one owner for each piece of mutable state):
 
-* the etcd watch thread only updates ``ClusterCache`` and wakes the loop;
-* the keepalive thread only refreshes the lease, records when a refresh last
-  succeeded, and wakes the loop;
-* the checker threads (farm module health checks) only record results, publish
-  a check_transition event and wake the loop;
+* the **loop** (``Agent.cycle``) owns ``LocalState``: it gathers observations,
+  asks the pure ``node.decide.decide`` for a ``Plan``, and executes it (etcd
+  writes through ``FarmStore``'s verbs, one nft transaction, the applied
+  report). Each cycle returns the plan's sentence, rendered from its reason;
+* the **lease keeper** (``node/lease.py``) owns the lease: keepalives, the
+  fence element's life, rule E's peer probes. Others read its ``LeaseView``;
+* the **module supervisor** (``node/supervisor.py``) owns the application:
+  its commands (on its own executor), health checks and restart protection;
+* the etcd **watch** thread only updates ``ClusterCache`` and wakes the loop;
 * the gRPC status server and the metrics endpoint only read, apart from
-  drain/undrain requests, which are written to etcd like any operator's;
-* ONE reconcile loop (``Agent.cycle``) makes every decision: writing a new
-  table, which buckets the kernel accepts, whether the fence stays open, what
-  is published as applied, which state this node announces, and when the farm
-  module's application is restarted or stopped. Each cycle returns a sentence
-  that is logged when it changes and that tests assert on. The application's
-  start/stop commands run on a worker thread so a slow script never stalls it.
+  drain/undrain requests, which are written to etcd like any operator's.
 """
 from __future__ import annotations
 
@@ -28,125 +26,37 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 from nlbfarm import __version__
 from nlbfarm.config import Config, load_config
-from nlbfarm.coordinator.cluster import (
-    Applied, ClusterSettings, ClusterSnapshot, DrainRequest, Member, applied_key, build_snapshot,
-    cluster_key, drain_key, expand, member_key, table_key, TableRecord)
+from nlbfarm.coordinator.cluster import ClusterSettings, ClusterSnapshot, Member, expand
+from nlbfarm.coordinator.farm import ClusterCache, FarmStore
 from nlbfarm.coordinator.rules import bucket_for, digest as rules_digest, match as match_rule
 from nlbfarm.coordinator.rules import resolve as resolve_rules
-from nlbfarm.coordinator.handover import AcceptPlan, plan_accept, plan_table
 from nlbfarm.coordinator.store import EtcdStore, LeaseExpired, Store
 from nlbfarm.coordinator.table import bucket_ranges
 from nlbfarm.errors import (
     ConfigError, DataPlaneError, DuplicateMember, FarmError, StoreError, StoreUnavailable)
 from nlbfarm.logs import setup_logging
-from nlbfarm.node.checks import HealthMonitor
 from nlbfarm.node.conntrack import live_connections_by_bucket
 from nlbfarm.node import iplib
 from nlbfarm.node.dataplane import DataPlane, DataPlaneSpec, cluster_mac_for
+from nlbfarm.node.decide import (
+    FENCE_MARGIN_S, LocalState, Observations, Plan, Reason, Timing, decide, remember_table)
 from nlbfarm.node.events import EventBus
+from nlbfarm.node.lease import LeaseKeeper
 from nlbfarm.node.metrics import AgentMetrics
-from nlbfarm.node.module import FarmModule
-from nlbfarm.node.peers import PeerProbe, peer_tls
+from nlbfarm.node.peers import Peer, PeerProbe, peer_tls
+from nlbfarm.node.supervisor import ModuleSupervisor
 from nlbfarm.node.vip import Vip
+
+__all__ = ["Agent", "ClusterCache", "FENCE_MARGIN_S", "main"]
 
 log = logging.getLogger("nlbfarm.agent")
 
-# Margin kept between the fence expiry and the earliest lease expiry, for
-# scheduling jitter between reading the clock and the kernel taking the element.
-FENCE_MARGIN_S = 0.2
 # How often a node with draining buckets counts its connections in conntrack.
 CONNTRACK_SCAN_S = 1.0
-
-
-class ClusterCache:
-    """The agent's copy of every key under the cluster prefix, fed by the watch."""
-
-    def __init__(self, prefix: str, wake: threading.Event):
-        self.prefix = prefix
-        self._wake = wake
-        # (monotonic time, revision) of the first membership change not yet
-        # applied, for the change-to-apply histogram; the loop clears it.
-        self.member_change_at: tuple[float, int] | None = None
-        self._lock = threading.Lock()
-        self._items: dict[str, tuple[bytes, int]] = {}
-        self._revision = 0
-        # Events at or below the revision of the last full read are already in
-        # it; a lagging watch must not roll the cache back (e.g. after the
-        # agent re-read the prefix on re-registration).
-        self._floor = 0
-        self._version = 0
-        self._snapshot: ClusterSnapshot | None = None
-        self._warned: set[str] = set()
-
-    def reset(self, items: dict[str, tuple[bytes, int]], revision: int) -> None:
-        with self._lock:
-            if revision < self._floor:
-                return
-            self._items = dict(items)
-            self._revision = self._floor = revision
-            self._version += 1
-        self._wake.set()
-
-    @property
-    def revision(self) -> int:
-        return self._revision
-
-    def on_event(self, ev) -> None:
-        if ev.kind == "resync":
-            self.reset({k: (kv.value, kv.mod_revision) for k, kv in ev.snapshot.items()}, ev.mod_revision)
-            return
-        with self._lock:
-            if ev.mod_revision <= self._floor:
-                return
-            if "/members/" in ev.key and self.member_change_at is None:
-                old = self._items.get(ev.key)
-                if ev.kind == "delete" or old is None or old[0] != ev.value:
-                    self.member_change_at = (time.monotonic(), ev.mod_revision)
-            if ev.kind == "put":
-                self._items[ev.key] = (ev.value, ev.mod_revision)
-                self._revision = max(self._revision, ev.mod_revision)
-            elif ev.kind == "delete":
-                self._items.pop(ev.key, None)
-                self._revision = max(self._revision, ev.mod_revision)
-            self._version += 1
-        self._wake.set()
-
-    def snapshot(self) -> ClusterSnapshot:
-        with self._lock:
-            if self._snapshot is None or self._snapshot_version != self._version:
-                self._snapshot = build_snapshot(self.prefix, self._items, self._revision)
-                self._snapshot_version = self._version
-            snap = self._snapshot
-        for w in snap.warnings:
-            if w not in self._warned:
-                self._warned.add(w)
-                log.warning(w)
-        return snap
-
-
-@dataclass
-class LocalState:
-    """What this node has done, as opposed to what the cluster wants."""
-
-    accepting: frozenset = frozenset()
-    # Released TCP buckets still serving established connections: bucket -> (deadline, released at).
-    draining: dict = field(default_factory=dict)
-    conn_counts: Counter = field(default_factory=Counter)
-    conn_scan_at: float = 0.0
-    published: Applied | None = None  # last record written to applied/<me>
-    last_sentence: str = "starting"
-    etcd_state: str = "connecting"
-    node_state: str = "starting"
-    state_reason: str = "agent starting"
-
-    @property
-    def published_generation(self) -> int:
-        return self.published.generation if self.published else -1
 
 
 class Agent:
@@ -155,7 +65,9 @@ class Agent:
         self.cfg = cfg
         self.me = cfg.node.id
         self.prefix = cfg.key_prefix
+        self.timing = Timing.from_config(cfg)
         self.store = store or EtcdStore.from_config(cfg.etcd)  # endpoints, timing, TLS, credentials
+        self.farm = FarmStore(self.store, self.prefix)
         self.dp = dataplane or DataPlane()
         mac = cfg.cluster.cluster_mac
         self.cluster_mac = cluster_mac_for(cfg.cluster.vips[0], cfg.cluster.mac_mode) if mac == "auto" else mac
@@ -169,40 +81,53 @@ class Agent:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.cache = ClusterCache(self.prefix, self.wake)
-        self.state = LocalState()
+        self.local = LocalState()
+        self.last_sentence = "starting"
         self.settings: ClusterSettings | None = None
-        self.lease_id: int | None = None
-        self.lease_lost = threading.Event()
-        self._last_keepalive_ok = 0.0  # monotonic time the last successful refresh was SENT
-        self._last_cycle_ok = time.monotonic()
-        # Rule E (etcd down for everyone): when all peers last confirmed it.
-        self._consensus_at = 0.0
-        self._failing_since: float | None = None
-        # No new buckets before this time: set when etcd comes back after an outage.
-        self._acquire_after = 0.0
-        self._seen_tables: dict[int, tuple] = {}  # recent tables by generation
-        self.probe = PeerProbe(self.me, timeout=min(0.5, cfg.timing.keepalive_interval),
-                               tls=peer_tls(cfg.status))
+        self.conn_counts: Counter = Counter()
+        self.conn_scan_at = 0.0
+        self.probe = PeerProbe(self.me, timeout=self.timing.probe_timeout, tls=peer_tls(cfg.status),
+                               instance=self.instance)
+        self.keeper = LeaseKeeper(self.me, self.timing, self.farm, self.dp, link_up=self._link_up,
+                                  member_present=self._member_present, peers=self._peers,
+                                  probe=self.probe, wake=self.wake)
         self._watch = None
-        self._keepalive_stop = threading.Event()
         self.leave_started: float | None = None
         self.events = EventBus()
         self.metrics = AgentMetrics(self)
         self.ready = None  # the gRPC health service's readiness, set by main()
-        # The farm module: the application's commands and health checks.
-        self.module = FarmModule(cfg.module, env={"NLBFARM_NODE": self.me, "NLBFARM_CLUSTER": cfg.cluster.name})
-        self.health = HealthMonitor(cfg.module.checks, on_transition=self._on_check_transition)
-        self._module_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="module")
-        self._module_busy: str | None = None  # "start", "restart", "stop" while a command runs
-        self._module_idle_since = time.monotonic()
-        self._module_started = not cfg.module.start  # the first start command finished
-        self._module_stopped = False  # on_failure: stop has stopped the application
-        self._start_failed: str | None = None  # why the last start/restart command failed
-        self._restarts_exhausted = False  # loop protection hit: no restart until healthy again
-        self._failed_since: float | None = None
+        self.supervisor = ModuleSupervisor(
+            self.me, cfg.module, cfg.timing.leave_timeout,
+            env={"NLBFARM_NODE": self.me, "NLBFARM_CLUSTER": cfg.cluster.name},
+            wake=self.wake, events=self.events, stopping=self.stopping)
         self._seen_members: dict[str, str] | None = None
         self._seen_generation = 0
         self._change_base_generation = 0
+
+    @property
+    def lease_id(self) -> int | None:
+        v = self.keeper.view()
+        return v.lease_id if v.registered else None
+
+    # ---- what the keeper reads ------------------------------------------------
+
+    def _link_up(self) -> bool:
+        return self.vip.link_up()
+
+    def _member_present(self) -> bool:
+        """One of our lease-bound records is still in etcd (as far as the watch told us).
+
+        Both vanish at once when our leases expire or an operator revokes both:
+        the fence then closes within one refresh, not at the next keepalive.
+        """
+        return self.me in self.cache.snapshot().live()
+
+    def _peers(self) -> list[Peer]:
+        """Everyone to ask under rule E: every other live node, with what its record says."""
+        snap = self.cache.snapshot()
+        peers = [Peer(m.id, m.instance, m.peer) for m in snap.members.values() if m.id != self.me]
+        peers += [Peer(n, "", "") for n in sorted(snap.orphans() - {self.me})]
+        return peers
 
     # ---- start-up -------------------------------------------------------
 
@@ -211,32 +136,27 @@ class Agent:
         delay = 0.5
         while not self.stopping.is_set():
             try:
-                self.store.get(cluster_key(self.prefix))
-                self.state.etcd_state = "connected"
+                self.farm.settings()
                 return
             except StoreError as exc:
-                self.state.etcd_state = "retrying"
                 log.warning("etcd unreachable endpoints=%s retry_in=%.1fs reason=%s",
                             ",".join(self.cfg.etcd.endpoints), delay, exc)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
 
     def _ensure_settings(self) -> ClusterSettings | None:
-        key = cluster_key(self.prefix)
         proposal = ClusterSettings(seed=random.SystemRandom().getrandbits(32),
                                    buckets=self.cfg.cluster.buckets)
-        if self.store.create(key, proposal.encode()):
+        if self.farm.propose_settings(proposal):
             log.info("created cluster settings prefix=%s buckets=%d", self.prefix, proposal.buckets)
         while not self.stopping.is_set():
-            kv = self.store.get(key)
-            try:
-                settings = ClusterSettings.decode(kv.value) if kv else None
-            except ValueError as exc:
-                log.warning("cluster settings unusable key=%s reason=%s retry_in=5s", key, exc)
-                self.stopping.wait(5)
+            settings, why = self.farm.settings()
+            if settings is None and why == "missing":
+                self.farm.propose_settings(proposal)
                 continue
             if settings is None:
-                self.store.create(key, proposal.encode())
+                log.warning("cluster settings unusable prefix=%s reason=%s retry_in=5s", self.prefix, why)
+                self.stopping.wait(5)
                 continue
             if settings.buckets != self.cfg.cluster.buckets:
                 raise ConfigError(
@@ -247,7 +167,15 @@ class Agent:
 
     def _member(self, state: str, reason: str = "") -> Member:
         return Member(self.me, self.cfg.node.weight, state, self.cfg.node.addresses, __version__,
-                      self.instance, self.cfg.status.peer_listen or "", reason, self.rules_digest)
+                      self.instance, self.cfg.status.peer_address, reason, self.rules_digest)
+
+    def _desired_state(self, snap: ClusterSnapshot | None) -> tuple[str, str]:
+        leaving = self.leave_started is not None
+        if not leaving and not self._link_up():
+            # Withdraw through the table: the fence is closed, so the node must
+            # not keep buckets that peers could serve.
+            return "failed", f"link {self.cfg.node.interface} is down"
+        return self.supervisor.desired_state(leaving, snap is not None and self.me in snap.drains)
 
     def _register(self) -> None:
         """Create members/<me> bound to a new lease, then re-read the cluster.
@@ -255,44 +183,52 @@ class Agent:
         The re-read matters after a lost lease: the cache may still show an old
         table in which this node owned buckets that peers have since taken.
         """
-        key = member_key(self.prefix, self.me)
         sent = time.monotonic()
-        lease = self.store.grant_lease(self.cfg.timing.lease_ttl).id
+        old = self.keeper.view()
+        lease = self.farm.grant(self.cfg.timing.lease_ttl).id
+        try:
+            applied_lease = self.farm.grant(self.cfg.timing.lease_ttl).id
+        except BaseException:
+            self._revoke_quietly(lease)
+            raise
         first, reason = self._desired_state(None)
         try:
-            created = self.store.create(key, self._member(first, reason).encode(), lease_id=lease)
+            created = self.farm.register(self._member(first, reason), lease)
             if not created:
-                kv = self.store.get(key)
-                mine = False
-                if kv is not None:
-                    try:
-                        mine = Member.decode(self.me, kv.value).instance == self.instance
-                    except ValueError:
-                        pass
-                if mine:
+                kv, theirs = self.farm.member_record(self.me)
+                if theirs is not None and theirs.instance == self.instance:
                     # An earlier attempt of this very process registered, but
                     # its reply was lost: retire that lease and register again.
-                    self.store.revoke_lease(kv.lease)
-                    created = self.store.create(key, self._member(first, reason).encode(), lease_id=lease)
+                    self.farm.revoke(kv.lease)
+                    created = self.farm.register(self._member(first, reason), lease)
             if not created:
                 raise DuplicateMember(
                     f"node id {self.me!r} is already registered in cluster {self.cfg.cluster.name!r} "
-                    f"by a live agent ({key} exists); refusing to start so the running node is "
-                    "not disturbed")
-            items, rev = self.store.get_prefix(self.prefix)
+                    f"by a live agent ({self.prefix}/members/{self.me} exists); refusing to start so the "
+                    "running node is not disturbed")
+            items, rev = self.farm.read_all()
         except BaseException:
-            try:
-                self.store.revoke_lease(lease, deadline=1.0)
-            except StoreError:
-                pass  # it expires by itself
+            self._revoke_quietly(lease, applied_lease)
             raise
-        self.cache.reset({k: (kv.value, kv.mod_revision) for k, kv in items.items()}, rev)
-        self.lease_id = lease
-        self._last_keepalive_ok = sent
-        self.lease_lost.clear()
-        self.state.published = None
+        self.cache.reset(items, rev)
+        self.keeper.adopt(lease, applied_lease, sent)
+        if old.registered:  # a lost registration: what is left of it goes
+            self._revoke_quietly(old.lease_id, old.applied_lease)
+        # Remember the table read here: a newer one may reach the first cycle
+        # before it, and without it the previous owner of every bucket would be
+        # unknown (decide() would then hold them all for the acquire grace).
+        self.local = replace(self.local, published=None, published_revision=0,
+                             seen_tables=remember_table(self.local.seen_tables, self.cache.snapshot().table))
         log.info("registered node=%s lease=%x ttl=%ds weight=%d", self.me, lease,
                  self.cfg.timing.lease_ttl, self.cfg.node.weight)
+
+    def _revoke_quietly(self, *leases: int) -> None:
+        for lease in leases:
+            if lease:
+                try:
+                    self.farm.revoke(lease, deadline=1.0)
+                except StoreError:
+                    pass  # it expires by itself
 
     def start(self) -> None:
         """Everything up to a running loop. Raises FarmError before any change if it cannot run."""
@@ -314,12 +250,11 @@ class Agent:
                 delay = min(delay * 2, 10.0)
         # Order matters: the ARP rewrite must be in force before the VIP exists,
         # or a client could learn this node's own MAC for the VIP.
-        self.dp.apply(self._base_spec(fence_open=True))
+        self.dp.apply(self._base_spec(fence_open=True), self.keeper.fence_deadline()[0])
         self.vip.up()
-        self._watch = self.store.watch_prefix(self.prefix, self.cache.on_event,
-                                              start_revision=self.cache.revision + 1)
-        threading.Thread(target=self._keepalive_loop, name="keepalive", daemon=True).start()
-        self._run_module("start")
+        self._watch = self.farm.watch(self.cache.on_event, start_revision=self.cache.revision + 1)
+        self.keeper.start()
+        self.supervisor.run("start")
 
     @property
     def node_mac(self) -> str:
@@ -338,209 +273,129 @@ class Agent:
                              table=self.cfg.nft.table, mac_mode=self.cfg.cluster.mac_mode, rules=self.rules,
                              unmatched=self.cfg.cluster.unmatched, node_mac=self.node_mac)
 
-    # ---- keepalive thread: refreshes the lease and extends an open fence ----
-
-    def _keepalive_loop(self) -> None:
-        t = self.cfg.timing
-        while not self._keepalive_stop.wait(t.keepalive_interval):
-            lease = self.lease_id
-            if lease is None or self.lease_lost.is_set():
-                continue
-            if time.monotonic() - self._last_cycle_ok > t.lease_ttl:
-                # A loop that cannot finish a cycle must not keep a lease that
-                # makes peers wait for it: let it lapse so they take over.
-                log.error("reconcile loop stuck for %.1fs node=%s: not refreshing the lease",
-                          time.monotonic() - self._last_cycle_ok, self.me)
-                continue
-            sent = time.monotonic()
-            try:
-                self.store.refresh_lease(lease, deadline=t.keepalive_interval)
-                self._keepalive_succeeded(sent)
-            except LeaseExpired:
-                log.error("lease expired node=%s lease=%x: peers may have taken over; re-registering",
-                          self.me, lease)
-                self.lease_lost.set()
-            except StoreError as exc:
-                self._keepalive_failed(sent, exc)
-            try:
-                self.dp.refresh_fence(self.fence_ok)
-            except DataPlaneError as exc:
-                log.error("fence refresh failed node=%s reason=%s; rebuilding the ruleset", self.me, exc)
-            self.wake.set()
-
-    def _keepalive_succeeded(self, sent: float) -> None:
-        t = self.cfg.timing
-        if self._failing_since is not None:
-            down = sent - self._failing_since
-            if down > 2 * t.keepalive_interval:
-                # Peers that stayed cut off may still serve from rule E for a
-                # moment: take no new bucket until they have surely stopped.
-                self._acquire_after = time.monotonic() + self.acquire_grace()
-            log.info("etcd reachable again node=%s after=%.1fs", self.me, down)
-        self._failing_since = None
-        self._last_keepalive_ok = sent
-        self.state.etcd_state = "connected"
-
-    def _keepalive_failed(self, sent: float, exc: Exception) -> None:
-        if self._failing_since is None:
-            self._failing_since = sent
-            log.warning("keepalive failed node=%s reason=%s", self.me, exc)
-        if sent - self._last_keepalive_ok <= 2 * self.cfg.timing.keepalive_interval:
-            return
-        snap = self.cache.snapshot()
-        peers = {m.id: m.peer for m in snap.members.values() if m.id != self.me}
-        down_for_all, why = self.probe.etcd_down_for_all(peers)
-        state = ("unreachable for every peer: keeping the last table" if down_for_all
-                 else f"unreachable from this node ({why}): stepping back")
-        if state != self.state.etcd_state:
-            log.warning("etcd %s node=%s", state, self.me)
-        self.state.etcd_state = state
-        if down_for_all:
-            self._consensus_at = sent
-
-    def acquire_grace(self) -> float:
-        t = self.cfg.timing
-        return t.fence_timeout + 3 * t.keepalive_interval + self.cfg.etcd.timeout + 0.5
-
     # ---- the reconcile loop ----------------------------------------------
 
-    def fence_ok(self, now: float | None = None) -> bool:
-        """May the fence be extended now? (step 3 and rule E of the handover argument)"""
-        now = time.monotonic() if now is None else now
-        if self.lease_lost.is_set() or not self.vip.link_up():
-            return False
-        window = self.cfg.timing.lease_ttl - self.cfg.timing.fence_timeout - FENCE_MARGIN_S
-        return now - self._last_keepalive_ok < window or self.static_mode(now)
-
-    def static_mode(self, now: float | None = None) -> bool:
-        """Serving from rule E: etcd unreachable, and every peer recently said the same."""
-        now = time.monotonic() if now is None else now
-        t = self.cfg.timing
-        window = min(2 * t.keepalive_interval + self.cfg.etcd.timeout,
-                     t.lease_ttl - t.fence_timeout - FENCE_MARGIN_S)
-        return now - self._consensus_at < window
-
-    def _desired_state(self, snap: ClusterSnapshot | None) -> tuple[str, str]:
-        """The member state this node should announce, and why."""
-        if self.leave_started is not None:
-            return "leaving", "the agent is stopping"
-        if self._module_stopped:
-            return "stopped", ("a health check failed and on_failure is stop: application stopped; "
-                               "restart the agent to rejoin")
-        failing = self.health.failing()
-        if failing:
-            # The cause, not the latest probe's detail: the reason goes to
-            # etcd, and must not change (and be rewritten) with every probe.
-            st = {c.name: c for c in self.health.statuses()}
-            what = "; ".join(f"check {n} failing: {st[n].cause}" for n in failing)
-            if self._module_busy == "restart":
-                what += "; restarting the application"
-            elif self._restarts_exhausted:
-                what += "; restart limit reached"
-            return "failed", what
-        if self._start_failed is not None and not self.cfg.module.checks and not self._module_busy:
-            return "failed", f"{self.cfg.module.name} failed to start: {self._start_failed}"
-        if not self._module_started:
-            return "starting", f"application starting ({self._module_busy or 'start'} command running)"
-        if not self.health.healthy():
-            waiting = [c.name for c in self.health.statuses() if c.state != "passing"]
-            return "starting", f"waiting for checks to pass: {', '.join(waiting)}"
-        if snap is not None and self.me in snap.drains:
-            return "draining", "an operator asked this node to drain"
-        if self.cfg.module.checks:
-            return "active", "all checks passing"
-        return "active", "no checks configured"
-
-    # ---- farm module: health checks and the application's commands ---------
-
-    def _on_check_transition(self, name: str, old: str, new: str, detail: str) -> None:
-        # Checker thread: record and wake; the loop decides what follows.
-        self.events.publish("check_transition", self.me, f"check {name} {old} -> {new}: {detail}",
-                            check=name, old=old, new=new)
-        self.wake.set()
-
-    def _run_module(self, action: str) -> None:
-        """Run start, restart or stop on the module worker; the loop sees the outcome."""
-        if action in ("start", "restart") and not self.cfg.module.start:
-            self._module_started = True
-            self.health.start()
+    def _scan_conntrack(self, now: float) -> None:
+        """Count live connections per bucket while buckets drain (what decide() ends drains on)."""
+        if not self.local.draining or now - self.conn_scan_at < CONNTRACK_SCAN_S:
             return
-        if action == "stop" and not self.cfg.module.stop:
-            return
-        self._module_busy = action
-        self.events.publish("module_action", self.me, f"{action} of {self.cfg.module.name} begins",
-                            action=action)
+        try:
+            self.conn_counts = live_connections_by_bucket(self.cfg.cluster.vips, self.rules,
+                                                          self.cfg.cluster.unmatched, self.settings.buckets,
+                                                          self.settings.seed)
+            self.conn_scan_at = now
+        except DataPlaneError as exc:
+            log.warning("conntrack scan failed node=%s reason=%s", self.me, exc)
 
-        def work():
-            try:
-                res = getattr(self.module, action)()
-                self.events.publish("module_action", self.me,
-                                    f"{action} of {self.cfg.module.name} "
-                                    f"{'done' if res.ok else 'FAILED'}: {res.detail}",
-                                    action=action, ok=res.ok)
-                if action in ("start", "restart"):
-                    self._start_failed = None if res.ok else res.detail
-                if action == "start":
-                    self._module_started = True
-                    # Checks begin after the start command, as SafeKit's
-                    # checkers do after start_both: a starting application
-                    # must not count as failing. Not once the agent stops.
-                    if not self.stopping.is_set():
-                        self.health.start()
-            finally:
-                # idle_since first: the loop reads busy, then idle_since.
-                self._module_idle_since = time.monotonic()
-                self._module_busy = None
-                self.wake.set()
-
-        self._module_worker.submit(work)
-
-    def _module_action(self, state: str, announced: Member | None) -> None:
-        """on_failure for a failed node, once it has withdrawn.
-
-        Restarting or stopping the application while the node still accepts
-        its buckets would reset new connections that peers could serve, so
-        the action waits until the failed state is announced and this node
-        accepts nothing (or leave_timeout passed, say in a one-node farm).
-        """
-        m = self.cfg.module
+    def observe(self, snap: ClusterSnapshot) -> Observations:
         now = time.monotonic()
-        if state != "failed":
-            self._failed_since = None
-            if state == "active":
-                self._restarts_exhausted = False
+        self._scan_conntrack(now)
+        desired, why = self._desired_state(snap)
+        t = self.cfg.timing
+        return Observations(now=time.monotonic(), lease=self.keeper.view(), link_up=self._link_up(),
+                            desired_state=desired, desired_reason=why, conn_counts=self.conn_counts,
+                            conn_scan_at=self.conn_scan_at, leave_started=self.leave_started,
+                            drain_timeout=t.drain_timeout, stop_drain_timeout=t.stop_drain_timeout)
+
+    def cycle(self) -> str:
+        """One reconcile step: observe, decide, act. Returns the plan's sentence."""
+        snap = self.cache.snapshot()
+        self._note_changes(snap)
+        obs = self.observe(snap)
+        plan = decide(self.me, self.timing, snap, self.local, obs)
+        sentence = self.execute(plan, snap)
+        self.supervisor.after_cycle(self.local.node_state, self.cache.snapshot().members.get(self.me),
+                                    bool(self.local.accepting))
+        self.keeper.loop_alive()  # a cycle finished: the loop does not hang
+        return sentence
+
+    def _write_deadline(self) -> float:
+        # A write must not hold the loop longer than a keepalive may be late:
+        # a failed one is simply decided again next cycle.
+        return self.timing.late_after
+
+    def execute(self, plan: Plan, snap: ClusterSnapshot) -> str:
+        """Carry out a plan, edge by edge. ``self.local`` takes each step only once it happened."""
+        try:
+            return self._execute(plan, snap)
+        except LeaseExpired:
+            # A write with our lease was refused: it was revoked or expired.
+            self.keeper.mark_lost()
+            return "lease gone (a write with it was refused): fence closed"
+
+    def _execute(self, plan: Plan, snap: ClusterSnapshot) -> str:
+        sentence = plan.sentence()
+        if plan.reason in (Reason.LEASE_LOST, Reason.LEASE_LOST_LEAVING):
+            self._apply(plan)
+            if plan.reason is Reason.LEASE_LOST:
+                try:
+                    self._register()
+                except DuplicateMember:
+                    return "lease lost; waiting for the old member key to expire before re-registering"
+            return sentence
+        if plan.member_write is not None:
+            state, why = plan.member_write
+            self.farm.announce(self._member(state, why), self.lease_id, deadline=self._write_deadline())
+            if state != self.local.node_state:
+                log.info("state change node=%s from=%s to=%s reason=%r", self.me, self.local.node_state,
+                         state, why)
+                self.events.publish("node_state", self.me, f"{self.local.node_state} -> {state}: {why}",
+                                    old=self.local.node_state, new=state)
+            self.local = plan.next
+            return sentence
+        if plan.table_write is not None:
+            if not self.farm.write_table(plan.table_write, deadline=self._write_deadline()):
+                sentence = f"table generation {plan.table_write.generation} was written by a peer first"
+            self.local = plan.next
+            return sentence
+        self._apply(plan)
+        if plan.publish is not None:
+            # Invariant I: the kernel now accepts new connections only in T_g's
+            # buckets for this node; the draining list goes out in the same write,
+            # so a new owner guards those buckets from its first packet.
+            rev = self.farm.publish_applied(self.me, plan.publish, self.keeper.view().applied_lease,
+                                            deadline=self._write_deadline())
+            self.local = replace(self.local, published=plan.publish, published_revision=rev)
+        if plan.reason in (Reason.APPLIED, Reason.WAITING_FOR_PEERS, Reason.HOLDING_VANISHED, Reason.NO_TABLE):
+            self._observe_change_applied(snap, plan.reason is Reason.APPLIED)
+        if plan.ready is not None and self.ready is not None:
+            self.ready.set_ready(plan.ready)
+        return sentence
+
+    def _apply(self, plan: Plan) -> None:
+        k = plan.kernel
+        spec = self._base_spec(plan.fence_until is not None).with_buckets(
+            bucket_ranges(k.accepting), k.draining, k.guarded)
+        rebuilt = self.dp.current is None
+        t0 = time.monotonic()
+        if self.dp.apply(spec, plan.fence_until):
+            self.metrics.apply_seconds.observe(time.monotonic() - t0)
+            if rebuilt:
+                # Our tables had vanished (flushed by another tool): while the ARP
+                # rewrite was gone, clients may have cached this node's own MAC.
+                self.vip.announce()
+        # The loop is the only writer of self.local, so plan.next was decided from it.
+        self.local = plan.next
+
+    def _observe_change_applied(self, snap: ClusterSnapshot, complete: bool) -> None:
+        """Membership change -> this node's kernel runs the resulting table: one histogram sample.
+
+        Called only for a snapshot that needs no new table (a cycle that writes
+        one returns before), so ``snap.table`` is the resulting table.
+        """
+        if not complete:
             return
-        if self._failed_since is None:
-            self._failed_since = now
-        if self._module_busy or m.on_failure == "withdraw" or self._restarts_exhausted or self._module_stopped:
+        g = snap.table.generation if snap.table else 0
+        change = self.cache.member_change_at
+        if change is None or snap.revision < change[1]:
+            if change is None:
+                self._change_base_generation = g
             return
-        withdrawn = announced is not None and announced.state == "failed" and not self.state.accepting
-        if not withdrawn and now - self._failed_since < self.cfg.timing.leave_timeout:
-            return
-        if m.on_failure == "stop":
-            log.warning("check failed node=%s action=stop: stopping %s and staying out of the farm",
-                        self.me, m.name)
-            self._module_stopped = True
-            self._run_module("stop")
-            return
-        # Give a restarted application one full check window to come back
-        # before counting it as still failing.
-        settle = max((c.interval * (c.rise + c.fall) for c in m.checks), default=0)
-        if time.monotonic() - self._module_idle_since < settle:
-            return
-        if self.module.may_restart():
-            log.warning("check failed node=%s action=restart restarts_in_window=%d limit=%d", self.me,
-                        self.module.restarts_in_window(), m.restart_limit)
-            self._run_module("restart")
-        else:
-            # SafeKit's loop protection: no more restarts until the checks
-            # pass again, however long that takes.
-            self._restarts_exhausted = True
-            log.error("restart limit reached node=%s restarts=%d window=%.0fs: staying withdrawn until "
-                      "the checks pass again", self.me, self.module.restarts_in_window(), m.restart_window)
-            self.events.publish("module_action", self.me,
-                                f"restart limit reached ({m.restart_limit} in {m.restart_window:.0f} s): "
-                                "staying withdrawn", action="restart_limit")
+        self.cache.member_change_at = None
+        # A change that needed no new table (say a weight-0 member) has nothing to time.
+        if g != self._change_base_generation:
+            self.metrics.change_to_apply_seconds.observe(time.monotonic() - change[0])
+        self._change_base_generation = g
 
     def _note_changes(self, snap: ClusterSnapshot) -> None:
         """Turn differences between snapshots into events."""
@@ -572,200 +427,6 @@ class Agent:
                 f"{n}={counts[n]}" for n in sorted(counts)), generation=g)
             self._seen_generation = g
 
-    def _drain_deadline(self, snap: ClusterSnapshot, now: float) -> float:
-        """When buckets released now stop serving their old connections."""
-        t = self.cfg.timing
-        if self.leave_started is not None:
-            return self.leave_started + t.stop_drain_timeout
-        req = snap.drains.get(self.me)
-        if req is not None and req.timeout is not None:
-            return now + req.timeout
-        return now + t.drain_timeout
-
-    def _update_draining(self, snap: ClusterSnapshot, released: frozenset, accepting: frozenset,
-                         now: float) -> None:
-        """Track released buckets until their last connection closed or their deadline passed."""
-        st = self.state
-        deadline = self._drain_deadline(snap, now)
-        draining = {b: v for b, v in st.draining.items() if b not in accepting}
-        for b in released:
-            draining.setdefault(b, (deadline, now))
-        if self.leave_started is not None:  # a stop caps every drain
-            draining = {b: (min(d, deadline), since) for b, (d, since) in draining.items()}
-        if draining and now - st.conn_scan_at >= CONNTRACK_SCAN_S:
-            try:
-                st.conn_counts = live_connections_by_bucket(self.cfg.cluster.vips, self.rules,
-                                                            self.cfg.cluster.unmatched,
-                                                            self.settings.buckets,
-                                                            self.settings.seed)
-                st.conn_scan_at = now
-            except DataPlaneError as exc:
-                log.warning("conntrack scan failed node=%s reason=%s", self.me, exc)
-        done = [b for b, (d, since) in draining.items()
-                if now >= d or (st.conn_scan_at > since and st.conn_counts.get(b, 0) == 0)]
-        expired = [b for b in done if st.conn_counts.get(b, 0) and now >= draining[b][0]]
-        if expired:
-            log.warning("drain timeout node=%s buckets=%d connections=%d: no longer served", self.me,
-                        len(expired), sum(st.conn_counts.get(b, 0) for b in expired))
-        for b in done:
-            del draining[b]
-        st.draining = draining
-
-    def cycle(self) -> str:
-        """One reconcile step. Returns the sentence describing what it did or waits for."""
-        if self.lease_lost.is_set():
-            return self._recover_lease()
-        snap = self.cache.snapshot()
-        self._remember_table(snap)
-        self._note_changes(snap)
-        mine = snap.members.get(self.me)
-        desired, reason = self._desired_state(snap)
-        self._module_action(desired, mine)
-        if mine is not None and (mine.state, mine.reason) != (desired, reason):
-            self.store.put(member_key(self.prefix, self.me), self._member(desired, reason).encode(),
-                           lease_id=self.lease_id)
-            if desired != self.state.node_state:
-                log.info("state change node=%s from=%s to=%s reason=%r", self.me, self.state.node_state,
-                         desired, reason)
-                self.events.publish("node_state", self.me, f"{self.state.node_state} -> {desired}: {reason}",
-                                    old=self.state.node_state, new=desired)
-            self.state.node_state, self.state.state_reason = desired, reason
-            return f"state {desired} ({reason}): " + {
-                "leaving": "peers will take over this node's buckets",
-                "draining": "no new connections; established ones are kept until they close",
-                "failed": "withdrawing: peers take over this node's buckets",
-                "stopped": "withdrawing: peers take over this node's buckets",
-                "starting": "taking no buckets until every check passes",
-                "active": "taking buckets"}[desired]
-        self.state.node_state, self.state.state_reason = desired, reason
-        update = plan_table(snap)
-        if update is not None:
-            ok = self.store.compare_and_swap(
-                table_key(self.prefix), TableRecord.encode(update.generation, update.owners),
-                update.expected_revision)
-            if ok:
-                return (f"wrote table generation {update.generation}: moved {update.moved} "
-                        f"buckets ({update.reason})")
-            return f"table generation {update.generation} was written by a peer first"
-        now = time.monotonic()
-        link_up = self.vip.link_up()
-        fence_open = link_up and self.fence_ok(now)
-        plan = plan_accept(self.me, snap, self.state.accepting)
-        keepalive_fresh = now - self._last_keepalive_ok < 2 * self.cfg.timing.keepalive_interval
-        if not fence_open or not keepalive_fresh:
-            # Take nothing new without a fresh lease (rule E serves only what it
-            # had); without an open fence, also close it now rather than wait
-            # for the element to expire.
-            plan = AcceptPlan(plan.generation, plan.target, plan.accepting & self.state.accepting,
-                              plan.waiting_for)
-        elif now < self._acquire_after:
-            plan = self._hold_vanished_owners(snap, plan)
-        self._update_draining(snap, self.state.accepting - plan.accepting, plan.accepting, now)
-        guarded = plan.accepting & snap.draining_elsewhere(self.me)
-        spec = self._base_spec(fence_open).with_buckets(
-            bucket_ranges(plan.accepting), bucket_ranges(self.state.draining), bucket_ranges(guarded))
-        rebuilt = self.dp.current is None
-        t0 = time.monotonic()
-        if self.dp.apply(spec):
-            self.metrics.apply_seconds.observe(time.monotonic() - t0)
-            self.state.accepting = plan.accepting
-            if rebuilt:
-                # Our tables had vanished (flushed by another tool): while the ARP
-                # rewrite was gone, clients may have cached this node's own MAC.
-                self.vip.announce()
-        if not link_up:
-            return f"link {self.cfg.node.interface} is down: fence closed, withdrawing from the farm"
-        if not fence_open:
-            return (f"fence closed: no successful keepalive for "
-                    f"{time.monotonic() - self._last_keepalive_ok:.1f} s; dropping all VIP traffic")
-        if not keepalive_fresh:
-            # No etcd writes without a fresh keepalive: they would only block
-            # the loop in retries while the keepalive thread sorts things out.
-            if self.static_mode(now):
-                return (f"etcd unreachable for every peer: serving generation {plan.generation} "
-                        f"unchanged ({len(self.state.accepting)} buckets)")
-            return (f"etcd keepalive late ({now - self._last_keepalive_ok:.1f} s): holding generation "
-                    f"{plan.generation} with {len(self.state.accepting)} buckets, taking none")
-        g = plan.generation
-        conns = sum(self.state.conn_counts.get(b, 0) for b in self.state.draining)
-        report = Applied(g, len(self.state.accepting), tuple(bucket_ranges(self.state.draining)), conns)
-        if g and self.state.published != report:
-            # Invariant I: the kernel now accepts new connections only in T_g's
-            # buckets for this node; the draining list goes out in the same write,
-            # so a new owner guards those buckets from its first packet.
-            self.store.put(applied_key(self.prefix, self.me), report.encode(), lease_id=self.lease_id)
-            self.state.published = report
-        self._observe_change_applied(snap, plan)
-        if self.ready is not None:
-            self.ready.set_ready(self.state.node_state == "active" and plan.complete and g > 0)
-        if g == 0:
-            return "waiting for the first table"
-        draining = (f"; draining {len(self.state.draining)} buckets with {conns} connections"
-                    if self.state.draining else "")
-        if plan.complete:
-            return (f"generation {g} applied: accepting {len(plan.accepting)} of {self.settings.buckets} "
-                    f"buckets{draining}")
-        waiting = (f"waiting for {','.join(plan.waiting_for)} to apply generation {g}" if plan.waiting_for
-                   else "holding buckets of vanished nodes until they surely stopped serving")
-        return (f"generation {g}: accepting {len(plan.accepting)} of {len(plan.target)} owned buckets, "
-                f"{waiting}{draining}")
-
-    def _observe_change_applied(self, snap: ClusterSnapshot, plan: AcceptPlan) -> None:
-        """Membership change -> this node's kernel runs the resulting table: one histogram sample.
-
-        Called only for a snapshot that needs no new table (cycle() returns
-        early after writing one), so ``snap.table`` is the resulting table.
-        """
-        if not plan.complete:
-            return
-        g = snap.table.generation if snap.table else 0
-        change = self.cache.member_change_at
-        if change is None or snap.revision < change[1]:
-            if change is None:
-                self._change_base_generation = g
-            return
-        self.cache.member_change_at = None
-        # A change that needed no new table (say a weight-0 member) has nothing to time.
-        if g != self._change_base_generation:
-            self.metrics.change_to_apply_seconds.observe(time.monotonic() - change[0])
-        self._change_base_generation = g
-
-    def _remember_table(self, snap: ClusterSnapshot) -> None:
-        if snap.table is not None and snap.table.generation not in self._seen_tables:
-            self._seen_tables[snap.table.generation] = snap.table.owners
-            for g in sorted(self._seen_tables)[:-3]:
-                del self._seen_tables[g]
-
-    def _hold_vanished_owners(self, snap: ClusterSnapshot, plan: AcceptPlan) -> AcceptPlan:
-        """Right after an etcd outage: no bucket whose previous owner vanished with its lease.
-
-        That owner may still serve it under rule E until it learns that etcd is
-        back (peers tell it within a keepalive interval) and its fence runs out.
-        Buckets handed over by live peers are safe and are taken at once.
-        """
-        new = plan.accepting - self.state.accepting
-        earlier = [g for g in self._seen_tables if g < plan.generation]
-        prev = self._seen_tables[max(earlier)] if earlier else None
-        live = snap.live()
-        held = frozenset(b for b in new if prev is None or prev[b] not in live)
-        if not held:
-            return plan
-        return AcceptPlan(plan.generation, plan.target, plan.accepting - held, plan.waiting_for)
-
-    def _recover_lease(self) -> str:
-        # Peers may already own our buckets: stop accepting anything first.
-        self.dp.apply(self._base_spec(fence_open=False).with_buckets((), ()))
-        self.state.accepting = frozenset()
-        self.state.draining = {}
-        if self.leave_started is not None:
-            return "lease lost while leaving: nothing left to hand over"
-        try:
-            self._register()
-        except DuplicateMember:
-            return "lease lost; waiting for the old member key to expire before re-registering"
-        self._acquire_after = time.monotonic() + self.acquire_grace()
-        return "lease lost: released every bucket and registered again"
-
     def run_loop(self) -> None:
         while True:
             self.wake.wait(self.cfg.timing.keepalive_interval)
@@ -775,22 +436,25 @@ class Agent:
                 log.info("leaving node=%s: handing over buckets before removing the VIP", self.me)
             try:
                 sentence = self.cycle()
-                self._last_cycle_ok = time.monotonic()
+            except StoreUnavailable as exc:
+                # etcd trouble is the keeper's to judge; the loop itself is fine.
+                self.keeper.loop_alive()
+                sentence = f"cycle failed: {exc}"
             except (StoreError, DataPlaneError) as exc:
                 sentence = f"cycle failed: {exc}"
             except Exception as exc:  # a bug must not kill the loop silently
                 log.exception("cycle crashed node=%s", self.me)
                 sentence = f"cycle crashed: {type(exc).__name__}: {exc}"
-            if sentence != self.state.last_sentence:
+            if sentence != self.last_sentence:
                 log.info("cycle node=%s result=%r", self.me, sentence)
-                self.state.last_sentence = sentence
+                self.last_sentence = sentence
             if self.leave_started is not None and self._leave_done():
                 return
 
     # ---- graceful leave ----------------------------------------------------
 
     def _leave_done(self) -> bool:
-        if self.lease_lost.is_set():
+        if self.keeper.view().lost:
             return True
         snap = self.cache.snapshot()
         handed_over = self._handed_over(snap)
@@ -798,31 +462,30 @@ class Agent:
             log.warning("leave timeout node=%s after %.0fs: peers did not take over; leaving anyway",
                         self.me, self.cfg.timing.leave_timeout)
             return True
-        # Established connections finish first; _update_draining ends them at
+        # Established connections finish first; decide() ends them at
         # leave_started + stop_drain_timeout at the latest.
-        return handed_over and not self.state.draining
+        return handed_over and not self.local.draining
 
     def _handed_over(self, snap: ClusterSnapshot) -> bool:
         """The table no longer gives this node buckets and every live peer applied it."""
         if snap.table is None:
             return True
         g = snap.table.generation
-        if snap.table.owned_by(self.me) or self.state.accepting or self.state.published_generation != g:
+        if snap.table.owned_by(self.me) or self.local.accepting or self.local.published_generation != g:
             return False
         peers = snap.live() - {self.me}
         return all((a := snap.applied.get(p)) is not None and a.generation >= g for p in peers)
 
     def shutdown(self) -> None:
         """Stop serving, remove the VIP, then the rules, then the lease (never the other way round)."""
-        self._keepalive_stop.set()
-        self.health.stop()
+        self.keeper.stop()
+        self.supervisor.health.stop()
         if self.ready is not None:
             self.ready.set_ready(False)
         if self.dp.current is not None and self.settings is not None:
             try:
-                self.dp.apply(self._base_spec(fence_open=False).with_buckets((), ()))
-                self.state.accepting = frozenset()
-                self.state.draining = {}
+                self.dp.apply(self._base_spec(fence_open=False).with_buckets((), ()), None)
+                self.local = replace(self.local, accepting=frozenset(), draining={})
             except DataPlaneError as exc:
                 log.error("could not close the fence node=%s reason=%s", self.me, exc)
         if self.vip.down():
@@ -835,12 +498,15 @@ class Agent:
                       "the cluster MAC; remove the VIP by hand, then the nft tables", self.me)
         if self._watch is not None:
             self._watch.cancel()
-        if self.lease_id is not None:
+        view = self.keeper.release()
+        for lease in (view.lease_id, view.applied_lease):
+            if not lease:
+                continue
             try:
-                self.store.revoke_lease(self.lease_id, deadline=2.0)
+                self.farm.revoke(lease, deadline=2.0)
             except StoreError as exc:
                 log.warning("lease revoke failed node=%s reason=%s (it expires by itself)", self.me, exc)
-        self.lease_id = None
+                break
         self.probe.close()
         self.store.close()
         self.stop_module()
@@ -848,15 +514,7 @@ class Agent:
         log.info("stopped node=%s", self.me)
 
     def stop_module(self) -> None:
-        """The application's stop command, once no VIP traffic can reach it any more."""
-        self._module_worker.shutdown(wait=True)  # a running start/restart finishes first
-        self.health.stop()  # in case a start finished after shutdown() stopped the checks
-        if self.cfg.module.stop and not self._module_stopped:
-            self._module_stopped = True
-            res = self.module.stop()
-            if not res.ok:
-                log.error("module stop failed node=%s module=%s reason=%s", self.me, self.cfg.module.name,
-                          res.detail)
+        self.supervisor.shutdown()
 
     # ---- operator requests and peer questions (gRPC threads) ---------------
 
@@ -865,7 +523,7 @@ class Agent:
         if node_id not in snap.members:
             raise KeyError(f"no member named {node_id!r} in cluster {self.cfg.cluster.name!r} "
                            f"(members: {', '.join(sorted(snap.members)) or 'none'})")
-        self.store.put(drain_key(self.prefix, node_id), DrainRequest(timeout).encode())
+        self.farm.request_drain(node_id, timeout)
         log.info("drain requested node=%s timeout=%s via=%s", node_id, timeout or "default", self.me)
         self.events.publish("drain_requested", node_id, f"drain of {node_id} requested through {self.me}",
                             timeout=timeout or "default")
@@ -876,7 +534,7 @@ class Agent:
         snap = self.cache.snapshot()
         if node_id not in snap.members and node_id not in snap.drains:
             raise KeyError(f"no member named {node_id!r} in cluster {self.cfg.cluster.name!r}")
-        existed = self.store.delete(drain_key(self.prefix, node_id))
+        existed = self.farm.cancel_drain(node_id)
         log.info("undrain requested node=%s via=%s", node_id, self.me)
         self.events.publish("undrain_requested", node_id, f"undrain of {node_id} requested through {self.me}")
         return f"{node_id} takes buckets again" if existed else f"{node_id} was not draining"
@@ -942,11 +600,12 @@ class Agent:
         return {"bucket": b, "node_id": snap.table.owners[b] or "", "generation": snap.table.generation,
                 "draining_on": draining, "rule": why}
 
-    def etcd_reachability(self) -> tuple[bool, float]:
-        """Did a keepalive succeed recently? Peers ask this during an etcd outage."""
-        age = time.monotonic() - self._last_keepalive_ok
-        t = self.cfg.timing
-        return age < 2 * t.keepalive_interval + self.cfg.etcd.timeout, age
+    def etcd_reachability(self) -> tuple[bool, bool, float]:
+        """(votes, reaches etcd, age of the last keepalive): what a peer asking under rule E hears.
+
+        An agent that has not registered (or lost its lease) does not vote.
+        """
+        return self.keeper.reachability()
 
     # ---- read side (status server) -------------------------------------
 
@@ -968,13 +627,15 @@ class Agent:
                                           if m.id in snap.applied else 0),
                  "drain_requested": m.id in snap.drains, "reason": m.reason, "rules": m.rules}
                 for m in sorted(snap.members.values(), key=lambda m: m.id)],
-            "applied_generation": max(self.state.published_generation, 0),
+            "applied_generation": max(self.local.published_generation, 0),
             "owned_buckets": len(snap.table.owned_by(self.me)) if snap.table else 0,
-            "accepting_buckets": len(self.state.accepting),
-            "draining_buckets": len(self.state.draining),
-            "fence_open": self.dp.fence_is_open(),
-            "etcd_state": self.state.etcd_state,
-            "last_cycle": self.state.last_sentence,
+            "accepting_buckets": len(self.local.accepting),
+            "draining_buckets": len(self.local.draining),
+            # What was written, not a kernel listing: no reader may take the
+            # data plane's lock (peers' calls must never delay a fence refresh).
+            "fence_open": self.dp.fence_held(),
+            "etcd_state": self.keeper.etcd_state,
+            "last_cycle": self.last_sentence,
             "vips": list(self.cfg.cluster.vips),
         }
 
@@ -987,7 +648,8 @@ class Agent:
                 counters = [dataclasses.asdict(c) for c in self.dp.counters()]
             except DataPlaneError as exc:
                 log.warning("cannot read nft counters node=%s reason=%s", self.me, exc)
-        st = self.state
+        st = self.local
+        lease = self.keeper.view()
         return {
             "node_id": self.me,
             "state": st.node_state,
@@ -997,18 +659,18 @@ class Agent:
             "owned_buckets": len(snap.table.owned_by(self.me)) if snap.table else 0,
             "accepting_buckets": len(st.accepting),
             "draining_buckets": len(st.draining),
-            "draining_connections": sum(st.conn_counts.get(b, 0) for b in st.draining),
+            "draining_connections": sum(self.conn_counts.get(b, 0) for b in st.draining),
             "accepting_ranges": bucket_ranges(st.accepting),
-            "fence_open": self.dp.fence_is_open(),
-            "etcd_state": st.etcd_state,
-            "last_keepalive_age_s": (time.monotonic() - self._last_keepalive_ok
-                                     if self._last_keepalive_ok else -1.0),
+            "fence_open": self.dp.fence_held(),
+            "etcd_state": self.keeper.etcd_state,
+            "last_keepalive_age_s": (time.monotonic() - lease.last_ok_sent
+                                     if lease.last_ok_sent is not None else -1.0),
             "lease_id": f"{self.lease_id:x}" if self.lease_id else "",
             "counters": counters,
-            "checks": [dataclasses.asdict(c) for c in self.health.statuses()],
+            "checks": [dataclasses.asdict(c) for c in self.supervisor.health.statuses()],
             "module": self.cfg.module.name,
-            "restarts_in_window": self.module.restarts_in_window(),
-            "last_cycle": st.last_sentence,
+            "restarts_in_window": self.supervisor.module.restarts_in_window(),
+            "last_cycle": self.last_sentence,
             "vips": list(self.cfg.cluster.vips),
             "version": __version__,
         }

@@ -35,7 +35,13 @@ accepted or draining before conntrack may be counted again by a drop after it.
 
 The fence is a set element with a kernel timeout. The agent refreshes it while
 its etcd session is healthy; if the agent dies the element expires and the
-node drops all VIP traffic on its own, before its lease can expire.
+node drops all VIP traffic on its own, before its lease can expire. Every
+write of the element gets a *deadline* (monotonic seconds, from
+``node.decide.fence_deadline``) and is given only the whole seconds that fit
+before it, counted when the transaction is sent; if the transaction returns
+so late that the element could outlive the deadline, it is deleted at once.
+So no delay between the decision and the commit (a conntrack scan, a long
+ruleset, the lock, a paused process) can stretch the fence past it.
 
 ``build_*`` functions are pure and golden-tested. ``DataPlane.apply`` sends one
 transaction (old ruleset or new, never a mix) and records the new spec only
@@ -45,9 +51,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import threading
+import time
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Callable, Iterable
 
 from nlbfarm.coordinator.hashing import network6_hash_payload, network_hash_payload
 from nlbfarm.coordinator.rules import UNMATCHED_BUCKET, TrafficRule
@@ -556,6 +564,27 @@ def build_fence_refresh(spec: DataPlaneSpec) -> list[dict]:
     return [{"add": e}, {"delete": fence_element(spec)}, {"add": fence_element(spec)}]
 
 
+def build_fence_close(spec: DataPlaneSpec) -> list[dict]:
+    # The add makes the delete valid when the element has already expired.
+    return [{"add": fence_element(spec)}, {"delete": fence_element(spec)}]
+
+
+def fence_seconds(until: float | None, now: float, fence_timeout: int) -> int:
+    """Whole seconds of fence element that fit before ``until`` (0: the fence must be closed).
+
+    The JSON API takes element timeouts in whole seconds only (a fraction is
+    silently taken as "no timeout", see the README), so this rounds down.
+    """
+    if until is None:
+        return 0
+    if until == math.inf:  # no lease behind it (tools, kernel tests): the spec's full timeout
+        return int(fence_timeout)
+    remaining = until - now
+    if remaining < 1:
+        return 0
+    return max(0, min(int(fence_timeout), int(remaining)))
+
+
 def build_teardown(table: str = DEFAULT_TABLE) -> list[dict]:
     cmds = []
     for fam in ("inet", "arp", "netdev"):
@@ -589,11 +618,17 @@ def parse_counters(listing, spec: DataPlaneSpec) -> list[RuleCounter]:
 class DataPlane:
     """Applies specs to the kernel of the current network namespace.
 
-    The reconcile loop applies specs; the keepalive thread only extends an
-    open fence. The lock makes "check the spec, then send" one step for both.
+    The reconcile loop applies specs; the lease keeper only extends an open
+    fence. The lock makes "check the spec, then send" one step for both.
+    ``spec.fence_open`` is the intent; how long the element lasts is decided
+    at the commit from the deadline (``fence_seconds``).
     """
 
     current: DataPlaneSpec | None = None
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    # Monotonic time by which the kernel's fence element has surely expired
+    # (0: no element). Read by status views instead of listing the kernel.
+    fence_expires_at: float = 0.0
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _nft: object = field(default=None, repr=False)
     # Counts of earlier incarnations of the table, (vip, rule) -> [packets, bytes];
@@ -628,8 +663,29 @@ class DataPlane:
             raise DataPlaneError(f"nftables refused {what}: {err.strip() or 'rc=%d' % rc}")
         return out
 
-    def apply(self, spec: DataPlaneSpec) -> bool:
-        """Replace the whole ruleset in one transaction. Returns False if nothing changed."""
+    def _fenced(self, spec: DataPlaneSpec, until: float | None) -> tuple[DataPlaneSpec, int, float]:
+        """The spec as sent now: its fence element only as long as ``until`` allows."""
+        now = self.clock()
+        secs = fence_seconds(until, now, spec.fence_timeout) if spec.fence_open else 0
+        return replace(spec, fence_open=secs > 0, fence_timeout=secs or spec.fence_timeout), secs, now
+
+    def _after_fence_write(self, spec: DataPlaneSpec, secs: int, until: float | None) -> None:
+        """The element went in at some instant before now: close it if it could outlive ``until``."""
+        done = self.clock()
+        if secs and until is not None and done + secs > until:
+            log.warning("fence write took too long (%.3f s left before the deadline, element %d s): "
+                        "closing it", until - done, secs)
+            self.run(build_fence_close(spec), "fence close")
+            secs = 0
+        self.fence_expires_at = done + secs if secs else 0.0
+
+    def apply(self, spec: DataPlaneSpec, fence_until: float | None = math.inf) -> bool:
+        """Replace the whole ruleset in one transaction. Returns False if nothing changed.
+
+        With ``spec.fence_open``, the fence element gets the whole seconds that
+        fit before ``fence_until`` (None: none; the default ``math.inf``, for
+        callers without a lease such as benchmarks: the spec's fence_timeout).
+        """
         with self._lock:
             if spec == self.current:
                 return False
@@ -639,7 +695,9 @@ class DataPlane:
             # old table counts between this read and the swap (a few
             # microseconds) are missed by counters(); a count never goes back.
             old = self._read_old_counters()
-            self.run(build_ruleset(spec), "ruleset replace")
+            sent, secs, _ = self._fenced(spec, fence_until)
+            self.run(build_ruleset(sent), "ruleset replace")
+            self._after_fence_write(spec, secs, fence_until)
             for key in old.keys() | self._live_seen.keys():
                 # Never less than counters() already reported from that table.
                 (p_old, b_old), (p_seen, b_seen) = old.get(key, (0, 0)), self._live_seen.get(key, (0, 0))
@@ -679,22 +737,44 @@ class DataPlane:
         return [replace(c, packets=c.packets + base.get((c.vip, c.rule), (0, 0))[0],
                         bytes=c.bytes + base.get((c.vip, c.rule), (0, 0))[1]) for c in live]
 
-    def refresh_fence(self, still_ok) -> bool:
-        """Extend the fence if the applied spec has it open and ``still_ok()`` holds now.
+    def refresh_fence(self, until: float | None) -> bool:
+        """Re-write the fence element for the seconds that fit before ``until``; close it if none do.
 
-        If the refresh fails (someone flushed our tables), forget the applied
-        spec so the next ``apply`` rebuilds everything instead of assuming it.
+        Only while the applied spec has the fence open. If the refresh fails
+        (someone flushed our tables), forget the applied spec so the next
+        ``apply`` rebuilds everything instead of assuming it.
         """
         with self._lock:
             spec = self.current
-            if spec is None or not spec.fence_open or not still_ok():
+            if spec is None or not spec.fence_open:
                 return False
+            sent, secs, _ = self._fenced(spec, until)
             try:
-                self.run(build_fence_refresh(spec), "fence refresh")
+                if secs:
+                    self.run(build_fence_refresh(sent), "fence refresh")
+                elif self.fence_expires_at:
+                    self.run(build_fence_close(spec), "fence close")
+                self._after_fence_write(spec, secs, until)
             except DataPlaneError:
                 self.current = None
+                self.fence_expires_at = 0.0
                 raise
-            return True
+            return bool(secs)
+
+    def close_fence(self) -> None:
+        """Drop the fence element now (the lease is gone): the node stops serving at once."""
+        with self._lock:
+            spec = self.current
+            if spec is None:
+                return
+            try:
+                self.run(build_fence_close(spec), "fence close")
+            finally:
+                self.fence_expires_at = 0.0
+
+    def fence_held(self) -> bool:
+        """Whether the fence element may still be in the kernel, from what was written (no kernel call)."""
+        return self.fence_expires_at > self.clock()
 
     def fence_is_open(self) -> bool:
         """What the kernel says now (the element may have expired since the last refresh)."""

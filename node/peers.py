@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 
@@ -32,9 +33,55 @@ def peer_tls(status) -> _tls.ClientTLS | None:
                           names=("status.tls_client_ca_file", "status.tls_cert_file", "status.tls_key_file"))
 
 
+@dataclass(frozen=True)
+class Peer:
+    """Whom to ask: a member's id, its agent instance and its advertised peer address."""
+
+    id: str
+    instance: str
+    addr: str
+
+
+def judge_answers(me: str, my_instance: str, peers: list[Peer], answers: dict) -> tuple[bool, str]:
+    """Rule E's verdict (pure): True only if every peer answered, as itself and registered, "no".
+
+    ``answers`` maps peer id -> an answer with ``node_id``, ``instance``,
+    ``voting``, ``reachable`` (the EtcdReachability response), or None.
+    """
+    if not peers:
+        return False, "no peer to confirm an etcd outage"
+    for peer in sorted(peers, key=lambda p: p.id):
+        answer = answers.get(peer.id)
+        if answer is None:
+            return False, f"peer {peer.id} did not answer"
+        problem = foreign_answer(me, my_instance, peer, answer)
+        if problem:
+            return False, problem
+        if not answer.voting:
+            return False, f"peer {peer.id} is not registered and does not vote"
+        if answer.reachable:
+            return False, f"peer {peer.id} reaches etcd"
+    return True, f"{len(peers)} peers cannot reach etcd either"
+
+
+def foreign_answer(me: str, my_instance: str, peer: Peer, answer) -> str | None:
+    """Why ``answer`` does not come from ``peer``, or None if it does."""
+    if answer.node_id == me or (my_instance and answer.instance == my_instance):
+        return (f"peer {peer.id}'s address {peer.addr} answered as this node: its peer address "
+                "leads back here (a wildcard or loopback status.peer_listen without "
+                "status.peer_advertise?)")
+    if answer.node_id != peer.id:
+        return f"peer {peer.id}'s address {peer.addr} answered as {answer.node_id[:63]!r}"
+    if peer.instance and answer.instance != peer.instance:
+        return (f"peer {peer.id}'s address {peer.addr} answered from another agent process "
+                "(restarted, or a second agent with that id)")
+    return None
+
+
 class PeerProbe:
-    def __init__(self, me: str, timeout: float, tls: _tls.ClientTLS | None = None):
+    def __init__(self, me: str, timeout: float, tls: _tls.ClientTLS | None = None, instance: str = ""):
         self.me = me
+        self.instance = instance
         self.timeout = timeout
         self.tls = tls
         self._channels: dict[str, grpc.Channel] = {}
@@ -63,25 +110,24 @@ class PeerProbe:
                 log.debug("peer probe failed peer=%s addr=%s code=%s", node, addr, exc.code().name)
             return None
 
-    def etcd_down_for_all(self, peers: dict[str, str]) -> tuple[bool, str]:
-        """``peers`` maps node id -> peer API address ("" if none).
+    def etcd_down_for_all(self, peers: list[Peer]) -> tuple[bool, str]:
+        """Ask every peer at once whether it reaches etcd.
 
-        True only if at least one peer exists and every peer answered that it
-        cannot reach etcd either. The reason names who broke the consensus.
+        True only if at least one peer exists and every peer answered, itself
+        (the node id and instance of its member record, never this agent),
+        as a registered agent, that it cannot reach etcd either. Anything
+        else, including an answer from the wrong process (a wildcard or
+        shared address that leads back here or elsewhere), counts as "not
+        confirmed". The reason names who broke the consensus.
         """
+        peers = [p for p in peers if p.id != self.me]
         if not peers:
             return False, "no peer to confirm an etcd outage"
-        missing = sorted(n for n, a in peers.items() if not a)
+        missing = sorted(p.id for p in peers if not p.addr)
         if missing:
             return False, f"no peer address for {','.join(missing)}"
-        jobs = {n: self._pool.submit(self._ask, n, a) for n, a in peers.items()}
-        for node, job in sorted(jobs.items()):
-            answer = job.result()
-            if answer is None:
-                return False, f"peer {node} did not answer"
-            if answer.reachable:
-                return False, f"peer {node} reaches etcd"
-        return True, f"{len(peers)} peers cannot reach etcd either"
+        jobs = {p.id: self._pool.submit(self._ask, p.id, p.addr) for p in peers}
+        return judge_answers(self.me, self.instance, peers, {n: j.result() for n, j in jobs.items()})
 
     def close(self) -> None:
         for ch in self._channels.values():

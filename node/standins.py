@@ -13,18 +13,24 @@ class RecordingDataPlane:
         self.current = None
         self.history = []
 
-    def apply(self, spec):
+    def apply(self, spec, fence_until=None):
         if spec == self.current:
             return False
         self.current = spec
         self.history.append(spec)
         return True
 
-    def refresh_fence(self, still_ok):
+    def refresh_fence(self, until):
         return False
 
-    def fence_is_open(self):
+    def close_fence(self):
+        pass
+
+    def fence_held(self):
         return bool(self.current and self.current.fence_open)
+
+    def fence_is_open(self):
+        return self.fence_held()
 
     def counters(self):
         return []

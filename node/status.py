@@ -14,6 +14,17 @@ with ``status.tls_client_ca_file`` clients must also present a certificate
 signed by that CA (mutual TLS), farmctl and peers alike. Without them both
 listeners speak plaintext (the default listener is on loopback).
 
+The peer listener is reachable from the LAN without credentials (unless
+mutual TLS), so it gets its own small thread pool, a cap on concurrent calls
+(a flood is refused with RESOURCE_EXHAUSTED instead of queueing) and its own,
+smaller cap on event streams; its GetNode leaves out the nft counters, which
+are read under the data plane's lock. Nothing a peer sends can use up the
+main listener's threads or streams.
+
+Integer fields of the answers are clamped into their proto type's range: one
+bad number (negative, or too large for uint32/uint64) gives a clamped value
+and a warning in the log, not an UNKNOWN error for the whole call.
+
 Both listeners also serve the standard ``grpc.health.v1.Health`` service
 (service "" = the agent answers; service ``nlbfarm.ready`` = this node is an
 active member accepting all its buckets) and server reflection, so grpcurl
@@ -30,6 +41,7 @@ import threading
 from concurrent import futures
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -41,7 +53,19 @@ log = logging.getLogger(__name__)
 READY_SERVICE = "nlbfarm.ready"
 FARM_SERVICE = farm_pb2.DESCRIPTOR.services_by_name["Farm"].full_name
 # Event streams each hold a server thread; past this many, new followers are refused.
+# Counted per listener: followers on the peer address cannot take the operator's.
 MAX_STREAMS = 8
+# The peer listener (status.peer_listen) is on the LAN and needs no credentials
+# without mutual TLS. Its peers only ask EtcdReachability now and then, so a few
+# threads are plenty; the cap on concurrent calls equals the pool so that every
+# admitted call has a thread at once and a flood is refused (RESOURCE_EXHAUSTED)
+# at the door instead of queueing behind the pool, where it would delay the
+# probes peers rely on during an etcd outage and pile up work for the agent.
+PEER_WORKERS = 8
+PEER_MAX_RPCS = PEER_WORKERS
+# Event streams on the peer listener: few, so that followers there leave most
+# of its threads to the peers' EtcdReachability calls.
+PEER_MAX_STREAMS = 2
 MIN_TOKEN_LEN = 16
 
 
@@ -85,31 +109,80 @@ class Auth:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{what} refused: wrong token")
 
 
+# The range of each unsigned integer type farm.proto uses. protobuf raises
+# ValueError for a value outside it, which gRPC turns into an opaque UNKNOWN.
+_UINT_RANGE = {FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1), FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1)}
+_clamp_warned: set[str] = set()
+
+
+def clamp(value: int, field: FieldDescriptor) -> int:
+    """``value`` forced into the range of the uint32/uint64 ``field``.
+
+    The numbers come from etcd and the agent's bookkeeping: a negative or huge
+    one is a bug somewhere else, and an answer with one field pinned to its
+    limit is more use to an operator than no answer. Logged once per field.
+    """
+    low, high = _UINT_RANGE[field.type]
+    clamped = min(max(value, low), high)
+    if clamped != value and field.full_name not in _clamp_warned:
+        _clamp_warned.add(field.full_name)
+        log.warning("API field out of range field=%s value=%d: sent as %d", field.full_name, value, clamped)
+    return clamped
+
+
+def _message(cls, **values):
+    """``cls(**values)`` with every uint32/uint64 field clamped (see ``clamp``)."""
+    fields = cls.DESCRIPTOR.fields_by_name
+    for name, v in values.items():
+        f = fields.get(name)
+        if f is not None and f.type in _UINT_RANGE and isinstance(v, int) and not isinstance(v, bool):
+            values[name] = clamp(v, f)
+    return cls(**values)
+
+
+def _ranges(pairs) -> list[farm_pb2.BucketRange]:
+    return [_message(farm_pb2.BucketRange, first=a, last=b) for a, b in pairs]
+
+
 def status_to_proto(st: dict) -> farm_pb2.GetStatusResponse:
-    members = [farm_pb2.Member(**m) for m in st["members"]]
+    members = [_message(farm_pb2.Member, **m) for m in st["members"]]
     rest = {k: v for k, v in st.items() if k != "members"}
-    return farm_pb2.GetStatusResponse(members=members, **rest)
+    return _message(farm_pb2.GetStatusResponse, members=members, **rest)
 
 
 def node_to_proto(v: dict) -> farm_pb2.NodeView:
     v = dict(v)
-    v["accepting_ranges"] = [farm_pb2.BucketRange(first=a, last=b) for a, b in v["accepting_ranges"]]
-    v["counters"] = [farm_pb2.RuleCounter(**c) for c in v["counters"]]
-    v["checks"] = [farm_pb2.CheckStatus(**{k: (False if k == "last_ok" and x is None else x)
-                                           for k, x in c.items()}) for c in v["checks"]]
-    return farm_pb2.NodeView(**v)
+    v["accepting_ranges"] = _ranges(v["accepting_ranges"])
+    v["counters"] = [_message(farm_pb2.RuleCounter, **c) for c in v["counters"]]
+    v["checks"] = [_message(farm_pb2.CheckStatus, **{k: (False if k == "last_ok" and x is None else x)
+                                                     for k, x in c.items()}) for c in v["checks"]]
+    return _message(farm_pb2.NodeView, **v)
 
 
 def event_to_proto(ev) -> farm_pb2.Event:
-    return farm_pb2.Event(seq=ev.seq, time=ev.time, kind=ev.kind, node_id=ev.node_id,
-                          message=ev.message, fields=ev.fields)
+    return _message(farm_pb2.Event, seq=ev.seq, time=ev.time, kind=ev.kind, node_id=ev.node_id,
+                    message=ev.message, fields=ev.fields)
 
 
 class FarmService(farm_pb2_grpc.FarmServicer):
-    def __init__(self, agent, allow_changes: bool = True, auth: Auth | None = None):
+    """The Farm calls on one listener.
+
+    ``allow_changes``: Drain and Undrain are served (with the token); false on
+    the peer listener. ``max_streams``: event streams at once on this listener.
+    ``live_counters``: GetNode reads the nft counters from the kernel. That
+    takes the data plane's lock, which the agent's reconcile and fence work
+    needs too, so the peer listener (no credentials without mutual TLS) passes
+    false: its GetNode answers with no counters rather than let any caller on
+    the LAN delay the agent's safety work.
+    """
+
+    def __init__(self, agent, allow_changes: bool = True, auth: Auth | None = None,
+                 max_streams: int = MAX_STREAMS, live_counters: bool = True):
         self.agent = agent
         self.allow_changes = allow_changes
         self.auth = auth or Auth(None)
+        self.max_streams = max_streams
+        self.live_counters = live_counters
         self._streams = 0
         self._streams_lock = threading.Lock()
 
@@ -117,13 +190,13 @@ class FarmService(farm_pb2_grpc.FarmServicer):
         return status_to_proto(self.agent.status())
 
     def GetNode(self, request, context):
-        return node_to_proto(self.agent.node_view())
+        return node_to_proto(self.agent.node_view(with_counters=self.live_counters))
 
     def WatchEvents(self, request, context):
         with self._streams_lock:
-            if self._streams >= MAX_STREAMS:
+            if self._streams >= self.max_streams:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"at most {MAX_STREAMS} event streams at once; try again later")
+                              f"at most {self.max_streams} event streams at once; try again later")
             self._streams += 1
         try:
             bus = self.agent.events
@@ -141,17 +214,21 @@ class FarmService(farm_pb2_grpc.FarmServicer):
                 self._streams -= 1
 
     def EtcdReachability(self, request, context):
-        reachable, age = self.agent.etcd_reachability()
-        return farm_pb2.EtcdReachabilityResponse(node_id=self.agent.me, reachable=reachable,
+        # The agent's answer carries who answers (node id and instance) and
+        # whether it votes at all: the asker counts it only if it comes from
+        # the peer it meant to ask (rule E, coordinator/handover.py).
+        voting, reachable, age = self.agent.etcd_reachability()
+        return farm_pb2.EtcdReachabilityResponse(node_id=self.agent.me, instance=self.agent.instance,
+                                                 voting=voting, reachable=reachable,
                                                  last_success_age_s=age)
 
     def GetTable(self, request, context):
         t = self.agent.table_view()
-        nodes = [farm_pb2.NodeBuckets(node_id=n["node_id"], buckets=n["buckets"],
-                                      ranges=[farm_pb2.BucketRange(first=a, last=b) for a, b in n["ranges"]])
+        nodes = [_message(farm_pb2.NodeBuckets, node_id=n["node_id"], buckets=n["buckets"],
+                          ranges=_ranges(n["ranges"]))
                  for n in t["nodes"]]
-        return farm_pb2.GetTableResponse(generation=t["generation"], bucket_count=t["bucket_count"],
-                                         nodes=nodes, unowned=t["unowned"])
+        return _message(farm_pb2.GetTableResponse, generation=t["generation"], bucket_count=t["bucket_count"],
+                        nodes=nodes, unowned=t["unowned"])
 
     def Which(self, request, context):
         try:
@@ -161,7 +238,7 @@ class FarmService(farm_pb2_grpc.FarmServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except LookupError as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        return farm_pb2.WhichResponse(**w)
+        return _message(farm_pb2.WhichResponse, **w)
 
     def _change(self, context, what: str, node_id: str, fn):
         if not self.allow_changes:
@@ -226,10 +303,19 @@ def _bind(server: grpc.Server, listen: str, field: str, credentials=None) -> int
     return port
 
 
-def _server(agent, ready: ReadyTracker, auth: Auth, allow_changes: bool, name: str) -> grpc.Server:
-    # Event streams hold a thread each; leave room for ordinary calls.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 8, thread_name_prefix=name))
-    farm_pb2_grpc.add_FarmServicer_to_server(FarmService(agent, allow_changes, auth), server)
+def _server(agent, ready: ReadyTracker, auth: Auth, peer: bool) -> grpc.Server:
+    """The main listener's server, or with ``peer`` the peer listener's: read-only, with
+    the fixed limits above and no live kernel counters (see FarmService)."""
+    if peer:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=PEER_WORKERS, thread_name_prefix="grpc-peer"),
+                             maximum_concurrent_rpcs=PEER_MAX_RPCS)
+        service = FarmService(agent, allow_changes=False, auth=auth, max_streams=PEER_MAX_STREAMS,
+                              live_counters=False)
+    else:
+        # Event streams hold a thread each; leave room for ordinary calls.
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 8, thread_name_prefix="grpc"))
+        service = FarmService(agent, allow_changes=True, auth=auth)
+    farm_pb2_grpc.add_FarmServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(ready.servicer, server)
     reflection.enable_server_reflection((FARM_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     return server
@@ -254,11 +340,11 @@ def serve_status(agent, listen: str, peer_listen: str | None = None, token: str 
         credentials = server_credentials(tls_cert_file, tls_key_file, tls_client_ca_file)
     elif tls_client_ca_file:
         raise ConfigError("status.tls_client_ca_file needs status.tls_cert_file and status.tls_key_file")
-    main = _server(agent, ready, auth, True, "grpc")
+    main = _server(agent, ready, auth, peer=False)
     main.bound_port = _bind(main, listen, "status.listen", credentials)
     servers = [main]
     if peer_listen:
-        peer = _server(agent, ready, auth, False, "grpc-peer")
+        peer = _server(agent, ready, auth, peer=True)
         peer.bound_port = _bind(peer, peer_listen, "status.peer_listen", credentials)
         servers.append(peer)
     for s in servers:

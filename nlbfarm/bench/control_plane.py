@@ -184,7 +184,8 @@ def sim_main(endpoint: str, cluster: str, ids: list[str]) -> int:
     store = EtcdStore([endpoint], timeout=cfg.etcd.timeout, retry_deadline=cfg.etcd.retry_deadline)
     lock = threading.Lock()
     wake = threading.Event()
-    view = {"rev": 0, "keys": set(), "members": set(), "applied": {}, "table": None, "owned": {}}
+    view = {"rev": 0, "keys": set(), "members": set(), "applied": {}, "table": None, "owned": {},
+            "digest": ""}
     leases: dict[str, int] = {}
     accepting: dict[str, frozenset] = {m: frozenset() for m in ids}
     published: dict[str, tuple[int, int]] = {}
@@ -222,6 +223,7 @@ def sim_main(endpoint: str, cluster: str, ids: list[str]) -> int:
                     if o in accepting:
                         owned.setdefault(o, set()).add(b)
                 view["table"], view["owned"] = tab.generation, {m: frozenset(v) for m, v in owned.items()}
+                view["digest"] = tab.digest
         wake.set()
 
     def keepalive():
@@ -288,8 +290,9 @@ def sim_main(endpoint: str, cluster: str, ids: list[str]) -> int:
         except Exception as exc:  # noqa: BLE001 - reported to the driver
             errors.append(f"{type(exc).__name__}: {exc}")
 
-    def publish(m, g, acc):
-        store.put(applied_key(prefix, m), Applied(g, len(acc)).encode(), lease_id=leases[m])
+    def publish(m, g, acc, digest):
+        # (generation, digest) names the table applied, as the agents' rule R requires.
+        store.put(applied_key(prefix, m), Applied(g, len(acc), table=digest).encode(), lease_id=leases[m])
         published[m] = (g, len(acc))
         accepting[m] = acc
 
@@ -300,7 +303,7 @@ def sim_main(endpoint: str, cluster: str, ids: list[str]) -> int:
             wake.wait(t.keepalive_interval)
             wake.clear()
             with lock:
-                g, owned = view["table"], dict(view["owned"])
+                g, owned, digest = view["table"], dict(view["owned"]), view["digest"]
                 others_done = g is not None and all(view["applied"].get(n, -1) >= g for n in view["members"]
                                                     if n not in accepting)
             if g is None:
@@ -310,14 +313,14 @@ def sim_main(endpoint: str, cluster: str, ids: list[str]) -> int:
                 mine = owned.get(m, frozenset())
                 if published.get(m, (0, 0))[0] < g:
                     # Applied g: nothing of what g gives others is accepted any more.
-                    jobs.append(pool.submit(publish, m, g, accepting[m] & mine))
+                    jobs.append(pool.submit(publish, m, g, accepting[m] & mine, digest))
             for j in jobs:
                 j.result()
             with lock:
                 ready = g == view["table"] and others_done and all(
                     view["applied"].get(n, -1) >= g for n in view["members"])
             if ready:
-                jobs = [pool.submit(publish, m, g, owned.get(m, frozenset())) for m in ids
+                jobs = [pool.submit(publish, m, g, owned.get(m, frozenset()), digest) for m in ids
                         if accepting[m] != owned.get(m, frozenset())]
                 for j in jobs:
                     j.result()

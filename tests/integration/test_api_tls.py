@@ -15,7 +15,7 @@ from nlbfarm import cli
 from nlbfarm.config import parse_config
 from nlbfarm.errors import ConfigError
 from nlbfarm.node.events import EventBus
-from nlbfarm.node.peers import PeerProbe, peer_tls
+from nlbfarm.node.peers import Peer, PeerProbe, peer_tls
 from nlbfarm.node.status import serve_status
 
 pytestmark = pytest.mark.integration
@@ -24,6 +24,7 @@ TOKEN = "api-token-" + "5f3c9a0e7b1d2468ace0"
 
 
 class FakeAgent:
+    instance = "feedc0de"
     me = "n1"
 
     def __init__(self):
@@ -36,7 +37,7 @@ class FakeAgent:
                 "fence_open": True, "etcd_state": "connected", "last_cycle": "ok", "vips": ["198.18.0.100"]}
 
     def etcd_reachability(self):
-        return False, 3.0
+        return True, False, 3.0
 
     def request_drain(self, node, timeout):
         self.drained.append(node)
@@ -212,7 +213,7 @@ def status_config(pki, peer: bool, **status):
     return parse_config({
         "node": {"id": "n1"}, "cluster": {"vips": ["198.18.0.100"]},
         "etcd": {"endpoints": ["127.0.0.1:2379"]},
-        "status": {"peer_listen": "127.0.0.1:7401" if peer else None, **status},
+        "status": {"peer_listen": "198.18.0.11:7401" if peer else None, **status},
     })
 
 
@@ -222,20 +223,20 @@ def test_peers_use_the_node_certificate_over_mutual_tls(serve, pki, caplog):
                         tls_client_ca_file=pki.ca.crt)
     probe = PeerProbe("n2", timeout=2.0, tls=peer_tls(cfg.status))
     try:
-        assert probe.etcd_down_for_all({"n1": peer_target}) == (True, "1 peers cannot reach etcd either")
+        assert probe.etcd_down_for_all([Peer("n1", "feedc0de", peer_target)]) == (True, "1 peers cannot reach etcd either")
     finally:
         probe.close()
     caplog.set_level(logging.WARNING)
     plain = PeerProbe("n2", timeout=2.0, tls=None)  # a peer that does not speak TLS is not answered
     try:
-        assert plain.etcd_down_for_all({"n1": peer_target}) == (False, "peer n1 did not answer")
+        assert plain.etcd_down_for_all([Peer("n1", "feedc0de", peer_target)]) == (False, "peer n1 did not answer")
     finally:
         plain.close()
     stranger = PeerProbe("n2", timeout=2.0, tls=peer_tls(status_config(
         pki, True, tls_cert_file=pki.stranger.crt, tls_key_file=pki.stranger.key,
         tls_client_ca_file=pki.other_ca.crt).status))
     try:
-        assert stranger.etcd_down_for_all({"n1": peer_target})[0] is False
+        assert stranger.etcd_down_for_all([Peer("n1", "feedc0de", peer_target)])[0] is False
     finally:
         stranger.close()
     assert "peer probe failed on TLS peer=n1" in caplog.text and "untrusted-server" in caplog.text
@@ -245,7 +246,7 @@ def test_peers_use_the_node_certificate_over_mutual_tls(serve, pki, caplog):
     ({"tls_cert_file": "/nonexistent/node.crt", "tls_key_file": "KEY"}, "status.tls_cert_file: cannot read"),
     ({"tls_cert_file": "CRT"}, "status: tls_cert_file and tls_key_file go together"),
     ({"tls_client_ca_file": "CA"}, "tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file"),
-    ({"tls_cert_file": "CRT", "tls_key_file": "KEY", "peer_listen": "127.0.0.1:7401"},
+    ({"tls_cert_file": "CRT", "tls_key_file": "KEY", "peer_listen": "198.18.0.11:7401"},
      "peer_listen with TLS needs tls_client_ca_file"),
     ({"tls_cert_file": "KEY", "tls_key_file": "KEY"}, "status.tls_cert_file: "),
     ({"tls_cert_file": "CRT", "tls_key_file": "relative.key"}, "status.tls_key_file: must be an absolute path"),

@@ -215,7 +215,7 @@ def test_agent_registers_through_tls_client_cert_and_password(etcd, cluster, cap
         finally:
             w.cancel()
         a.store.revoke_lease(a.lease_id)
-        a.lease_id = None
+        a.keeper.release()
     finally:
         a.store.close()
     assert_no_secret(etcd, caplog.text)
@@ -442,10 +442,10 @@ def test_no_secret_in_logs_farmctl_output_or_metrics(etcd, pki, cluster, tmp_pat
                                tls_client_ca_file=cfg.status.tls_client_ca_file)
         target = f"127.0.0.1:{servers[0].bound_port}"
         deadline = time.monotonic() + 10
-        while agent.state.accepting != frozenset(range(64)) and time.monotonic() < deadline:
-            agent.state.last_sentence = agent.cycle()
+        while agent.local.accepting != frozenset(range(64)) and time.monotonic() < deadline:
+            agent.last_sentence = agent.cycle()
             time.sleep(0.05)
-        assert len(agent.state.accepting) == 64, agent.state.last_sentence
+        assert len(agent.local.accepting) == 64, agent.last_sentence
         tls = ["--target", target, "--tls-ca", pki.ca.crt, "--tls-cert", pki.node.crt, "--tls-key", pki.node.key]
         # Each command with the exit code it must give: every one worked (0) but
         # the drain with a wrong token, which is refused (2, an error).

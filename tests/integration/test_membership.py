@@ -79,7 +79,7 @@ def test_duplicate_node_id_is_refused_and_first_is_undisturbed(etcd_server, clus
 def test_node_id_is_free_again_after_the_lease_is_revoked(etcd_server, cluster, agents):
     first = registered(agents, config(etcd_server.endpoint, cluster))
     first.store.revoke_lease(first.lease_id)
-    first.lease_id = None
+    first.keeper.release()
     second = registered(agents, config(etcd_server.endpoint, cluster))
     assert second.store.get(f"/nlbfarm/{cluster}/members/n1").lease == second.lease_id
 
@@ -176,13 +176,18 @@ def test_reregistration_after_lost_lease_uses_a_fresh_view(etcd_server, cluster,
     x = Agent(cfg, dataplane=RecordingDataPlane(), vip=NoVip())
     agents.append(x)
     x.start()
-    x._keepalive_stop.set()          # drive keepalive and the loop by hand
-    x._last_keepalive_ok = time.monotonic()
+    x.keeper.stop()                  # drive keepalive and the loop by hand
+
+    def tick():
+        x.keeper.loop_alive()
+        x.keeper.keepalive_once()
+        return x.cycle()
+
     deadline = time.monotonic() + 10
     while accepted(x.dp.current) < 64 and time.monotonic() < deadline:
-        x.state.last_sentence = x.cycle()
+        x.last_sentence = tick()
         time.sleep(0.05)                 # the watch delivers x's own table write
-    assert accepted(x.dp.current) == 64, x.state.last_sentence
+    assert accepted(x.dp.current) == 64, x.last_sentence
     x._watch.cancel()                # the watch "lags": the cache keeps the old table
     prefix = f"/nlbfarm/{cluster}"
     # x's lease expires; a peer y takes over with a new table.
@@ -193,16 +198,15 @@ def test_reregistration_after_lost_lease_uses_a_fresh_view(etcd_server, cluster,
                 lease_id=y_lease)
     table = x.store.get(f"{prefix}/table")
     assert x.store.compare_and_swap(f"{prefix}/table", TableRecord.encode(2, ["y"] * 64), table.mod_revision)
-    x.lease_lost.set()
+    x.keeper.mark_lost()
     sentence = x.cycle()
     assert sentence == "lease lost: released every bucket and registered again"
     assert accepted(x.dp.current) == 0
     after_recovery = len(x.dp.history)
     x._watch = x.store.watch_prefix(prefix, x.cache.on_event, start_revision=x.cache.revision + 1)
-    x._last_keepalive_ok = time.monotonic()
     sentences = []
     for _ in range(20):
-        sentences.append(x.cycle())
+        sentences.append(tick())
         if "waiting for y" in sentences[-1]:
             break
         time.sleep(0.05)

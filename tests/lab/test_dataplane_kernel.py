@@ -30,7 +30,7 @@ def nft(ns, *args):
 
 def spec_code(spec: dict) -> str:
     """Python source that builds ``spec`` and an empty DataPlane ``dp`` inside the namespace."""
-    return ("import json\nfrom nlbfarm.node.dataplane import DataPlane, DataPlaneSpec\n"
+    return ("import json, math\nfrom nlbfarm.node.dataplane import DataPlane, DataPlaneSpec\n"
             "from nlbfarm.errors import DataPlaneError\n"
             f"d = json.loads({json.dumps(json.dumps(spec))})\n"
             "d['vips'] = tuple(d['vips']); d['accepting'] = tuple(tuple(r) for r in d['accepting'])\n"
@@ -58,7 +58,7 @@ def test_fence_expires_in_the_kernel_without_the_agent(netns):
 
 
 def test_fence_refresh_resets_the_timeout(netns):
-    apply_spec(netns, SPEC, then="import time\nfor _ in range(4):\n    time.sleep(0.4); assert dp.refresh_fence(lambda: True)\n")
+    apply_spec(netns, SPEC, then="import time\nfor _ in range(4):\n    time.sleep(0.4); assert dp.refresh_fence(math.inf)\n")
     # 1.6 s after apply with a 1 s timeout: only the refreshes kept it alive.
     out = json.loads(nft(netns, "-j", "list", "set", "inet", "nlbfarm", "fence").stdout)
     assert out["nftables"][1]["set"].get("elem")
@@ -82,14 +82,14 @@ def test_refused_transaction_leaves_previous_rules(netns):
 
 
 def test_fence_is_not_extended_when_the_condition_fails(netns):
-    out = apply_spec(netns, SPEC, then="print(dp.refresh_fence(lambda: False))\n")
+    out = apply_spec(netns, SPEC, then="print(dp.refresh_fence(None))\n")
     assert out.split()[-1] == "False"
 
 
 def test_refresh_after_a_flush_forgets_the_spec(netns):
     code = spec_code(SPEC) + (
         "import subprocess\ndp.apply(spec)\nsubprocess.run(['nft', 'flush', 'ruleset'], check=True)\n"
-        "try:\n    dp.refresh_fence(lambda: True)\nexcept DataPlaneError:\n    print('failed', dp.current is None)\n"
+        "try:\n    dp.refresh_fence(math.inf)\nexcept DataPlaneError:\n    print('failed', dp.current is None)\n"
         "print(dp.apply(spec), dp.fence_is_open())\n")
     assert in_ns(netns, code).split() == ["failed", "True", "True", "True"]
 

@@ -4,6 +4,7 @@ One lab (prefix "tfarm") serves the module; each test leaves it with all three
 nodes running. ``Lab.up`` first removes whatever a crashed earlier run left.
 """
 import json
+import re
 import signal
 import subprocess
 import time
@@ -149,23 +150,33 @@ def test_sigterm_hands_over_and_removes_everything(lab, tmp_path):
 
 
 def test_malformed_etcd_values_are_ignored_with_a_warning(lab, tmp_path):
-    garbage = {"/nlbfarm/lab/members/zz": "{not json", "/nlbfarm/lab/applied/n1x": "[1,2]",
-               "/nlbfarm/lab/members/yy": '{"id": "yy", "weight": "heavy"}'}
+    # Written as a person would with etcdctl: without a lease (members/ and
+    # applied/ records must have one, so these are ignored as unbound), and
+    # with a lease (decoded, refused, and logged with the reason).
     etcdctl = ["etcdctl", "--endpoints", "127.0.0.1:2379"]
+    granted = lab.run("etcd", etcdctl + ["lease", "grant", "120"]).stdout
+    lease = re.search(r"lease ([0-9a-f]+) granted", granted).group(1)
+    garbage = {"/nlbfarm/lab/members/zz": ("{not json", None), "/nlbfarm/lab/applied/n1x": ("[1,2]", None),
+               "/nlbfarm/lab/members/yy": ('{"id": "yy", "weight": "heavy"}', None),
+               "/nlbfarm/lab/members/zl": ("{not json", lease),
+               "/nlbfarm/lab/members/yl": ('{"id": "yl", "weight": "heavy"}', lease)}
     try:
-        for k, v in garbage.items():
-            lab.run("etcd", etcdctl + ["put", k, v])
+        for k, (v, with_lease) in garbage.items():
+            lab.run("etcd", etcdctl + ["put", k, v] + ([f"--lease={with_lease}"] if with_lease else []))
         out = tmp_path / "garbage.jsonl"
         assert run_load(lab, out, count=300, duration=30).wait(60) == 0
         results = read_results(out)
         assert failures(results) == [] and set(shares(results)) == set(NODES)
         assert all(lab.alive(n) for n in NODES)
         log = (lab.dir / "n1.agent.log").read_text()
-        assert "ignoring malformed value key=/nlbfarm/lab/members/zz reason=not valid JSON" in log
-        assert "key=/nlbfarm/lab/members/yy reason=weight must be an integer" in log
+        assert "ignoring key=/nlbfarm/lab/members/zz reason=not bound to a lease" in log
+        assert "ignoring key=/nlbfarm/lab/applied/n1x reason=not bound to a lease" in log
+        assert "ignoring malformed value key=/nlbfarm/lab/members/zl reason=not valid JSON" in log
+        assert "key=/nlbfarm/lab/members/yl reason=weight must be an integer" in log
     finally:
         for k in garbage:
             lab.run("etcd", etcdctl + ["del", k], check=False)
+        lab.run("etcd", etcdctl + ["lease", "revoke", lease], check=False)
     lab.wait_converged(NODES, timeout=10)
 
 

@@ -1,10 +1,14 @@
-"""The reconcile loop's farm-module decisions, with stand-ins for etcd, the kernel and the checks."""
+"""The farm module's decisions (the supervisor the loop asks), with stand-ins for the checks."""
+import threading
+
 import pytest
 
 from nlbfarm.config import parse_config
 from nlbfarm.coordinator.cluster import Member
 from nlbfarm.node.agent import Agent
 from nlbfarm.node.checks import CheckStatus
+from nlbfarm.node.events import EventBus
+from nlbfarm.node.supervisor import ModuleSupervisor
 
 
 class Nothing:
@@ -46,110 +50,135 @@ class FakeModule:
         return self.restarts
 
 
-def make_agent(on_failure="restart", limit=2):
+class Clock:
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def make_supervisor(on_failure="restart", limit=2, checks=True, clock=None):
     cfg = parse_config({
         "node": {"id": "n1"}, "cluster": {"vips": ["198.18.0.100"]}, "etcd": {"endpoints": ["127.0.0.1:2379"]},
         "timing": {"leave_timeout": 5},
         "module": {"start": "true", "stop": "true", "on_failure": on_failure, "restart_limit": limit,
                    "checks": [{"name": "http", "type": "http", "url": "http://127.0.0.1/",
-                               "interval": 0.1, "timeout": 0.1, "rise": 1, "fall": 1}]}})
-    a = Agent(cfg, store=Nothing(), dataplane=Nothing(), vip=Nothing())
-    a.health = FakeHealth()
-    a.module = FakeModule(limit)
-    a._module_started = True
-    a.ran = []
+                               "interval": 0.1, "timeout": 0.1, "rise": 1, "fall": 1}] if checks else []}})
+    s = ModuleSupervisor("n1", cfg.module, cfg.timing.leave_timeout, env={}, wake=threading.Event(),
+                         events=EventBus(), stopping=threading.Event(), clock=clock or Clock())
+    s.health = FakeHealth()
+    s.module = FakeModule(limit)
+    s.started = True
+    s.ran = []
 
     def run(action):
-        a.ran.append(action)
+        s.ran.append(action)
         if action == "restart":
-            a.module.restarts += 1
-        if action == "stop":
-            pass
-    a._run_module = run
-    return a
+            s.module.restarts += 1
+    s.run = run
+    return s
 
 
 def failed_member(reason="check http failing: connect refused"):
     return Member("n1", 1, "failed", reason=reason)
 
 
+def desired(s):
+    return s.desired_state(leaving=False, drain_requested=False)
+
+
 def test_reason_is_the_cause_not_the_latest_probe():
-    a = make_agent()
-    a.health.state, a.health.cause, a.health.detail = "failing", "connect refused", "HTTP 200"
-    assert a._desired_state(None) == ("failed", "check http failing: connect refused")
-    a.health.detail = "HTTP 503 (expected 2xx/3xx)"  # a later probe: the reason must not change
-    assert a._desired_state(None) == ("failed", "check http failing: connect refused")
+    s = make_supervisor()
+    s.health.state, s.health.cause, s.health.detail = "failing", "connect refused", "HTTP 200"
+    assert desired(s) == ("failed", "check http failing: connect refused")
+    s.health.detail = "HTTP 503 (expected 2xx/3xx)"  # a later probe: the reason must not change
+    assert desired(s) == ("failed", "check http failing: connect refused")
 
 
 def test_states_from_checks():
-    a = make_agent()
-    assert a._desired_state(None) == ("active", "all checks passing")
-    a.health.state = "unknown"
-    assert a._desired_state(None) == ("starting", "waiting for checks to pass: http")
-    a._module_started = False
-    assert a._desired_state(None)[0] == "starting"
+    s = make_supervisor()
+    assert desired(s) == ("active", "all checks passing")
+    assert s.desired_state(leaving=False, drain_requested=True) == ("draining",
+                                                                    "an operator asked this node to drain")
+    assert s.desired_state(leaving=True, drain_requested=True)[0] == "leaving"
+    s.health.state = "unknown"
+    assert desired(s) == ("starting", "waiting for checks to pass: http")
+    s.started = False
+    assert desired(s)[0] == "starting"
 
 
-def test_restart_waits_until_withdrawn_then_respects_the_limit(monkeypatch):
-    a = make_agent(limit=2)
-    clock = [1000.0]
-    monkeypatch.setattr("nlbfarm.node.agent.time.monotonic", lambda: clock[0])
-    a._module_idle_since = 0.0
-    a.health.state = "failing"
-    a.state.accepting = frozenset({1, 2})
-    a._module_action("failed", Member("n1", 1, "active"))  # not yet announced
-    a._module_action("failed", failed_member())  # announced, but still accepting buckets
-    assert a.ran == []
-    a.state.accepting = frozenset()
-    a._module_action("failed", failed_member())
-    assert a.ran == ["restart"]
-    a._module_idle_since = clock[0]
-    a._module_action("failed", failed_member())  # a restarted app gets a check window first
-    assert a.ran == ["restart"]
-    clock[0] += 10
-    a._module_action("failed", failed_member())
-    assert a.ran == ["restart", "restart"]
-    clock[0] += 10
-    a._module_action("failed", failed_member())  # limit 2 reached: loop protection
-    assert a.ran == ["restart", "restart"] and a._restarts_exhausted
-    assert a._desired_state(None)[1].endswith("restart limit reached")
-    a.module.restarts = 0  # the window slid by: still no restart until healthy again
-    clock[0] += 1000
-    a._module_action("failed", failed_member())
-    assert a.ran == ["restart", "restart"]
-    a._module_action("active", Member("n1", 1, "active"))
-    assert not a._restarts_exhausted
+def test_restart_waits_until_withdrawn_then_respects_the_limit():
+    clock = Clock()
+    s = make_supervisor(limit=2, clock=clock)
+    s.idle_since = 0.0
+    s.health.state = "failing"
+    s.after_cycle("failed", Member("n1", 1, "active"), True)  # not yet announced
+    s.after_cycle("failed", failed_member(), True)  # announced, but still accepting buckets
+    assert s.ran == []
+    s.after_cycle("failed", failed_member(), False)
+    assert s.ran == ["restart"]
+    s.idle_since = clock.t
+    s.after_cycle("failed", failed_member(), False)  # a restarted app gets a check window first
+    assert s.ran == ["restart"]
+    clock.t += 10
+    s.after_cycle("failed", failed_member(), False)
+    assert s.ran == ["restart", "restart"]
+    clock.t += 10
+    s.after_cycle("failed", failed_member(), False)  # limit 2 reached: loop protection
+    assert s.ran == ["restart", "restart"] and s.restarts_exhausted
+    assert desired(s)[1].endswith("restart limit reached")
+    s.module.restarts = 0  # the window slid by: still no restart until healthy again
+    clock.t += 1000
+    s.after_cycle("failed", failed_member(), False)
+    assert s.ran == ["restart", "restart"]
+    s.after_cycle("active", Member("n1", 1, "active"), False)
+    assert not s.restarts_exhausted
 
 
-def test_leave_timeout_bounds_the_wait_for_withdrawal(monkeypatch):
-    a = make_agent()
-    clock = [1000.0]
-    monkeypatch.setattr("nlbfarm.node.agent.time.monotonic", lambda: clock[0])
-    a._module_idle_since = 0.0
-    a.state.accepting = frozenset({1})
-    a._module_action("failed", failed_member())
-    assert a.ran == []
-    clock[0] += 6  # leave_timeout 5 s
-    a._module_action("failed", failed_member())
-    assert a.ran == ["restart"]
+def test_leave_timeout_bounds_the_wait_for_withdrawal():
+    clock = Clock()
+    s = make_supervisor(clock=clock)
+    s.idle_since = 0.0
+    s.after_cycle("failed", failed_member(), True)
+    assert s.ran == []
+    clock.t += 6  # leave_timeout 5 s
+    s.after_cycle("failed", failed_member(), True)
+    assert s.ran == ["restart"]
 
 
 @pytest.mark.parametrize("on_failure, ran, state", [("stop", ["stop"], "stopped"), ("withdraw", [], "failed")])
 def test_stop_and_withdraw_actions(on_failure, ran, state):
-    a = make_agent(on_failure=on_failure)
-    a.health.state = "failing"
-    a._module_action("failed", failed_member())
-    a._module_action("failed", failed_member())
-    assert a.ran == ran
-    assert a._desired_state(None)[0] == state
+    s = make_supervisor(on_failure=on_failure)
+    s.health.state = "failing"
+    s.after_cycle("failed", failed_member(), False)
+    s.after_cycle("failed", failed_member(), False)
+    assert s.ran == ran
+    assert desired(s)[0] == state
 
 
 def test_failed_start_without_checks_is_a_failure():
-    a = make_agent()
-    a.cfg = a.cfg.model_copy(update={"module": a.cfg.module.model_copy(update={"checks": ()})})
-    a._start_failed = "exit 1: nginx: [emerg] bind() to 0.0.0.0:80 failed"
-    assert a._desired_state(None) == ("failed", "app failed to start: exit 1: nginx: [emerg] bind() to "
-                                                "0.0.0.0:80 failed")
+    s = make_supervisor(checks=False)
+    s.start_failed = "exit 1: nginx: [emerg] bind() to 0.0.0.0:80 failed"
+    assert desired(s) == ("failed", "app failed to start: exit 1: nginx: [emerg] bind() to "
+                                    "0.0.0.0:80 failed")
+
+
+class LinkDown:
+    def link_up(self):
+        return False
+
+
+def test_regression_link_down_withdraws_through_the_table():
+    # The LAN link went down while etcd stayed reachable another way: the fence
+    # closes, so the node must announce failed (peers take its buckets) rather
+    # than stay active and black-hole its share.
+    cfg = parse_config({"node": {"id": "n1", "interface": "lan0"}, "cluster": {"vips": ["198.18.0.100"]},
+                        "etcd": {"endpoints": ["127.0.0.1:2379"]}})
+    a = Agent(cfg, store=Nothing(), dataplane=Nothing(), vip=LinkDown())
+    assert a._desired_state(None) == ("failed", "link lan0 is down")
+    a.leave_started = 1.0
+    assert a._desired_state(None)[0] == "leaving"
 
 
 @pytest.mark.parametrize("client, vip, words", [

@@ -10,8 +10,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from nlbfarm.errors import ConfigError
-from nlbfarm.node.events import EventBus
-from nlbfarm.node.status import READY_SERVICE, ReadyTracker, read_token, serve_status
+from nlbfarm.node.events import Event, EventBus
+from nlbfarm.node.status import (MAX_STREAMS, PEER_MAX_RPCS, PEER_MAX_STREAMS, READY_SERVICE, ReadyTracker,
+                                 read_token, serve_status)
 from nlbfarm.proto import farm_pb2, farm_pb2_grpc
 
 TOKEN = "s3cret-token-0123456789abcdef"
@@ -20,17 +21,21 @@ AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 class FakeAgent:
     me = "n1"
+    instance = "0123abcd"
 
     def __init__(self):
         self.drains = {}
         self.events = EventBus()
+        self.counter_reads = []  # with_counters of each node_view call
 
-    def node_view(self):
+    def node_view(self, with_counters=True):
+        self.counter_reads.append(with_counters)
         return {"node_id": "n1", "state": "failed", "state_reason": "check http failing: HTTP 503",
                 "generation": 3, "applied_generation": 3, "owned_buckets": 0, "accepting_buckets": 0,
                 "draining_buckets": 2, "draining_connections": 5, "accepting_ranges": [(0, 3), (9, 9)],
                 "fence_open": True, "etcd_state": "connected", "last_keepalive_age_s": 0.2, "lease_id": "abc",
-                "counters": [{"vip": "198.18.0.100", "rule": "accepted", "packets": 10, "bytes": 600}],
+                "counters": ([{"vip": "198.18.0.100", "rule": "accepted", "packets": 10, "bytes": 600}]
+                             if with_counters else []),
                 "checks": [{"name": "http", "type": "http", "state": "failing", "last_ok": False,
                             "detail": "HTTP 503", "consecutive": 3, "checked_age_s": 0.1, "transitions": 2,
                             "since_s": 1.5},
@@ -51,7 +56,7 @@ class FakeAgent:
         return {"bucket": 7, "node_id": "n2", "generation": 3, "draining_on": ["n1"]}
 
     def etcd_reachability(self):
-        return False, 7.5
+        return True, False, 7.5
 
     def request_drain(self, node, timeout):
         if node != "n2":
@@ -80,8 +85,8 @@ def served():
     """Start a server for a FakeAgent; returns (agent, main stub, peer stub, main channel)."""
     started = []
 
-    def start(token=TOKEN, ready=None):
-        agent = FakeAgent()
+    def start(token=TOKEN, ready=None, agent=None):
+        agent = agent or FakeAgent()
         ports = _ports(2)
         started.extend(serve_status(agent, f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", token, ready))
         ch = grpc.insecure_channel(f"127.0.0.1:{ports[0]}")
@@ -143,6 +148,8 @@ def test_peer_address_is_read_only(api):
     assert peer.GetStatus(farm_pb2.GetStatusRequest(), timeout=5).node_id == "n1"
     r = peer.EtcdReachability(farm_pb2.EtcdReachabilityRequest(asking_node="n2"), timeout=5)
     assert r.node_id == "n1" and r.reachable is False and r.last_success_age_s == 7.5
+    # Who answers, so the asker can tell its own (or another process's) answer from the peer's.
+    assert r.instance == "0123abcd" and r.voting is True
 
 
 def test_which(api):
@@ -283,3 +290,158 @@ def test_reflection_describes_the_api(served):
     fd = db.FindFileContainingSymbol("nlbfarm.v1.Farm")
     methods = {m.name for m in fd.service[0].method}
     assert {"GetStatus", "GetNode", "WatchEvents", "Drain", "Undrain", "Which", "GetTable"} <= methods
+
+
+# ---- the peer listener: limits, no kernel counters ---------------------------------
+
+class SlowAgent(FakeAgent):
+    """GetStatus blocks until released: a call the agent is slow to answer."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+        self.inside = threading.Semaphore(0)
+
+    def status(self):
+        self.inside.release()
+        self.release.wait(10)
+        return super().status()
+
+
+def _wait_until(cond, seconds):
+    deadline = time.monotonic() + seconds
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return cond()
+
+
+def test_regression_peer_listener_flood_is_refused_instead_of_queueing(served):
+    agent = SlowAgent()
+    _, main, peer, main_ch = served(agent=agent)
+    extra = 4
+    calls = [peer.GetStatus.future(farm_pb2.GetStatusRequest(), timeout=10) for _ in range(PEER_MAX_RPCS + extra)]
+    try:
+        for _ in range(PEER_MAX_RPCS):
+            assert agent.inside.acquire(timeout=5), "the peer listener ran fewer calls at once than its limit"
+        # The extra calls are refused at once, while the admitted ones are still inside the agent.
+        assert _wait_until(lambda: sum(c.done() for c in calls) >= extra, 3)
+        refused = [c for c in calls if c.done()]
+        assert len(refused) == extra and not agent.release.is_set()
+        assert {c.code() for c in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert not agent.inside.acquire(timeout=0.1), "a call beyond the limit reached the agent"
+        # The main listener has its own threads: it still answers.
+        assert main.GetNode(farm_pb2.GetNodeRequest(), timeout=5).node_id == "n1"
+        health = health_pb2_grpc.HealthStub(main_ch)
+        assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    finally:
+        agent.release.set()
+    assert [c.result(timeout=5).node_id for c in calls if c not in refused] == ["n1"] * PEER_MAX_RPCS
+
+    def answers():
+        try:
+            return peer.EtcdReachability(farm_pb2.EtcdReachabilityRequest(asking_node="n2"), timeout=5).node_id
+        except grpc.RpcError:  # the server may not have counted the finished calls out yet
+            return None
+    assert _wait_until(lambda: answers() == "n1", 3), "the peer listener did not recover after the flood"
+
+
+def test_regression_peer_event_streams_cannot_use_up_the_operators_streams(served):
+    agent, main, peer, _ = served()
+    agent.events.publish("member_joined", "n2", "n2 joined")
+    opened = []
+
+    def follow(stub):
+        call = stub.WatchEvents(farm_pb2.WatchEventsRequest(replay=True, follow=True), timeout=30)
+        opened.append(call)
+        next(call)  # the replayed event: the server counts this stream now
+        return call
+
+    try:
+        for _ in range(PEER_MAX_STREAMS):
+            follow(peer)
+        got, details = code_of(lambda: follow(peer))
+        assert got == grpc.StatusCode.RESOURCE_EXHAUSTED and f"at most {PEER_MAX_STREAMS} event streams" in details
+        # Followers on the peer address leave threads to the peers' own calls ...
+        r = peer.EtcdReachability(farm_pb2.EtcdReachabilityRequest(asking_node="n2"), timeout=5)
+        assert r.node_id == "n1"
+        # ... and take none of the operator's streams on the main listener.
+        for _ in range(MAX_STREAMS):
+            follow(main)
+    finally:
+        for c in opened:
+            c.cancel()
+
+
+def test_regression_peer_get_node_does_not_read_kernel_counters(api):
+    agent, main, peer = api
+    v = peer.GetNode(farm_pb2.GetNodeRequest(), timeout=5)
+    assert agent.counter_reads == [False]
+    assert list(v.counters) == [] and v.state == "failed" and v.draining_connections == 5
+    assert len(main.GetNode(farm_pb2.GetNodeRequest(), timeout=5).counters) == 1
+    assert agent.counter_reads == [False, True]
+
+
+# ---- integer fields out of range -------------------------------------------------
+
+HUGE = 2**70
+U32, U64 = 2**32 - 1, 2**64 - 1
+
+
+class OneEventBus:
+    """A bus holding one event whose sequence number no uint64 holds."""
+    closed = True
+    last_seq = 0
+
+    def since(self, _seq):
+        return [Event(HUGE, 0.0, "table_changed", "", "generation 2**70")]
+
+
+class HugeAgent(FakeAgent):
+    """Numbers no uint32/uint64 holds, as a corrupt etcd value or a bookkeeping bug would give."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = OneEventBus()
+
+    def status(self):
+        st = super().status()
+        st.update(generation=HUGE, bucket_count=-1, applied_generation=-5, owned_buckets=2**32,
+                  members=[{"id": "n2", "weight": 2**40, "state": "active", "applied_generation": -1,
+                            "buckets": HUGE, "draining_connections": -3}])
+        return st
+
+    def node_view(self, with_counters=True):
+        v = super().node_view(with_counters)
+        v.update(generation=HUGE, applied_generation=-1, draining_connections=2**32,
+                 accepting_ranges=[(-1, 2**33)],
+                 counters=[{"vip": "198.18.0.100", "rule": "accepted", "packets": HUGE, "bytes": -1}])
+        v["checks"][0].update(consecutive=-1, transitions=HUGE)
+        return v
+
+    def table_view(self):
+        return {"generation": HUGE, "bucket_count": 2**32, "unowned": -1,
+                "nodes": [{"node_id": "n1", "buckets": -1, "ranges": [(0, HUGE)]}]}
+
+    def which(self, *args):
+        return {"bucket": -7, "node_id": "n2", "generation": HUGE, "draining_on": [], "rule": "r"}
+
+
+def test_regression_out_of_range_integers_are_clamped_not_an_unknown_error(served):
+    _, main, _, _ = served(agent=HugeAgent())
+    st = main.GetStatus(farm_pb2.GetStatusRequest(), timeout=5)
+    assert (st.generation, st.bucket_count, st.applied_generation, st.owned_buckets) == (U64, 0, 0, U32)
+    m = st.members[0]
+    assert (m.weight, m.applied_generation, m.buckets, m.draining_connections) == (U32, 0, U32, 0)
+    v = main.GetNode(farm_pb2.GetNodeRequest(), timeout=5)
+    assert (v.generation, v.applied_generation, v.draining_connections) == (U64, 0, U32)
+    assert [(r.first, r.last) for r in v.accepting_ranges] == [(0, U32)]
+    assert [(c.packets, c.bytes) for c in v.counters] == [(U64, 0)]
+    assert (v.checks[0].consecutive, v.checks[0].transitions) == (0, U64)
+    t = main.GetTable(farm_pb2.GetTableRequest(), timeout=5)
+    assert (t.generation, t.bucket_count, t.unowned, t.nodes[0].buckets) == (U64, U32, 0, 0)
+    assert [(r.first, r.last) for r in t.nodes[0].ranges] == [(0, U32)]
+    w = main.Which(farm_pb2.WhichRequest(client_ip="198.18.0.3", client_port=1), timeout=5)
+    assert (w.bucket, w.generation, w.node_id) == (0, U64, "n2")
+    events = list(main.WatchEvents(farm_pb2.WatchEventsRequest(replay=True, follow=False), timeout=5))
+    assert [e.seq for e in events] == [U64]

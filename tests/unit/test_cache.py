@@ -2,7 +2,7 @@
 import threading
 
 from nlbfarm.coordinator.store import KV, WatchEvent
-from nlbfarm.node.agent import ClusterCache
+from nlbfarm.coordinator.farm import ClusterCache
 
 P = "/nlbfarm/t"
 
@@ -42,3 +42,25 @@ def test_reset_wakes_the_loop():
     wake = threading.Event()
     ClusterCache(P, wake).reset({}, 1)
     assert wake.is_set()
+
+
+def test_regression_a_read_older_than_delivered_events_does_not_roll_the_cache_back():
+    # Found by the simulation: the agent re-registers and reads the prefix at
+    # revision 16 while its watch has already delivered the new table at 17;
+    # replacing the cache with the read lost the table for good.
+    c = ClusterCache(P, threading.Event())
+    c.reset({f"{P}/a": (b"old", 5)}, 5)
+    c.on_event(put(f"{P}/table", 17, b"new table"))
+    c.reset({f"{P}/a": (b"old", 5)}, 16)
+    assert c._items[f"{P}/table"][0] == b"new table" and c.revision == 17
+    c.on_event(put(f"{P}/b", 16))  # at or below the read: already in it
+    assert f"{P}/b" not in c._items
+
+
+def test_a_resync_after_etcd_went_back_replaces_the_cache():
+    c = ClusterCache(P, threading.Event())
+    c.reset({f"{P}/a": (b"new", 50)}, 50)
+    c.on_event(WatchEvent("resync", P, b"", 8, snapshot={f"{P}/b": KV(f"{P}/b", b"restored", 8)}, rewound=True))
+    assert set(c._items) == {f"{P}/b"} and c.revision == 8
+    c.on_event(put(f"{P}/c", 9))
+    assert f"{P}/c" in c._items

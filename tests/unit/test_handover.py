@@ -5,7 +5,7 @@ import random
 import pytest
 
 from nlbfarm.coordinator.cluster import (
-    Applied, ClusterSettings, Member, TableRecord, build_snapshot)
+    Applied, ClusterSettings, Member, TableRecord, build_snapshot, table_digest)
 from nlbfarm.coordinator.handover import plan_accept, plan_table
 
 P = "/nlbfarm/t"
@@ -17,8 +17,13 @@ def kv(items):
             for i, (k, v) in enumerate(items.items())}
 
 
-def snap(members=(), table=None, applied=None, weights=None, extra=None, leaving=()):
+def snap(members=(), table=None, applied=None, weights=None, extra=None, leaving=(), tables=None):
+    """``applied`` maps node -> generation; the record names the contents of that
+    generation's table from ``tables`` (default: the snapshot's own table)."""
     items = {f"{P}/cluster": ClusterSettings(seed=7, buckets=B).encode()}
+    tables = dict(tables or {})
+    if table is not None:
+        tables.setdefault(table[0], table[1])
     for m in members:
         w = (weights or {}).get(m, 1)
         items[f"{P}/members/{m}"] = Member(m, w, "leaving" if m in leaving else "active").encode()
@@ -26,7 +31,8 @@ def snap(members=(), table=None, applied=None, weights=None, extra=None, leaving
         gen, owners = table
         items[f"{P}/table"] = TableRecord.encode(gen, owners)
     for n, g in (applied or {}).items():
-        items[f"{P}/applied/{n}"] = Applied(g).encode()
+        digest = table_digest(tables[g]) if g in tables else ""
+        items[f"{P}/applied/{n}"] = Applied(g, table=digest).encode()
     items.update(extra or {})
     return build_snapshot(P, kv(items), 100)
 
@@ -56,10 +62,34 @@ def test_leaving_member_is_not_a_candidate_but_stays_live():
     assert plan_table(s).reason == "left=b"
 
 
-def test_generation_exceeds_any_published_one():
-    # A stale or replaced table must never reuse a generation a node reported.
+def test_generation_follows_the_table_not_what_peers_report():
+    # A record a node (or anyone) published cannot push generations up: the
+    # next table follows the current one. Reports of the same generation for
+    # other contents are told apart by the digest (test below).
     up = plan_table(snap(["a"], table=(3, ["b"] * 64), applied={"a": 9}))
+    assert up.generation == 4
+
+
+def test_generation_exceeds_any_published_one_without_a_table():
+    # The table key was deleted or overwritten by hand: continue above the reports.
+    up = plan_table(snap(["a"], applied={"a": 9}))
     assert up.generation == 10
+
+
+def test_regression_generation_is_capped_against_a_hostile_report():
+    from nlbfarm.coordinator.cluster import MAX_GENERATION
+    up = plan_table(snap(["a"], applied={"a": MAX_GENERATION}))
+    assert up.generation == MAX_GENERATION
+
+
+def test_regression_same_generation_other_contents_does_not_count_for_rule_r():
+    # After an etcd restore (or a hand-written table) b reports generation 2
+    # for other contents: a must not take new buckets on that report.
+    owners = ["a"] * 48 + ["b"] * 16
+    other = ["b"] * 64
+    s = snap(["a", "b"], table=(2, owners), applied={"b": 2}, tables={2: other})
+    plan = plan_accept("a", s, frozenset(range(32)))
+    assert plan.accepting == frozenset(range(32)) and plan.waiting_for == ("b",)
 
 
 def test_empty_cluster_writes_nothing():
@@ -123,7 +153,7 @@ def test_no_bucket_is_accepted_twice_in_random_interleavings():
             seen[n] = min(5, seen[n] + rng.choice([0, 1]))
             if seen[n] == 0:
                 continue
-            s = snap(nodes, table=(seen[n], tables[seen[n]]), applied=applied)
+            s = snap(nodes, table=(seen[n], tables[seen[n]]), applied=applied, tables=tables)
             plan = plan_accept(n, s, accepting[n])
             accepting[n] = plan.accepting
             applied[n] = plan.generation
@@ -167,7 +197,7 @@ def test_applied_draining_and_drain_requests_parse_and_validate():
     assert s.drains["a"].timeout == 30.0 and "b" not in s.drains
     text = "\n".join(s.warnings)
     assert "drain/b reason=timeout must be seconds from 0 to 86400" in text
-    assert "applied/a reason=draining must be a list of [first, last] bucket ranges, got [5, 1]" in text
+    assert "applied/a reason=draining must be sorted, disjoint [first, last] bucket ranges inside 0..63, got [5, 1]" in text
 
 
 def test_draining_member_is_not_a_candidate():
