@@ -6,7 +6,10 @@ operation failed.
 
 Changes (drain, undrain) send the agent's API token: --token-file, else the
 file named by $NLBFARM_TOKEN_FILE, else the configuration file's token_file,
-else /etc/nlbfarm/token when it exists.
+else /etc/nlbfarm/token when it exists. The token is sent in plaintext only
+to a loopback target or inside a lab namespace (--netns); to any other target
+farmctl refuses unless the connection speaks TLS or --insecure-send-token is
+given.
 
 Connection (an agent whose API speaks TLS): each of --tls-ca, --tls-cert,
 --tls-key, --tls-server-name and --target is taken from the command line,
@@ -38,6 +41,10 @@ DEFAULT_TARGET = "127.0.0.1:7400"
 CLIENT_KEYS = ("target", "tls_ca", "tls_cert", "tls_key", "tls_server_name", "token_file")
 # Member states that mean a node that should serve does not.
 UNHEALTHY_STATES = ("starting", "failed", "stopped")
+# The namespace _reexec_in_netns ran this command in: the command inside no
+# longer sees --netns, and must know it for the token check (_inside_netns).
+NETNS_ENV = "NLBFARM_NETNS"
+NETNS_DIR = "/run/netns"  # where `ip netns` keeps its named namespaces
 
 
 def _reexec_in_netns(netns: str, argv: list[str]) -> None:
@@ -46,7 +53,24 @@ def _reexec_in_netns(netns: str, argv: list[str]) -> None:
     if netns not in iplib.list_netns():
         print(f"farmctl: network namespace {netns!r} does not exist", file=sys.stderr)
         sys.exit(EXIT_ERROR)
-    os.execvp("ip", ["ip", "netns", "exec", netns, sys.executable, "-m", "nlbfarm.cli", *argv])
+    os.execvpe("ip", ["ip", "netns", "exec", netns, sys.executable, "-m", "nlbfarm.cli", *argv],
+               {**os.environ, NETNS_ENV: netns})
+
+
+def _inside_netns() -> str | None:
+    """The namespace --netns re-executed farmctl into, if this process really runs in it.
+
+    Checked, not trusted: a $NLBFARM_NETNS left in an environment outside the
+    namespace does not count (same device and inode as `ip netns identify`).
+    """
+    name = os.environ.get(NETNS_ENV)
+    if not name or "/" in name:
+        return None
+    try:
+        ns, mine = os.stat(os.path.join(NETNS_DIR, name)), os.stat("/proc/self/ns/net")
+    except OSError:
+        return None
+    return name if (ns.st_dev, ns.st_ino) == (mine.st_dev, mine.st_ino) else None
 
 
 def _strip_netns(argv: list[str]) -> list[str]:
@@ -253,6 +277,55 @@ def token_metadata(args) -> tuple:
     return (("authorization", f"Bearer {token}"),)
 
 
+def _is_loopback(target: str) -> bool:
+    """``target`` is on this machine's loopback: 127.0.0.0/8, ::1, localhost, or a unix socket."""
+    import ipaddress
+
+    from nlbfarm.tls import split_target
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    host_port = split_target(target)
+    if host_port is None:  # another gRPC target form (dns:///...): not known to be local
+        return False
+    host = host_port[0].lower()
+    if host == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return addr.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def plaintext_token_problem(conn: Connection, netns: str | None) -> str | None:
+    """Why sending the token to ``conn`` would show it to the network, or None.
+
+    ``netns``: farmctl runs inside that namespace (--netns). That counts as
+    local: --netns is for the lab's namespaces, which `farmctl lab up` makes on
+    this machine, joined by veth pairs and a bridge that never leave it.
+    """
+    if conn.tls is not None or netns or _is_loopback(conn.target):
+        return None
+    return (f"refusing to send the API token in plaintext to {conn.target}, which is not a loopback "
+            "address: anyone on the network path could read it and drain the farm. Speak TLS to the agent "
+            "with --tls-ca (or $NLBFARM_TLS_CA, or --config), or pass --insecure-send-token if you really "
+            "mean to send it unencrypted")
+
+
+def change_metadata(args) -> tuple:
+    """token_metadata(args) for Drain and Undrain, refused before connecting when it would
+    cross the network in clear (exit 2), unless --insecure-send-token."""
+    metadata = token_metadata(args)
+    problem = plaintext_token_problem(args.conn, _inside_netns()) if metadata else None
+    if problem:
+        if not getattr(args, "insecure_send_token", False):
+            raise FarmError(problem)
+        print(f"farmctl: warning: sending the API token in plaintext to {args.conn.target} "
+              "(--insecure-send-token): anyone on the network path can read it", file=sys.stderr)
+    return metadata
+
+
 def _rpc(target, method: str, request, timeout: float, metadata: tuple = ()):
     import grpc
     conn = _as_conn(target)
@@ -281,8 +354,9 @@ def drain_progress(st: dict, node: str) -> tuple[bool, str]:
 
 def cmd_drain(args) -> int:
     from nlbfarm.proto import farm_pb2
+    metadata = change_metadata(args)
     resp = _rpc(args.conn, "Drain", farm_pb2.DrainRequest(node_id=args.node, timeout_s=args.timeout or 0),
-                args.rpc_timeout, token_metadata(args))
+                args.rpc_timeout, metadata)
     if not args.wait:
         print(json.dumps({"node": args.node, "message": resp.message}) if args.json else resp.message)
         return EXIT_OK
@@ -496,8 +570,8 @@ def cmd_table(args) -> int:
 
 def cmd_undrain(args) -> int:
     from nlbfarm.proto import farm_pb2
-    resp = _rpc(args.conn, "Undrain", farm_pb2.UndrainRequest(node_id=args.node), args.rpc_timeout,
-                token_metadata(args))
+    metadata = change_metadata(args)
+    resp = _rpc(args.conn, "Undrain", farm_pb2.UndrainRequest(node_id=args.node), args.rpc_timeout, metadata)
     print(json.dumps({"node": args.node, "message": resp.message}) if args.json else resp.message)
     return EXIT_OK
 
@@ -680,6 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
     def token_opt(p):
         p.add_argument("--token-file", help="file with the agent's API token (default: $NLBFARM_TOKEN_FILE, "
                                             f"else {DEFAULT_TOKEN_FILE})")
+        p.add_argument("--insecure-send-token", action="store_true",
+                       help="send the token even in plaintext to a target that is not loopback "
+                            "(anyone on the network path can read it; prefer --tls-ca)")
 
     def target_opts(p):
         connection_opts(p)

@@ -1,7 +1,12 @@
-"""farmctl's pure parts: argument parsing, health verdicts, rendering."""
+"""farmctl's pure parts: argument parsing, health verdicts, rendering; the token check before a change."""
+import os
+from types import SimpleNamespace
+
 import pytest
 
-from nlbfarm.cli import farm_problems, local_problems, parse_client, render_event, token_metadata
+from nlbfarm import cli
+from nlbfarm.cli import (Connection, farm_problems, local_problems, parse_client, plaintext_token_problem,
+                         render_event, token_metadata)
 from nlbfarm.errors import FarmError
 
 
@@ -79,3 +84,107 @@ def test_members_with_different_traffic_rules_are_a_problem():
                          {"id": "n2", "state": "active", "applied_generation": 4, "rules": "bbb"}])
     assert farm_problems(st) == ["members disagree on traffic rules (cluster.vips, rules, unmatched): "
                                  "n1=aaa, n2=bbb"]
+
+
+# ---- the token is not sent in plaintext over the network ----------------------------
+
+TOKEN = "abc0123456789abcdef"
+
+
+@pytest.fixture
+def farmctl(tmp_path, monkeypatch, capsys):
+    """Run farmctl's main() with a token file and no ambient configuration; calls are recorded, not sent."""
+    for var in ("NLBFARM_CONFIG", "NLBFARM_TARGET", "NLBFARM_TOKEN_FILE", "NLBFARM_TLS_CA", "NLBFARM_TLS_CERT",
+                "NLBFARM_TLS_KEY", "NLBFARM_TLS_SERVER_NAME", cli.NETNS_ENV):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG_FILE", str(tmp_path / "absent.yaml"))
+    monkeypatch.setattr(cli, "DEFAULT_TOKEN_FILE", str(tmp_path / "absent-token"))
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    sent = []
+
+    def fake_rpc(conn, method, request, timeout, metadata=()):
+        sent.append((conn.target, method, metadata))
+        return SimpleNamespace(message=f"{request.node_id} done")
+
+    def no_channel(conn):
+        raise AssertionError(f"farmctl connected to {conn.target}")
+
+    monkeypatch.setattr(cli, "_rpc", fake_rpc)
+    monkeypatch.setattr(cli, "_channel", no_channel)
+
+    def run(*argv, token_file=True):
+        rc = cli.main([*argv, *(["--token-file", str(token)] if token_file else [])])
+        out = capsys.readouterr()
+        return rc, out.out, out.err, sent
+    return run
+
+
+@pytest.mark.parametrize("command", ["drain", "undrain"])
+def test_regression_token_not_sent_in_plaintext_to_remote_target(farmctl, command):
+    rc, _, err, sent = farmctl(command, "n2", "--target", "10.0.0.11:7400")
+    assert rc == cli.EXIT_ERROR and sent == []
+    assert "refusing to send the API token in plaintext to 10.0.0.11:7400" in err
+    assert "--tls-ca" in err and "--insecure-send-token" in err
+
+
+@pytest.mark.parametrize("command", ["drain", "undrain"])
+def test_regression_insecure_send_token_sends_with_a_warning(farmctl, command):
+    rc, out, err, sent = farmctl(command, "n2", "--target", "10.0.0.11:7400", "--insecure-send-token")
+    assert rc == cli.EXIT_OK and out.strip() == "n2 done"
+    assert sent == [("10.0.0.11:7400", command.capitalize(), (("authorization", f"Bearer {TOKEN}"),))]
+    assert "warning: sending the API token in plaintext to 10.0.0.11:7400" in err
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:7400", "127.3.2.1:7400", "[::1]:7400", "localhost:7400",
+                                    "LocalHost:7400", "[::ffff:127.0.0.1]:7400", "unix:/run/nlbfarm/api.sock"])
+def test_regression_token_still_sent_to_loopback_targets(farmctl, target):
+    rc, _, err, sent = farmctl("drain", "n2", "--target", target)
+    assert rc == cli.EXIT_OK and err == ""
+    assert sent[0][2] == (("authorization", f"Bearer {TOKEN}"),)
+
+
+@pytest.mark.parametrize("target", ["10.0.0.11:7400", "[2001:db8::11]:7400", "n1.farm.example:7400",
+                                    "0.0.0.0:7400", "dns:///localhost:7400", "127.0.0.1.example:7400"])
+def test_regression_non_loopback_targets_are_not_taken_for_local(target):
+    assert plaintext_token_problem(Connection(target=target), None) is not None
+
+
+def test_regression_token_check_allows_tls_and_lab_namespaces():
+    assert plaintext_token_problem(Connection(target="10.0.0.11:7400", tls=object()), None) is None
+    assert plaintext_token_problem(Connection(target="198.18.0.12:7400"), "nlbf-n1") is None
+
+
+def test_regression_no_token_no_refusal(farmctl):
+    # Nothing secret is sent: the agent itself answers UNAUTHENTICATED.
+    rc, _, err, sent = farmctl("drain", "n2", "--target", "10.0.0.11:7400", token_file=False)
+    assert rc == cli.EXIT_OK and err == "" and sent == [("10.0.0.11:7400", "Drain", ())]
+
+
+def test_regression_netns_target_counts_as_local_only_inside_that_namespace(farmctl, tmp_path, monkeypatch):
+    # `ip netns add` keeps a namespace as a file in /run/netns; this process's own
+    # namespace stands in for the lab node's.
+    run_netns = tmp_path / "netns"
+    run_netns.mkdir()
+    os.symlink("/proc/self/ns/net", run_netns / "nlbf-n1")
+    (run_netns / "other").write_text("")
+    monkeypatch.setattr(cli, "NETNS_DIR", str(run_netns))
+    monkeypatch.setenv(cli.NETNS_ENV, "nlbf-n1")
+    rc, _, err, sent = farmctl("drain", "n2", "--target", "198.18.0.12:7400")
+    assert rc == cli.EXIT_OK and err == "" and sent[0][0] == "198.18.0.12:7400"
+    # A leftover variable does not make a LAN target local.
+    for name in ("other", "missing", "../nlbf-n1"):
+        monkeypatch.setenv(cli.NETNS_ENV, name)
+        rc, _, err, _ = farmctl("drain", "n2", "--target", "198.18.0.12:7400")
+        assert rc == cli.EXIT_ERROR and "plaintext" in err
+
+
+def test_regression_netns_reexec_tells_the_inner_farmctl_its_namespace(monkeypatch):
+    from nlbfarm.node import iplib
+    execs = []
+    monkeypatch.setattr(iplib, "list_netns", lambda: ["nlbf-n1"])
+    monkeypatch.setattr(cli.os, "execvpe", lambda file, argv, env: execs.append((file, argv, env)))
+    cli._reexec_in_netns("nlbf-n1", ["drain", "n2"])
+    (file, argv, env), = execs
+    assert argv[:4] == ["ip", "netns", "exec", "nlbf-n1"] and argv[-2:] == ["drain", "n2"]
+    assert env[cli.NETNS_ENV] == "nlbf-n1"
