@@ -1,0 +1,1 @@
+"""Deterministic simulation of farmd's decision cores under faults (see ``core`` and ``faults``)."""

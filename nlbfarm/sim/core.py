@@ -1,0 +1,655 @@
+"""Deterministic simulation of a farm: N decision cores, one etcd, a network, a fake clock.
+
+Each simulated node runs farmd's own decisions: ``node.decide.decide`` for
+the loop, the keeper's pure transitions (``after_keepalive_ok``,
+``fence_deadline``, ``fence_seconds``, ``after_probe`` ...) and rule E's
+``judge_answers``, fed by the real ``ClusterCache`` and ``build_snapshot``.
+What is simulated is everything around them: etcd (keys, revisions, CAS,
+leases with a reaper tick, watches that break and resync), the network
+(per-direction links with latency), the kernel (accept set, fence element
+with a timeout), the clock (per-node rate skew) and the agent's threads (as
+generators, so a pause or a kill freezes or drops them).
+
+A run is a pure function of its seed (FoundationDB's simulation testing,
+with Jepsen-style nemeses in ``faults.py``). At every kernel change it checks
+that no bucket is accepted by two nodes; once every fault has healed it
+measures how long until every bucket is served again. A failing run prints
+its seed and fault schedule, and ``python -m nlbfarm.sim --replay`` runs
+exactly that schedule again.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import random
+import threading
+from dataclasses import dataclass, field, replace
+
+from nlbfarm.coordinator.cluster import Applied, ClusterSettings, Member, TableRecord
+from nlbfarm.coordinator.farm import ClusterCache
+from nlbfarm.coordinator.store import KV, WatchEvent
+from nlbfarm.node.decide import (
+    LeaseView, LocalState, Observations, Reason, Timing, after_adopt, after_keepalive_failed,
+    after_keepalive_ok, after_probe, answers_reachable, decide, fence_deadline, remember_table)
+from nlbfarm.node.dataplane import fence_seconds
+from nlbfarm.node.peers import Peer, judge_answers
+
+PREFIX = "/nlbfarm/sim"
+TIMEOUT = object()      # an RPC that got no answer in time
+NOT_FOUND = object()    # etcd: lease not found
+LEASE_MIN_TTL = 2       # etcd 3.4 with its default election timeout
+
+
+class Violation(AssertionError):
+    pass
+
+
+@dataclass
+class Answer:
+    node_id: str
+    instance: str
+    voting: bool
+    reachable: bool
+
+
+# ---- etcd ---------------------------------------------------------------------------
+
+@dataclass
+class EtcdState:
+    kv: dict = field(default_factory=dict)          # key -> (value, mod_revision, lease)
+    leases: dict = field(default_factory=dict)      # lease -> [ttl, expiry]
+    revision: int = 1
+    next_lease: int = 0x1000
+
+    def copy(self) -> "EtcdState":
+        return EtcdState(dict(self.kv), {k: list(v) for k, v in self.leases.items()}, self.revision,
+                         self.next_lease)
+
+
+class Etcd:
+    """One etcd: linearizable ops applied at arrival, a 500 ms lease reaper, watches."""
+
+    def __init__(self, sim: "Sim"):
+        self.sim = sim
+        self.s = EtcdState()
+        self.up = True
+        self.watchers: dict[str, "SimNode"] = {}
+
+    def _change(self, events: list[WatchEvent]) -> None:
+        for w in sorted(self.watchers):
+            self.sim.nodes[w].watch_push(events)
+
+    def _put(self, key: str, value: bytes, lease: int) -> None:
+        self.s.revision += 1
+        self.s.kv[key] = (value, self.s.revision, lease)
+        self._change([WatchEvent("put", key, value, self.s.revision, lease)])
+
+    def _delete(self, keys: list[str]) -> None:
+        keys = [k for k in keys if k in self.s.kv]
+        if not keys:
+            return
+        self.s.revision += 1
+        for k in keys:
+            del self.s.kv[k]
+        self._change([WatchEvent("delete", k, b"", self.s.revision) for k in keys])
+
+    def apply(self, op: tuple):
+        kind = op[0]
+        s, now = self.s, self.sim.now
+        if kind == "grant":
+            s.next_lease += 1
+            ttl = max(LEASE_MIN_TTL, int(op[1]))
+            s.leases[s.next_lease] = [ttl, now + ttl]
+            return s.next_lease
+        if kind == "keepalive":
+            lease = s.leases.get(op[1])
+            if lease is None:
+                return NOT_FOUND
+            lease[1] = now + lease[0]
+            return lease[0]
+        if kind == "revoke":
+            if s.leases.pop(op[1], None) is not None:
+                self._delete(sorted(k for k, v in s.kv.items() if v[2] == op[1]))
+            return True
+        if kind in ("put", "create"):
+            _, key, value, lease = op
+            if lease and lease not in s.leases:
+                return NOT_FOUND
+            if kind == "create" and key in s.kv:
+                return False
+            self._put(key, value, lease)
+            return s.revision if kind == "put" else True
+        if kind == "cas":
+            _, key, value, expected = op
+            cur = s.kv.get(key)
+            if (cur[1] if cur else 0) != expected:
+                return False
+            self._put(key, value, 0)
+            return True
+        if kind == "delete":
+            self._delete([op[1]])
+            return True
+        if kind == "read":
+            scope = op[1]
+            return ({k: v for k, v in s.kv.items() if k.startswith(scope)}, s.revision)
+        raise ValueError(kind)
+
+    def reap(self) -> None:
+        if self.up:
+            expired = sorted(lid for lid, (_ttl, exp) in self.s.leases.items() if exp <= self.sim.now)
+            for lid in expired:
+                self.apply(("revoke", lid))
+        self.sim.after(0.5, self.reap)
+
+    def restart(self) -> None:
+        """etcd back after an outage: a new leader extends every lease to its full TTL."""
+        self.up = True
+        for lease in self.s.leases.values():
+            lease[1] = self.sim.now + lease[0]
+
+
+# ---- nodes ------------------------------------------------------------------------------
+
+@dataclass
+class Kernel:
+    """What a node's kernel does: survives an agent kill, not a node crash."""
+
+    accepting: frozenset = frozenset()
+    fence_open: bool = False          # the ruleset's intent (spec.fence_open)
+    fence_expires: float = 0.0        # global time the element is gone (0: none)
+
+
+class Proc:
+    __slots__ = ("node", "gen", "incarnation", "waiting", "token")
+
+    def __init__(self, node, gen):
+        self.node, self.gen, self.incarnation = node, gen, node.incarnation
+        self.waiting = False
+        self.token = 0
+
+
+class SimNode:
+    def __init__(self, sim: "Sim", node_id: str, rate: float):
+        self.sim = sim
+        self.id = node_id
+        self.rate = rate                 # local seconds per global second (clock skew)
+        self.kernel = Kernel()
+        self.lan_up = True
+        self.paused = False
+        self.parked: list = []
+        self.incarnation = 0
+        self.nft_delay = 0.002
+        self.alive = False
+        self.answer_as_self = False      # misconfigured wildcard peer address: dials lead back here
+        self._boot()
+
+    # -- agent lifecycle ------------------------------------------------------------------
+
+    def _boot(self) -> None:
+        self.incarnation += 1
+        self.instance = f"{self.id}-{self.incarnation}"
+        self.alive = True
+        self.cache = ClusterCache(PREFIX, threading.Event())
+        self.local = LocalState()
+        self.view = LeaseView()
+        self.loop_ok = self.clock()
+        self.waiting_loop: Proc | None = None
+        self.watch_connected = False
+        self.watch_rev = 0
+        self.watch_last_delivery = 0.0
+        self.sentences: list[str] = []
+        self.sim.spawn(self, self.main())
+
+    def kill(self) -> None:
+        """kill -9 of the agent: its threads stop; the kernel keeps its rules and fence element."""
+        self.alive = False
+        self.incarnation += 1
+        self.parked = []
+        self.sim.etcd.watchers.pop(self.id, None)
+
+    def crash(self) -> None:
+        """The whole node dies: the kernel goes with it."""
+        self.kill()
+        self.kernel = Kernel()
+        self.sim.kernel_changed(self)
+
+    def restart(self) -> None:
+        self.incarnation += 1
+        self._boot()
+
+    def clock(self) -> float:
+        return self.sim.now * self.rate
+
+    def local_to_global(self, dt: float) -> float:
+        return dt / self.rate
+
+    # -- the kernel -------------------------------------------------------------------------
+
+    def commit_ruleset(self, accepting: frozenset, fence_open: bool, until: float | None) -> None:
+        """``DataPlane.apply``: seconds decided when the transaction is sent, element set when it lands."""
+        secs = fence_seconds(until, self.clock(), self.sim.timing.fence_timeout) if fence_open else 0
+        self.kernel = Kernel(accepting, fence_open, self.sim.now + self.local_to_global(secs) if secs else 0.0)
+        self._after_fence_write(secs, until)
+        self.sim.kernel_changed(self)
+
+    def refresh_fence(self, until: float | None) -> None:
+        """``DataPlane.refresh_fence``."""
+        if not self.kernel.fence_open:
+            return
+        secs = fence_seconds(until, self.clock(), self.sim.timing.fence_timeout)
+        self.kernel = replace(self.kernel, fence_expires=self.sim.now + self.local_to_global(secs) if secs else 0.0)
+        self._after_fence_write(secs, until)
+        self.sim.kernel_changed(self)
+
+    def _after_fence_write(self, secs: int, until: float | None) -> None:
+        done = self.clock()
+        if secs and until is not None and done + secs > until:
+            self.kernel = replace(self.kernel, fence_expires=0.0)
+
+    def close_fence(self) -> None:
+        self.kernel = replace(self.kernel, fence_expires=0.0)
+
+    # -- watch ---------------------------------------------------------------------------------
+
+    def watch_push(self, events: list[WatchEvent]) -> None:
+        if not self.alive or not self.watch_connected:
+            return
+        if not self.sim.net.etcd_to(self.id):
+            self.watch_connected = False  # the stream broke; the watch process reconnects
+            return
+        t = max(self.sim.now + self.sim.latency(), self.watch_last_delivery + 1e-6)
+        self.watch_last_delivery = t
+        inc = self.incarnation
+        self.sim.at(t, lambda: self._deliver(events, inc))
+
+    def _deliver(self, events, inc) -> None:
+        if inc != self.incarnation or not self.alive:
+            return
+        if self.paused:
+            self.parked.append(("deliver", events, inc))
+            return
+        for ev in events:
+            self.cache.on_event(ev)
+            # The last revision delivered (a rewound resync sets it back, as EtcdStore's watch does).
+            self.watch_rev = ev.mod_revision if ev.rewound else max(self.watch_rev, ev.mod_revision)
+        self.wake()
+
+    def watch_proc(self):
+        """Reconnect a broken watch: a resync (a full read) once etcd is reachable again."""
+        while True:
+            if not self.watch_connected and self.sim.net.etcd_to(self.id) and self.sim.net.to_etcd(self.id) \
+                    and self.sim.etcd.up:
+                self.sim.etcd.watchers[self.id] = self
+                items, rev = self.sim.etcd.apply(("read", PREFIX + "/"))
+                rewound = rev < self.watch_rev
+                self.watch_connected = True
+                self.watch_last_delivery = self.sim.now
+                snap = {k: KV(k, v, r, le) for k, (v, r, le) in items.items()}
+                self.watch_push([WatchEvent("resync", PREFIX + "/", b"", rev, snapshot=snap, rewound=rewound)])
+            yield ("sleep", 0.2)
+
+    # -- the agent's threads -------------------------------------------------------------------
+
+    def wake(self) -> None:
+        p = self.waiting_loop
+        if p is not None and p.waiting:
+            p.waiting = False
+            p.token += 1
+            self.sim.after(0, lambda: self.sim.step(p))
+
+    def rpc(self, op, timeout=None):
+        return ("rpc", op, self.sim.timing.etcd_timeout if timeout is None else timeout)
+
+    def call(self, op, deadline: float):
+        """A store call: attempts until ``deadline`` (local seconds from now) as EtcdStore retries."""
+        end = self.clock() + deadline
+        backoff = 0.05
+        while True:
+            r = yield self.rpc(op)
+            if r is not TIMEOUT or self.clock() >= end:
+                return r
+            yield ("sleep", min(backoff, max(0.0, end - self.clock())))
+            backoff = min(backoff * 2, 1.0)
+
+    def main(self):
+        t = self.sim.timing
+        while True:  # registration, as Agent.start
+            ok = yield from self.register()
+            if ok:
+                break
+            yield ("sleep", 0.5)
+        self.commit_ruleset(frozenset(), True, fence_deadline(self.view, t, self.lan_up, True)[0])
+        self.sim.spawn(self, self.watch_proc())
+        self.sim.spawn(self, self.keepalive_proc())
+        self.sim.spawn(self, self.fence_proc())
+        self.sim.spawn(self, self.prober_proc())
+        while True:
+            yield ("wait", t.keepalive_interval)
+            yield from self.cycle()
+            self.loop_ok = self.clock()
+
+    def register(self):
+        t = self.sim.timing
+        sent = self.clock()
+        old = self.view
+        lease = yield from self.call(("grant", t.lease_ttl), 5.0)
+        if lease is TIMEOUT:
+            return False
+        applied_lease = yield from self.call(("grant", t.lease_ttl), 5.0)
+        if applied_lease is TIMEOUT:
+            return False
+        member = Member(self.id, 1, self.desired()[0], (), "sim", self.instance, f"peer:{self.id}",
+                        self.desired()[1], "")
+        created = yield from self.call(("create", f"{PREFIX}/members/{self.id}", member.encode(), lease), 5.0)
+        if created is not True:
+            yield from self.call(("revoke", lease), 1.0)
+            return False
+        items = yield from self.call(("read", PREFIX + "/"), 5.0)
+        if items is TIMEOUT:
+            return False
+        kvs, rev = items
+        self.cache.reset(dict(kvs), rev)
+        self.view = after_adopt(lease, applied_lease, sent, self.clock(), t)
+        if old.registered:
+            for stale in (old.lease_id, old.applied_lease):
+                yield from self.call(("revoke", stale), 1.0)
+        self.local = replace(self.local, published=None, published_revision=0,
+                             seen_tables=remember_table(self.local.seen_tables, self.cache.snapshot().table))
+        return True
+
+    def desired(self) -> tuple[str, str]:
+        if not self.lan_up:
+            return "failed", "link lan0 is down"
+        return "active", "no checks configured"
+
+    def cycle(self):
+        t = self.sim.timing
+        snap = self.cache.snapshot()
+        now = self.clock()
+        state, why = self.desired()
+        obs = Observations(now=now, lease=self.view, link_up=self.lan_up, desired_state=state,
+                           desired_reason=why, conn_counts={}, conn_scan_at=now)
+        plan = decide(self.id, t, snap, self.local, obs)
+        self.sentences.append(plan.reason.value)
+        if len(self.sentences) > 50:
+            del self.sentences[:25]
+        write = t.late_after
+        if plan.reason in (Reason.LEASE_LOST, Reason.LEASE_LOST_LEAVING):
+            self.commit_ruleset(frozenset(), False, None)
+            self.local = plan.next
+            ok = yield from self.register()
+            if ok:
+                self.commit_ruleset(self.kernel.accepting, True, fence_deadline(self.view, t, self.lan_up, True)[0])
+            return
+        lease = self.view.lease_id
+        if plan.member_write is not None:
+            st, why = plan.member_write
+            member = Member(self.id, 1, st, (), "sim", self.instance, f"peer:{self.id}", why, "")
+            r = yield from self.call(("put", f"{PREFIX}/members/{self.id}", member.encode(), lease), write)
+            if r is NOT_FOUND:
+                self.lease_lost()
+            elif r is not TIMEOUT:
+                self.local = plan.next
+            return
+        if plan.table_write is not None:
+            u = plan.table_write
+            yield from self.call(("cas", f"{PREFIX}/table", TableRecord.encode(u.generation, u.owners),
+                                  u.expected_revision), write)
+            self.local = plan.next
+            return
+        k = plan.kernel
+        yield ("sleep", self.nft_delay)  # the transaction's own time (slow nft: long)
+        self.commit_ruleset(k.accepting, plan.fence_until is not None, plan.fence_until)
+        self.local = plan.next
+        if plan.publish is not None:
+            r = yield from self.call(("put", f"{PREFIX}/applied/{self.id}", plan.publish.encode(),
+                                      self.view.applied_lease), write)
+            if r is NOT_FOUND:
+                self.lease_lost()
+            elif r is not TIMEOUT:
+                self.local = replace(self.local, published=plan.publish, published_revision=r)
+
+    def lease_lost(self) -> None:
+        self.view = replace(self.view, lost=True)
+        self.close_fence()
+        self.sim.kernel_changed(self)
+        self.wake()
+
+    def member_present(self) -> bool:
+        return self.id in self.cache.snapshot().live()
+
+    def keepalive_proc(self):
+        t = self.sim.timing
+        while True:
+            yield ("sleep", t.keepalive_interval)
+            v = self.view
+            if not v.registered or v.lost:
+                continue
+            if self.clock() - self.loop_ok > t.lease_ttl:
+                self.view = replace(v, loop_stuck=True)
+                continue
+            if v.loop_stuck:
+                self.view = replace(v, loop_stuck=False)
+            sent = self.clock()
+            r = yield self.rpc(("keepalive", v.lease_id))
+            if r is not TIMEOUT and r is not NOT_FOUND:
+                r = yield self.rpc(("keepalive", v.applied_lease))
+            if self.view.lease_id != v.lease_id:
+                continue  # re-registered meanwhile
+            if r is NOT_FOUND:
+                self.lease_lost()
+            elif r is TIMEOUT:
+                self.view = after_keepalive_failed(self.view, sent)
+            else:
+                self.view = after_keepalive_ok(self.view, sent, self.clock(), t)
+            self.wake()
+
+    def fence_proc(self):
+        t = self.sim.timing
+        while True:
+            yield ("sleep", t.fence_refresh)
+            until, _ = fence_deadline(self.view, t, self.lan_up, self.member_present())
+            self.refresh_fence(until)
+
+    def prober_proc(self):
+        t = self.sim.timing
+        while True:
+            yield ("sleep", t.keepalive_interval)
+            v = self.view
+            if not v.registered or v.lost or v.last_ok_sent is None:
+                continue
+            if self.clock() - v.last_ok_sent < t.late_after:
+                continue
+            started = self.clock()
+            snap = self.cache.snapshot()
+            peers = [Peer(m.id, m.instance, m.peer) for m in snap.members.values() if m.id != self.id]
+            peers += [Peer(n, "", "") for n in sorted(snap.orphans() - {self.id})]
+            answers = yield ("ask", [p for p in peers if p.addr])
+            down, _why = judge_answers(self.id, self.instance, peers, answers)
+            self.view = after_probe(self.view, started, v.last_ok_sent, down)
+            self.wake()
+
+    def answer(self, asker: "SimNode") -> Answer | None:
+        """What this agent answers a peer (EtcdReachability)."""
+        if self.answer_as_self:
+            return asker.answer_self()
+        if not self.alive or self.paused:
+            return None
+        voting = answers_reachable(self.view, self.sim.timing, self.clock())
+        return Answer(self.id, self.instance, voting is not None, bool(voting))
+
+    def answer_self(self) -> Answer:
+        voting = answers_reachable(self.view, self.sim.timing, self.clock())
+        return Answer(self.id, self.instance, voting is not None, bool(voting))
+
+
+# ---- network ---------------------------------------------------------------------------------
+
+class Network:
+    def __init__(self, sim: "Sim"):
+        self.sim = sim
+        self.cut_to_etcd: dict[str, int] = {}
+        self.cut_from_etcd: dict[str, int] = {}
+        self.cut_peer: dict[tuple[str, str], int] = {}
+
+    def to_etcd(self, n: str) -> bool:
+        return self.sim.etcd.up and not self.cut_to_etcd.get(n)
+
+    def etcd_to(self, n: str) -> bool:
+        return self.sim.etcd.up and not self.cut_from_etcd.get(n)
+
+    def peer(self, a: str, b: str) -> bool:
+        na, nb = self.sim.nodes[a], self.sim.nodes[b]
+        return na.lan_up and nb.lan_up and not self.cut_peer.get((a, b))
+
+
+# ---- the simulation ------------------------------------------------------------------------------
+
+class Sim:
+    def __init__(self, seed: int, schedule: list[dict], *, nodes: int = 3, buckets: int = 64,
+                 timing: Timing | None = None, skew: float = 0.0):
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.timing = timing or Timing(3, 1, 0.5, 1.0)
+        self.buckets = buckets
+        self.schedule = schedule
+        self.now = 0.0
+        self._q: list = []
+        self._seq = 0
+        self.extra_latency = 0.0
+        self.etcd = Etcd(self)
+        self.etcd.s.kv[f"{PREFIX}/cluster"] = (ClusterSettings(12345, buckets).encode(), 1, 0)
+        self.net = Network(self)
+        self.nodes: dict[str, SimNode] = {}
+        self.violations: list[str] = []
+        self.log: list[str] = []
+        for i in range(nodes):
+            nid = f"n{i + 1}"
+            rate = 1.0 + (self.rng.uniform(-skew, skew) if skew else 0.0)
+            self.nodes[nid] = SimNode(self, nid, rate)
+        self.etcd.reap()
+
+    # -- scheduling -----------------------------------------------------------------------------
+
+    def at(self, t: float, fn) -> None:
+        self._seq += 1
+        heapq.heappush(self._q, (t, self._seq, fn))
+
+    def after(self, dt: float, fn) -> None:
+        self.at(self.now + dt, fn)
+
+    def latency(self) -> float:
+        return 0.0005 + self.rng.random() * 0.002 + self.extra_latency
+
+    def spawn(self, node: SimNode, gen) -> None:
+        p = Proc(node, gen)
+        self.after(0, lambda: self.step(p, None))
+
+    def step(self, p: Proc, value=None) -> None:
+        node = p.node
+        if p.incarnation != node.incarnation:
+            return
+        if node.paused:
+            node.parked.append(("step", p, value))
+            return
+        try:
+            cmd = p.gen.send(value)
+        except StopIteration:
+            return
+        kind = cmd[0]
+        if kind == "sleep":
+            self.after(node.local_to_global(cmd[1]), lambda: self.step(p))
+        elif kind == "wait":
+            p.waiting = True
+            p.token += 1
+            token = p.token
+            node.waiting_loop = p
+
+            def timeout():
+                if p.waiting and p.token == token:
+                    p.waiting = False
+                    self.step(p)
+            self.after(node.local_to_global(cmd[1]), timeout)
+        elif kind == "rpc":
+            self._rpc(p, cmd[1], node.local_to_global(cmd[2]))
+        elif kind == "ask":
+            self._ask(p, cmd[1])
+        else:
+            raise ValueError(kind)
+
+    def _rpc(self, p: Proc, op, timeout: float) -> None:
+        node = p.node
+        state = {"done": False}
+
+        def finish(value):
+            if not state["done"]:
+                state["done"] = True
+                self.step(p, value)
+
+        self.after(timeout, lambda: finish(TIMEOUT))
+        if not self.net.to_etcd(node.id):
+            return
+        lat = self.latency()
+
+        def arrive():
+            if not self.etcd.up:
+                return
+            result = self.etcd.apply(op)
+            if self.net.etcd_to(node.id):
+                self.after(self.latency(), lambda: finish(result))
+        self.after(lat, arrive)
+
+    def _ask(self, p: Proc, peers: list[Peer]) -> None:
+        node = p.node
+        answers: dict = {}
+        timeout = node.local_to_global(self.timing.probe_timeout)
+        for peer in peers:
+            other = self.nodes.get(peer.addr.removeprefix("peer:"))
+            if other is None or not self.net.peer(node.id, other.id) or not self.net.peer(other.id, node.id):
+                continue
+            a = other.answer(node)
+            if a is not None:
+                answers[peer.id] = a
+        self.after(min(timeout, 2 * self.latency()) if len(answers) == len(peers) else timeout,
+                   lambda: self.step(p, answers))
+
+    # -- invariants ---------------------------------------------------------------------------------
+
+    def holders(self) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for nid in sorted(self.nodes):
+            k = self.nodes[nid].kernel
+            if k.fence_expires > self.now:
+                for b in k.accepting:
+                    out.setdefault(b, []).append(nid)
+        return out
+
+    def kernel_changed(self, node: SimNode) -> None:
+        k = node.kernel
+        if k.fence_expires <= self.now or not k.accepting:
+            return
+        for other in self.nodes.values():
+            if other is node or other.kernel.fence_expires <= self.now:
+                continue
+            both = k.accepting & other.kernel.accepting
+            if both:
+                self.violations.append(f"t={self.now:.3f}: buckets {sorted(both)[:8]} accepted by "
+                                       f"{node.id} and {other.id}")
+                raise Violation(self.violations[-1])
+
+    def served(self) -> bool:
+        h = self.holders()
+        return all(len(h.get(b, ())) == 1 for b in range(self.buckets))
+
+    # -- running ------------------------------------------------------------------------------------
+
+    def run(self, until: float) -> None:
+        while self._q and self._q[0][0] <= until:
+            t, _, fn = heapq.heappop(self._q)
+            self.now = t
+            fn()
+        self.now = until
+
+
+def schedule_json(schedule: list[dict]) -> str:
+    return json.dumps(schedule, sort_keys=True)

@@ -1,0 +1,120 @@
+"""The deterministic simulation: thousands of seeds of faults against farmd's decision cores.
+
+``make test`` runs NLBFARM_SIM_SEEDS seeds (2000 by default) on every CPU;
+``python -m nlbfarm.sim --seeds N`` runs more. A failure prints the seed and
+a ``--replay`` command that plays its schedule again, exactly.
+"""
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nlbfarm.node.decide import Timing
+from nlbfarm.sim.__main__ import run_seeds, summarize
+from nlbfarm.sim.faults import KINDS, UNSERVED_BOUND, run, validate_schedule
+
+SEEDS = int(os.environ.get("NLBFARM_SIM_SEEDS", "2000"))
+DEFAULT = Timing(3, 1, 0.5, 1.0)
+LAB = Timing(3, 1, 0.25, 1.0)
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    logging.getLogger("nlbfarm").setLevel(logging.CRITICAL)  # hostile records warn by design
+    yield
+    logging.getLogger("nlbfarm").setLevel(logging.NOTSET)
+
+
+def test_thousands_of_seeds_keep_every_invariant():
+    results = run_seeds(0, SEEDS, jobs=min(2, os.cpu_count() or 1))
+    bad = [r for r in results if not r["ok"]]
+    assert not bad, "\n".join(f"seed {r['seed']}: {'; '.join(r['violations']) or r['error']}\n  {r['replay']}"
+                              for r in bad[:5])
+    rows = summarize(results)
+    # Every fault class was exercised, and none ever let two nodes accept a bucket.
+    assert all(rows[k]["seeds"] > 0 for k in KINDS), rows
+    assert sum(r["violations"] for r in rows.values()) == 0
+    assert max(r["unserved"] for r in results) <= UNSERVED_BOUND
+
+
+def test_a_seed_replays_exactly():
+    a, b = run(4242), run(4242)
+    assert (a.ok, a.violations, a.unserved_after_heal, a.schedule) == \
+           (b.ok, b.violations, b.unserved_after_heal, b.schedule)
+    c = run(4242, json.loads(json.dumps(a.schedule)))
+    assert c.unserved_after_heal == a.unserved_after_heal
+
+
+# ---- defects the simulation found (or confirmed), pinned by their schedules -----------------
+
+def test_regression_partition_from_etcd_then_one_node_heals_first():
+    # Every node cut off from a live etcd; n2 heals first, while n1 and n3
+    # still serve under rule E on n2's earlier "no". n2 took their buckets as
+    # soon as their leases expired: the hold used only the table before the
+    # current one, and two quick table changes hid the real previous owner.
+    sched = [{"at": 8.523, "dir": "both", "for": 4.4, "kind": "etcd_cut", "node": "n1"},
+             {"at": 8.523, "dir": "both", "for": 1.783, "kind": "etcd_cut", "node": "n2"},
+             {"at": 8.523, "dir": "both", "for": 4.4, "kind": "etcd_cut", "node": "n3"}]
+    r = run(579, sched, nodes=3, timing=LAB)
+    assert r.ok, r.violations or r.error
+
+
+def test_regression_etcd_restore_brings_back_applied_records_of_old_kernels():
+    # A hand-written table (same generation, other contents) was applied, then
+    # etcd was restored to before it: the restored applied/ records named the
+    # restored table, but every kernel ran the lost one.
+    sched = [{"at": 17.879, "for": 7.358, "kind": "restore", "node": "n3"},
+             {"at": 19.964, "for": 5.921, "kind": "poison", "node": "n2",
+              "which": ["foreign_table", "sibling_prefix", "garbled_member_leased", "bad_table_generation",
+                        "unleased_member", "ghost_applied_leased", "huge_draining_unleased",
+                        "huge_draining_leased"]}]
+    r = run(185, sched, nodes=3, timing=DEFAULT)
+    assert r.ok, r.violations or r.error
+
+
+def test_regression_lease_revoked_while_the_agent_is_paused():
+    sched = [{"at": 10.221, "for": 2.477, "kind": "kill", "node": "n2"},
+             {"at": 13.309, "delay": 1.77, "for": 1.974, "kind": "pause", "node": "n3"},
+             {"at": 13.732, "for": 0.1, "kind": "revoke", "node": "n3"}]
+    r = run(201, sched, nodes=3, timing=DEFAULT)
+    assert r.ok, r.violations or r.error
+
+
+def test_regression_reregistration_read_older_than_the_watch():
+    # After a revoke, n1 re-registered; its read of the prefix was older than
+    # a table its watch had already delivered, and the cache rolled back to it
+    # for good: the farm never converged.
+    r = run(69, [{"kind": "revoke", "at": 15.771, "for": 6.839, "node": "n1"}], nodes=3, timing=DEFAULT)
+    assert r.ok, r.violations or r.error
+
+
+def test_regression_wildcard_peer_addresses_and_a_cut_off_node():
+    # Every peer address leads back to the asker: a node cut off from etcd hears
+    # its own "no" and, without the identity check, keeps serving after its lease.
+    sched = [{"kind": "wildcard", "at": 0, "for": 0, "node": "n1"},
+             {"kind": "etcd_cut", "at": 9.0, "for": 7.0, "node": "n2", "dir": "both"}]
+    for timing in (DEFAULT, LAB):
+        r = run(7, sched, nodes=3, timing=timing)
+        assert r.ok, r.violations or r.error
+
+
+def test_replayed_schedules_are_validated():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        validate_schedule([{"kind": "meteor", "at": 1, "for": 1}], 3)
+    with pytest.raises(ValueError, match="node names must be among"):
+        validate_schedule([{"kind": "kill", "at": 1, "for": 1, "node": "n9"}], 3)
+
+
+def test_the_command_replays_a_seed():
+    sched = json.dumps([{"kind": "kill", "at": 9.0, "for": 2.0, "node": "n1"}])
+    cp = subprocess.run([sys.executable, "-m", "nlbfarm.sim", "--seed", "3", "--replay", sched],
+                        capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    out = json.loads(cp.stdout)
+    assert out["ok"] and out["schedule"] == json.loads(sched)
+    cp = subprocess.run([sys.executable, "-m", "nlbfarm.sim", "--seed", "3", "--replay", "[{"],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2 and "--replay is not JSON" in cp.stderr
