@@ -26,7 +26,8 @@ class Accept:
     node: str
 
 
-def read_results(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The complete records of a JSON-lines file a client wrote ([] if there is none)."""
     out = []
     p = Path(path)
     if not p.exists():
@@ -36,7 +37,11 @@ def read_results(path: str | Path) -> list[dict]:
             out.append(json.loads(line))
         except ValueError:
             continue  # a line cut by a kill: not a completed record
-    return sorted(out, key=lambda r: r.get("t", r.get("t0", 0.0)))
+    return out
+
+
+def read_results(path: str | Path) -> list[dict]:
+    return sorted(read_jsonl(path), key=lambda r: r.get("t", r.get("t0", 0.0)))
 
 
 def read_accepts(paths: dict[str, Path], client_ip: str) -> list[Accept]:

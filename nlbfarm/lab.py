@@ -21,6 +21,12 @@ certificate and a password file to etcd, and mutual TLS on every agent's API
 and peer listeners. The lab's own helpers (snapshot, convergence waits,
 farmctl) then use the same certificates; ``lab.json`` records that the lab
 is a TLS lab, so a ``Lab(prefix=...)`` attached to it later agrees.
+
+``Lab(mgmt=True)`` adds a second, management network: bridge ``br1`` in the
+lan namespace, ``eth1`` on etcd and on every node (MGMT_SUBNET), and the
+agents' etcd endpoint on it, so a node whose LAN link goes down still reaches
+etcd. ``Lab(peer_wildcard=True)`` makes every agent bind its peer listener on
+the wildcard address and advertise its LAN address (``status.peer_advertise``).
 """
 from __future__ import annotations
 
@@ -59,6 +65,9 @@ APP_PORT = 80
 UDP_PORT = 5300  # the lab app's UDP echo
 CLUSTER_NAME = "lab"
 ETCD_PREFIX = "/nlbfarm"
+# Lab(mgmt=True): the management network (still RFC 2544's 198.18.0.0/15).
+MGMT_SUBNET = "198.18.1"
+MGMT_ETCD_ADDR = f"{MGMT_SUBNET}.2"
 # IPv6 (Lab(ipv6=True)): 2001:db8::/32 is the documentation prefix. The lab
 # /64 is on-link for everyone; nodes also reach 2001:db8::/48 on-link, so a
 # client may add sources from other /64s (for /64 network-affinity tests).
@@ -82,6 +91,11 @@ def node_addr(i: int) -> str:
 
 def node_addr6(i: int) -> str:
     return f"{SUBNET6}{10 + i}"
+
+
+def mgmt_addr(i: int) -> str:
+    """Node i's address on the management network (Lab(mgmt=True))."""
+    return f"{MGMT_SUBNET}.{10 + i}"
 
 
 def etcd_tls_args(cert: str, key: str, ca: str) -> list[str]:
@@ -109,23 +123,24 @@ def build_switch(lan: str) -> None:
     iplib.set_link_up("br0", lan)
 
 
-def plug_host(lan: str, ns: str, port: str, cidrs: list[str], port_up: bool = True) -> None:
-    """A host on the switch: namespace ``ns`` with eth0 and ``cidrs``, its cable ``port`` on br0.
+def plug_host(lan: str, ns: str, port: str, cidrs: list[str], port_up: bool = True,
+              ifname: str = "eth0", bridge: str = "br0") -> None:
+    """A host on the switch: namespace ``ns`` with ``ifname`` and ``cidrs``, its cable ``port`` on ``bridge``.
 
     IPv6 addresses skip duplicate address detection: a lab needs no DAD delay.
     ``port_up=False`` leaves the cable unplugged (the switch port down).
     """
     iplib.ensure_netns(ns)
     iplib.set_link_up("lo", ns)
-    iplib.ensure_veth_pair(port, "eth0", netns=lan, peer_netns=ns)
-    iplib.set_master(port, "br0", lan)
+    iplib.ensure_veth_pair(port, ifname, netns=lan, peer_netns=ns)
+    iplib.set_master(port, bridge, lan)
     if port_up:
         iplib.set_link_up(port, lan)
     else:
         iplib.set_link_down(port, lan)
     for cidr in cidrs:
-        iplib.add_address("eth0", cidr, ns, nodad=":" in cidr)
-    iplib.set_link_up("eth0", ns)
+        iplib.add_address(ifname, cidr, ns, nodad=":" in cidr)
+    iplib.set_link_up(ifname, ns)
 
 
 @dataclass
@@ -177,12 +192,20 @@ class Lab:
     # etcd with https, client certificates and authentication; mutual TLS on the
     # agents' API and peer listeners (see the module docstring).
     tls: bool = False
+    # Every agent binds status.peer_listen on 0.0.0.0 and advertises its LAN
+    # address:port (status.peer_advertise).
+    peer_wildcard: bool = False
+    # A second (management) network that reaches etcd; the agents' etcd
+    # endpoint is there (see the module docstring). One plaintext etcd member.
+    mgmt: bool = False
 
     def __post_init__(self):
         if self.app not in ("python", "nginx"):
             raise LabError(f"app must be python or nginx, got {self.app!r}")
         if self.etcd_members not in (1, 3):
             raise LabError(f"etcd_members must be 1 or 3, got {self.etcd_members}")
+        if self.mgmt and (self.tls or self.etcd_members != 1):
+            raise LabError("mgmt=True supports one plaintext etcd member only")
         if not _PREFIX_RE.match(self.prefix):
             raise LabError(f"lab prefix {self.prefix!r} must be 1-8 lowercase letters or digits, "
                            "starting with a letter (it becomes part of interface names)")
@@ -259,6 +282,14 @@ class Lab:
             return bool(self.load_state().get("tls"))
         except (LabError, ValueError):
             return self.tls
+
+    @property
+    def mgmt_active(self) -> bool:
+        """Has this lab a management network? As recorded in lab.json when it is up, else as asked."""
+        try:
+            return bool(self.load_state().get("mgmt"))
+        except (LabError, ValueError):
+            return self.mgmt
 
     @property
     def tls_dir(self) -> Path:
@@ -483,7 +514,7 @@ class Lab:
                   "etcd": {"endpoint": ",".join(self.etcd_endpoints(self.tls)), "netns": self.ns("etcd"),
                            "pids": {}},
                   "pids": {}, "dir": str(self.dir), "app": self.app,
-                  **({"tls": True} if self.tls else {})}
+                  **({"tls": True} if self.tls else {}), **({"mgmt": True} if self.mgmt else {})}
             self._save_state(st)
             self._write_token()
             if self.tls:
@@ -521,6 +552,12 @@ class Lab:
             plug_host(lan, self.ns(host), f"p-{host}", cidrs)
         for addr in ETCD_MEMBER_ADDRS[1:self.etcd_members]:
             iplib.add_address("eth0", f"{addr}/24", self.ns("etcd"))
+        if self.mgmt:
+            iplib.ensure_bridge("br1", lan)
+            iplib.set_link_up("br1", lan)
+            mgmt_hosts = [("etcd", MGMT_ETCD_ADDR)] + [(n, mgmt_addr(i)) for i, n in enumerate(names, 1)]
+            for host, addr in mgmt_hosts:
+                plug_host(lan, self.ns(host), f"m-{host}", [f"{addr}/24"], ifname="eth1", bridge="br1")
 
     # ---- processes -------------------------------------------------------
 
@@ -551,6 +588,8 @@ class Lab:
             [url] = client_urls([addr], tls)
             self.progress(f"starting {name} in {self.ns('etcd')} on {url}")
             local = "," + client_urls(["127.0.0.1"], tls)[0] if addr == ETCD_ADDR else ""
+            if addr == ETCD_ADDR and st.get("mgmt"):
+                local += "," + client_urls([MGMT_ETCD_ADDR], tls)[0]
             pid = self.spawn("etcd", [
                 "etcd", "--name", name, "--data-dir", str(self.dir / f"{name}-data"),
                 "--listen-client-urls", f"{url}{local}",
@@ -615,7 +654,7 @@ class Lab:
         ``reset`` answers the node's etcd packets with TCP resets instead, so its
         open streams (the watch) break at once rather than stall.
         """
-        addrs = ", ".join(ETCD_MEMBER_ADDRS[:self.etcd_members])
+        addrs = ", ".join(ETCD_MEMBER_ADDRS[:self.etcd_members] + ([MGMT_ETCD_ADDR] if self.mgmt_active else []))
         verdict = "reject with tcp reset" if reset else "drop"
         rules = ("table inet labfault {\n"
                  " chain out {\n type filter hook output priority 0; policy accept;\n"
@@ -636,8 +675,8 @@ class Lab:
             "cluster": {"name": CLUSTER_NAME, "vips": self.vips, "buckets": self.buckets,
                         "mac_mode": self.mac_mode, "rules": [dict(r) for r in self.rules],
                         "unmatched": self.unmatched},
-            "etcd": {"endpoints": self.etcd_endpoints(), "prefix": ETCD_PREFIX, "timeout": 0.5,
-                     "retry_deadline": 5.0},
+            "etcd": {"endpoints": [f"{MGMT_ETCD_ADDR}:2379"] if self.mgmt_active else self.etcd_endpoints(),
+                     "prefix": ETCD_PREFIX, "timeout": 0.5, "retry_deadline": 5.0},
             "timing": {"lease_ttl": t.lease_ttl, "fence_timeout": t.fence_timeout,
                        "keepalive_interval": t.keepalive_interval, "leave_timeout": t.leave_timeout,
                        "drain_timeout": t.drain_timeout, "stop_drain_timeout": t.stop_drain_timeout},
@@ -645,6 +684,8 @@ class Lab:
                        "token_file": str(self.token_file)},
             **({"module": self.nginx_module(name)} if self.app == "nginx" else {}),
         }
+        if self.peer_wildcard:
+            cfg["status"].update(peer_listen=f"0.0.0.0:{PEER_PORT}", peer_advertise=f"{node_addr(i)}:{PEER_PORT}")
         if self.tls_active:
             cfg["etcd"].update(self.etcd_tls_config())
             cfg["status"].update(self.status_tls_config(name))
@@ -793,10 +834,36 @@ http {{
         """The cluster as stored in etcd, read with etcdctl inside the etcd namespace."""
         cp = self.etcdctl("get", "--prefix", f"{ETCD_PREFIX}/{CLUSTER_NAME}/", "-w", "json", timeout=10)
         d = json.loads(cp.stdout)
-        items = {base64.b64decode(kv["key"]).decode(): (base64.b64decode(kv.get("value", "")),
-                                                       int(kv["mod_revision"]))
-                 for kv in d.get("kvs", [])}
+        items = {}
+        for kv in d.get("kvs", []):
+            try:
+                key = base64.b64decode(kv["key"]).decode()
+            except UnicodeDecodeError:
+                continue  # not UTF-8: the agents skip such keys too
+            items[key] = (base64.b64decode(kv.get("value", "")), int(kv["mod_revision"]))
         return build_snapshot(f"{ETCD_PREFIX}/{CLUSTER_NAME}", items, int(d["header"]["revision"]))
+
+    def member_lease(self, name: str) -> int | None:
+        """The lease of ``members/<name>`` in etcd right now (None: no such key)."""
+        cp = self.etcdctl("get", f"{ETCD_PREFIX}/{CLUSTER_NAME}/members/{name}", "-w", "json", timeout=10)
+        kvs = json.loads(cp.stdout).get("kvs", [])
+        return int(kvs[0].get("lease", 0)) if kvs else None
+
+    def node_mac(self, name: str) -> str:
+        """The MAC of the node's LAN interface (the source of every frame it sends there)."""
+        return iplib.link_mac("eth0", self.ns(name)).lower()
+
+    @staticmethod
+    def rss_kb(pid: int | None) -> int | None:
+        """VmRSS of a process in kB (None: gone)."""
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError, TypeError):
+            return None
+        return None
 
     @staticmethod
     def converged(snap: ClusterSnapshot, names: list[str]) -> bool:
@@ -846,7 +913,8 @@ http {{
         for n in st["nodes"]:
             i = int(n[1:])
             hosts[n] = {"netns": self.ns(n), "address": node_addr(i),
-                        **({"address6": node_addr6(i)} if self.ipv6 else {})}
+                        **({"address6": node_addr6(i)} if self.ipv6 else {}),
+                        **({"mgmt_address": mgmt_addr(i)} if st.get("mgmt") else {})}
             agents[n] = {"netns": self.ns(n), "grpc": GRPC_LISTEN, "metrics": "127.0.0.1:9740",
                          "agent_running": self.alive(n, "agent"), "app_running": self.alive(n, "app"),
                          "config": str(self.config_path(n))}

@@ -162,7 +162,7 @@ def etcd_server(_etcd_session: EtcdServer) -> EtcdServer:
 # they are removed before the session so they can neither collide nor pile up.
 # Test sessions on one machine are serialised by a lock first: the cleanup must
 # never remove the namespaces of a run that is still going.
-_STALE = r"^(nft-[0-9a-f]{8}|hs[ab]-[0-9a-f]{6}|iplt-[0-9a-f]+.*|farmd-[0-9a-f]{6}|(tfarm|tcli|tdemo|tfault|tops|ttraf|tucast|trules|tsix|ttlsc?)-.*)$"
+_STALE = r"^(nft-[0-9a-f]{8}|hs[ab]-[0-9a-f]{6}|iplt-[0-9a-f]+.*|farmd-[0-9a-f]{6}|(tfarm|tcli|tdemo|tfault|tops|ttraf|tucast|trules|tsix|ttlsc?|tsafe|tans)-.*)$"
 _SESSION_LOCK = "/run/lock/nlbfarm-tests.lock"
 
 
