@@ -29,12 +29,15 @@ buckets for X, and X adds a bucket b to A_X only through rule R below.
    A peer that published a generation *newer* than g also blocks R: X's view is
    stale and X waits for the newer table instead of trusting the old one.
 3. A node with no live lease accepts nothing: its kernel fence (a set element
-   with a timeout, refreshed only while keepalives succeed) closes strictly
-   before etcd can expire its lease, because the agent refreshes the fence only
-   when ``now - last_successful_keepalive_sent < lease_ttl - fence_timeout``.
-   The element then expires at most ``fence_timeout`` later, which is before
-   ``last_keepalive + lease_ttl``, the earliest moment etcd drops the lease.
-   So ignoring nodes without a lease in R is safe.
+   with a timeout) is only ever written for the whole seconds that fit before
+   ``last_successful_keepalive_sent + lease_ttl - margin`` (counted when the
+   transaction is sent, and deleted if it returns too late; see
+   ``node/decide.py`` and ``DataPlane.apply``). etcd counts the lease from
+   when it *received* that keepalive, so the fence closes strictly before
+   etcd can expire the lease, and ignoring nodes without a lease in R is
+   safe. A node has two leases, one for ``members/`` and one for
+   ``applied/``, refreshed together: when an operator revokes one, the other
+   record keeps the node live, and R waits for it to publish its release.
 
 Because every node writes the same ``rebalance()`` result by compare-and-swap,
 at most one table exists per generation, and T_g is well defined.
@@ -66,17 +69,25 @@ every other member it knows, over the peer API, whether *they* reach etcd:
 * if any peer reaches etcd, or does not answer, the node is cut off and step 3
   applies: its fence closes before its lease can expire.
 
-Timing: a peer answers "yes" once one of its keepalives succeeded within
-``2 * keepalive_interval + etcd.timeout``; a node asks every keepalive tick and
-a "no" consensus is valid for the same window, which is below
-``lease_ttl - fence_timeout``. When etcd comes back after being stopped, a new
+Only an answer from the peer that was asked counts: it carries the node id
+and the agent instance of that peer's member record, and whether the agent
+is registered (an agent that is not does not vote). An address that leads
+back to the asker (a wildcard ``peer_listen``) therefore never confirms.
+
+Timing (every window is derived in ``node/decide.py``): a peer answers "yes"
+while one of its keepalives succeeded within ``2 * keepalive_interval +
+etcd.timeout``; a node asks every keepalive tick while its own keepalive is
+late, and a unanimous "no" extends its fence deadline to the probe's start +
+``fence_timeout + keepalive_interval + 2 * probe + fence refresh + margin``. When etcd comes back after being stopped, a new
 leader extends every lease, so no lease expires before the nodes' keepalives
 resume and no bucket moves. If etcd stayed up but unreachable for longer than
-the TTL, leases may have expired: the first node to reconnect therefore takes
-no bucket whose previous owner vanished until ``fence_timeout +
-3 * keepalive_interval + etcd.timeout`` (plus margin) have passed, which covers
-the time a still-cut-off node needs to hear "a peer reaches etcd" and for its
-fence to run out. Not covered: a group of nodes cut off from etcd together,
+the TTL, leases may have expired: a node whose keepalive succeeds after being
+stale for the fresh window (so it may have said "no") therefore takes no
+bucket whose previous owner vanished, in any table it remembers, until the
+rule E window plus a margin has passed: by then a still-cut-off node heard
+"a peer reaches etcd" and its fence ran out. This acquire grace also follows
+every registration, since a restarted agent may have been asked and not
+answered, and a brand-new one knows no earlier table. Not covered: a group of nodes cut off from etcd together,
 while a node they have never seen joins through etcd and takes their expired
 buckets; they only ask the peers they know, so they keep serving for as long
 as they stay cut off. Join nodes only while the farm is healthy.

@@ -295,7 +295,8 @@ class Agent:
         return Observations(now=time.monotonic(), lease=self.keeper.view(), link_up=self._link_up(),
                             desired_state=desired, desired_reason=why, conn_counts=self.conn_counts,
                             conn_scan_at=self.conn_scan_at, leave_started=self.leave_started,
-                            drain_timeout=t.drain_timeout, stop_drain_timeout=t.stop_drain_timeout)
+                            drain_timeout=t.drain_timeout, stop_drain_timeout=t.stop_drain_timeout,
+                            interface=self.cfg.node.interface)
 
     def cycle(self) -> str:
         """One reconcile step: observe, decide, act. Returns the plan's sentence."""

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Mapping
 
-from nlbfarm.coordinator.cluster import Applied, ClusterSnapshot, Member, TableRecord
+from nlbfarm.coordinator.cluster import Applied, ClusterSnapshot, TableRecord
 from nlbfarm.coordinator.handover import AcceptPlan, TableUpdate, plan_accept, plan_table
 from nlbfarm.coordinator.table import bucket_ranges
 
@@ -269,7 +269,7 @@ class Observations:
     leave_started: float | None = None
     drain_timeout: float = 300.0
     stop_drain_timeout: float = 30.0
-    kernel_lost: bool = False             # our nft tables vanished since the last apply
+    interface: str = "eth0"               # node.interface, for the sentence
 
 
 class Reason(enum.Enum):
@@ -434,6 +434,8 @@ def decide(me: str, timing: Timing, snap: ClusterSnapshot, local: LocalState, ob
     rule_snap = snap if live == snap.live() else _restricted(snap, live)
     plan = plan_accept(me, rule_snap, local.accepting)
     fence_open = fence_until is not None and fence_until > now
+    if fence_until is not None and not fence_open:
+        fence_why = FenceReason.EXPIRED
     holding = False
     if not fence_open or not fresh:
         # Take nothing new without a fresh lease (rule E serves only what it had).
@@ -454,7 +456,7 @@ def decide(me: str, timing: Timing, snap: ClusterSnapshot, local: LocalState, ob
              "waiting": plan.waiting_for, "draining": len(draining), "cut": len(cut),
              "age": (now - lease.last_ok_sent) if lease.last_ok_sent is not None else -1.0,
              "buckets": snap.settings.buckets if snap.settings else 0,
-             "fence": fence_why}
+             "fence": fence_why, "interface": obs.interface}
     # Publish what the kernel now does (invariant I of the handover argument),
     # whenever etcd can take it: also while the link is down or the fence is
     # closed, or peers would wait for this node's release forever.
@@ -531,7 +533,7 @@ def render(plan: Plan) -> str:
         u = f["update"]
         return f"wrote table generation {u.generation}: moved {u.moved} buckets ({u.reason})"
     if r is Reason.LINK_DOWN:
-        return "link is down: fence closed, withdrawing from the farm"
+        return f"link {f['interface']} is down: fence closed, withdrawing from the farm"
     if r is Reason.FENCE_CLOSED:
         return (f"fence closed ({f['fence'].value}): no successful keepalive for {f['age']:.1f} s; "
                 "dropping all VIP traffic")

@@ -134,8 +134,10 @@ class LeaseKeeper:
         return run
 
     def _keepalive_loop(self) -> None:
-        t = self.timing
-        while not self._stop.wait(t.keepalive_interval):
+        # The first refresh at once: registration, the first ruleset and the VIP
+        # took time since the grant was sent, and the lease counts from then.
+        self.keepalive_once()
+        while not self._stop.wait(self.timing.keepalive_interval):
             self.keepalive_once()
 
     def keepalive_once(self) -> None:

@@ -66,7 +66,7 @@ def table(rows: dict, seeds: int, lab: dict, when: str) -> str:
     for k, desc in KINDS.items():
         r = rows[k]
         trials = lab.get(k, {})
-        lab_text = f"{trials.get('trials', 0)} ({trials.get('violations', 0)} violations)" if trials else "-"
+        lab_text = f"{trials.get('trials', 0)} ({trials.get('failed', 0)} failed)" if trials else "-"
         out.append(f"| {desc} | {r['seeds']} | {lab_text} | {r['violations']} | {r['max_unserved_s']:.1f} |")
     return "\n".join(out)
 

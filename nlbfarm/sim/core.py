@@ -20,12 +20,11 @@ exactly that schedule again.
 from __future__ import annotations
 
 import heapq
-import json
 import random
 import threading
 from dataclasses import dataclass, field, replace
 
-from nlbfarm.coordinator.cluster import Applied, ClusterSettings, Member, TableRecord
+from nlbfarm.coordinator.cluster import ClusterSettings, Member, TableRecord
 from nlbfarm.coordinator.farm import ClusterCache
 from nlbfarm.coordinator.store import KV, WatchEvent
 from nlbfarm.node.decide import (
@@ -650,6 +649,3 @@ class Sim:
             fn()
         self.now = until
 
-
-def schedule_json(schedule: list[dict]) -> str:
-    return json.dumps(schedule, sort_keys=True)

@@ -10,7 +10,7 @@ import json
 import random
 from dataclasses import dataclass, field
 
-from nlbfarm.coordinator.cluster import Applied, Member, TableRecord, table_digest
+from nlbfarm.coordinator.cluster import Applied, Member, TableRecord
 from nlbfarm.node.decide import Timing
 from nlbfarm.sim.core import PREFIX, Sim, Violation
 
