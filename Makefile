@@ -6,7 +6,7 @@ PYTEST  := $(VENV)/bin/pytest
 SYSPY   := /usr/bin/python3
 PROTO_OUT := proto/farm_pb2.py proto/farm_pb2_grpc.py
 
-.PHONY: all deps venv proto test unit faults demo bench lab-down clean
+.PHONY: all deps venv proto test unit faults safety demo bench lab-down clean
 
 all: venv
 
@@ -40,6 +40,14 @@ faults: venv
 	NLBFARM_FAULTS_REPORT=$(CURDIR)/faults.json $(PYTEST) -q -m faults tests/lab/test_faults.py
 	$(PY) -m nlbfarm.faultreport faults.json README.md
 	rm -f faults.json
+
+# The README's "Safety under faults" table: the lab's safety trials on the real
+# kernel and etcd, then SIM_SEEDS simulated seeds (python -m nlbfarm.sim).
+SIM_SEEDS ?= 5000
+safety: venv
+	rm -f bench/results/safety-lab.json
+	NLBFARM_SAFETY_REPORT=$(CURDIR)/bench/results/safety-lab.json $(PYTEST) -q tests/lab/test_safety.py
+	$(PY) -m nlbfarm.sim --seeds $(SIM_SEEDS) --readme README.md --lab-report bench/results/safety-lab.json
 
 # Every benchmark, one report: bench/results/<date>.{json,md} and the README's summary table.
 bench: venv
