@@ -641,6 +641,14 @@ class DataPlane:
     # The live values of the current table that counters() last returned, so
     # a table that vanished (flushed by someone) cannot make a count go back.
     _live_seen: dict = field(default_factory=dict, repr=False)
+    # Readers' own libnftables context and lock, apart from the writers' lock.
+    _read_nft: object = field(default=None, repr=False)
+    _read_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _applies: int = field(default=0, repr=False)  # ruleset replacements so far
+
+    def __post_init__(self):
+        if self._nft is not None and self._read_nft is None:
+            self._read_nft = self._nft  # a context handed in (tests) serves both
 
     def _ctx(self):
         if self._nft is None:
@@ -705,6 +713,7 @@ class DataPlane:
                 base[0] += max(p_old, p_seen)
                 base[1] += max(b_old, b_seen)
             self._live_seen = {}
+            self._applies += 1
             self.current = self._counted = spec
             return True
 
@@ -727,15 +736,35 @@ class DataPlane:
         sorted by VIP then rule; [] when nothing is applied. Raises
         DataPlaneError if the kernel cannot list the counters.
         """
-        with self._lock:
-            spec = self.current
+        for _ in range(3):
+            with self._lock:
+                spec, applies = self.current, self._applies
             if spec is None:
                 return []
-            live = parse_counters(self.run(build_counters_list(spec.table), "counter listing"), spec)
-            self._live_seen = {(c.vip, c.rule): (c.packets, c.bytes) for c in live}
-            base = {k: tuple(v) for k, v in self._counter_base.items()}
-        return [replace(c, packets=c.packets + base.get((c.vip, c.rule), (0, 0))[0],
-                        bytes=c.bytes + base.get((c.vip, c.rule), (0, 0))[1]) for c in live]
+            # The listing runs on a context of its own, outside the lock the fence
+            # refresh needs: readers (the API, /metrics) never delay it.
+            live = parse_counters(self._read(build_counters_list(spec.table), "counter listing"), spec)
+            with self._lock:
+                if self._applies != applies:
+                    continue  # the table was replaced meanwhile: its counters were folded; read again
+                self._live_seen = {(c.vip, c.rule): (c.packets, c.bytes) for c in live}
+                base = {k: tuple(v) for k, v in self._counter_base.items()}
+            return [replace(c, packets=c.packets + base.get((c.vip, c.rule), (0, 0))[0],
+                            bytes=c.bytes + base.get((c.vip, c.rule), (0, 0))[1]) for c in live]
+        raise DataPlaneError("counter listing: the ruleset kept changing while it was read")
+
+    def _read(self, cmds: list[dict], what: str):
+        with self._read_lock:
+            if self._read_nft is None:
+                import nftables  # Debian's python3-nftables
+                nft = nftables.Nftables()
+                nft.set_json_output(True)
+                nft.set_handle_output(False)
+                self._read_nft = nft
+            rc, out, err = self._read_nft.json_cmd({"nftables": cmds})
+        if rc != 0:
+            raise DataPlaneError(f"nftables refused {what}: {err.strip() or 'rc=%d' % rc}")
+        return out
 
     def refresh_fence(self, until: float | None) -> bool:
         """Re-write the fence element for the seconds that fit before ``until``; close it if none do.
