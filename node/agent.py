@@ -43,7 +43,8 @@ from nlbfarm.node.conntrack import live_connections_by_bucket
 from nlbfarm.node import iplib
 from nlbfarm.node.dataplane import DataPlane, DataPlaneSpec, cluster_mac_for
 from nlbfarm.node.decide import (
-    FENCE_MARGIN_S, LocalState, Observations, Plan, Reason, Timing, decide, remember_table)
+    FENCE_MARGIN_S, LocalState, Observations, Plan, Reason, Timing, decide, own_record_present,
+    remember_table)
 from nlbfarm.node.events import EventBus
 from nlbfarm.node.lease import LeaseKeeper
 from nlbfarm.node.metrics import AgentMetrics
@@ -92,6 +93,7 @@ class Agent:
                                   member_present=self._member_present, peers=self._peers,
                                   probe=self.probe, wake=self.wake)
         self._watch = None
+        self._own_missing_since: float | None = None
         self.leave_started: float | None = None
         self.events = EventBus()
         self.metrics = AgentMetrics(self)
@@ -115,12 +117,19 @@ class Agent:
         return self.vip.link_up()
 
     def _member_present(self) -> bool:
-        """One of our lease-bound records is still in etcd (as far as the watch told us).
+        """Called by the fence thread, the one owner of ``_own_missing_since``.
 
-        Both vanish at once when our leases expire or an operator revokes both:
+        Our records vanish when our leases expire or an operator revokes both:
         the fence then closes within one refresh, not at the next keepalive.
+        With only applied/ left, it closes after the own-record grace even if
+        the loop is too slow to write the member record again.
         """
-        return self.me in self.cache.snapshot().live()
+        snap = self.cache.snapshot()
+        if self.me in snap.members:
+            self._own_missing_since = None
+        elif self._own_missing_since is None:
+            self._own_missing_since = time.monotonic()
+        return own_record_present(self.me, snap, self._own_missing_since, time.monotonic(), self.timing)
 
     def _peers(self) -> list[Peer]:
         """Everyone to ask under rule E: every other live node, with what its record says."""
@@ -217,8 +226,8 @@ class Agent:
         # Remember the table read here: a newer one may reach the first cycle
         # before it, and without it the previous owner of every bucket would be
         # unknown (decide() would then hold them all for the acquire grace).
-        self.local = replace(self.local, published=None, published_revision=0,
-                             seen_tables=remember_table(self.local.seen_tables, self.cache.snapshot().table))
+        self.local = remember_table(replace(self.local, published=None, published_revision=0),
+                                    self.cache.snapshot().table, time.monotonic(), self.timing.table_memory)
         log.info("registered node=%s lease=%x ttl=%ds weight=%d", self.me, lease,
                  self.cfg.timing.lease_ttl, self.cfg.node.weight)
 
@@ -296,7 +305,7 @@ class Agent:
                             desired_state=desired, desired_reason=why, conn_counts=self.conn_counts,
                             conn_scan_at=self.conn_scan_at, leave_started=self.leave_started,
                             drain_timeout=t.drain_timeout, stop_drain_timeout=t.stop_drain_timeout,
-                            interface=self.cfg.node.interface)
+                            interface=self.cfg.node.interface, own_missing_since=self._own_missing_since)
 
     def cycle(self) -> str:
         """One reconcile step: observe, decide, act. Returns the plan's sentence."""

@@ -62,6 +62,7 @@ from nlbfarm.coordinator.table import bucket_ranges
 FENCE_MARGIN_S = 0.2
 # How many recent tables a node remembers (to know a bucket's previous owner).
 SEEN_TABLES = 3
+MAX_SEEN_TABLES = 64
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,17 @@ class Timing:
     @property
     def orphan_grace(self) -> float:
         return self.lease_ttl + self.keepalive_interval + self.margin
+
+    @property
+    def table_memory(self) -> float:
+        """How long a table is remembered: through any grace that needs its owners."""
+        return self.acquire_grace + self.lease_ttl
+
+    @property
+    def own_record_grace(self) -> float:
+        """How long a node serves without its own member record: its fence must be
+        closed before peers stop counting it (the orphan grace)."""
+        return self.orphan_grace - self.fence_timeout - 2 * self.margin - self.fence_refresh
 
     def problems(self) -> list[str]:
         """Every timing inequality the safety argument needs that these values break."""
@@ -217,6 +229,23 @@ def fence_deadline(view: LeaseView, timing: Timing, link_up: bool,
     return until, why
 
 
+def own_record_present(me: str, snap: ClusterSnapshot, missing_since: float | None, now: float,
+                       timing: Timing) -> bool:
+    """May this node keep its fence open, as far as its own records go?
+
+    Without any lease-bound record, no (its leases are gone). With only
+    applied/ (the member key was deleted, or is unreadable), for the own-record
+    grace from when it first saw the member record gone: peers stop counting
+    it after the orphan grace, so its fence must have closed by then even if
+    its loop is too slow to write the record again.
+    """
+    if me in snap.members:
+        return True
+    if me not in snap.live():
+        return False
+    return missing_since is None or now - missing_since < timing.own_record_grace
+
+
 def fence_seconds(until: float | None, now: float, fence_timeout: int) -> int:
     """The whole seconds of kernel element that fit before ``until`` (0: close the fence)."""
     if until is None:
@@ -250,7 +279,13 @@ class LocalState:
     node_state: str = "starting"
     state_reason: str = "agent starting"
     seen_tables: Mapping[int, tuple] = field(default_factory=lambda: MappingProxyType({}))
+    table_seen_at: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}))
     orphan_since: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    # The last etcd rewind (restore) seen, and the acquire grace it started: a
+    # node that vanished in the restore may still serve until its keepalive
+    # or its watch tells it.
+    rewind_seen: int = 0
+    rewind_grace_until: float = 0.0
 
     @property
     def published_generation(self) -> int:
@@ -270,6 +305,7 @@ class Observations:
     drain_timeout: float = 300.0
     stop_drain_timeout: float = 30.0
     interface: str = "eth0"               # node.interface, for the sentence
+    own_missing_since: float | None = None  # when the fence thread first saw our member record gone
 
 
 class Reason(enum.Enum):
@@ -369,7 +405,7 @@ def hold_vanished(me: str, plan: AcceptPlan, local: LocalState, live: frozenset,
     """Right after registering or an etcd outage (the acquire grace): no new bucket of a
     node that is gone, or of unknown history. It may still serve under rule E."""
     new = plan.accepting - local.accepting
-    if not new or now >= lease.acquire_after:
+    if not new or now >= max(lease.acquire_after, local.rewind_grace_until):
         return plan, False
     tables = list(local.seen_tables.values())
 
@@ -384,14 +420,26 @@ def hold_vanished(me: str, plan: AcceptPlan, local: LocalState, live: frozenset,
     return AcceptPlan(plan.generation, plan.target, plan.accepting - hold, plan.waiting_for), True
 
 
-def remember_table(local_tables: Mapping[int, tuple], table: TableRecord | None) -> Mapping[int, tuple]:
-    if table is None or local_tables.get(table.generation) == table.owners:
-        return local_tables
-    tables = dict(local_tables)
-    tables[table.generation] = table.owners
-    for g in sorted(tables)[:-SEEN_TABLES]:
-        del tables[g]
-    return MappingProxyType(tables)
+def remember_table(local: LocalState, table: TableRecord | None, now: float, keep_for: float) -> LocalState:
+    """Add ``table`` to the tables this node remembers (to know who may still serve a bucket).
+
+    Kept: the last SEEN_TABLES, and every table that was current within ``keep_for``
+    (tables can change faster than a grace lasts: one per node that
+    vanished), at most MAX_SEEN_TABLES, since tables come from outside.
+    """
+    if table is None:
+        return local
+    if local.seen_tables.get(table.generation) == table.owners:
+        # Still the current table: its owners are as fresh as now.
+        return replace(local, table_seen_at=MappingProxyType({**local.table_seen_at, table.generation: now}))
+    tables = dict(local.seen_tables)
+    seen_at = dict(local.table_seen_at)
+    tables[table.generation], seen_at[table.generation] = table.owners, now
+    order = sorted(tables)
+    keep = set(order[-SEEN_TABLES:]) | {g for g in order if now - seen_at.get(g, now) < keep_for}
+    keep = set(sorted(keep)[-MAX_SEEN_TABLES:])
+    return replace(local, seen_tables=MappingProxyType({g: tables[g] for g in sorted(keep)}),
+                   table_seen_at=MappingProxyType({g: seen_at.get(g, now) for g in sorted(keep)}))
 
 
 def decide(me: str, timing: Timing, snap: ClusterSnapshot, local: LocalState, obs: Observations) -> Plan:
@@ -404,18 +452,21 @@ def decide(me: str, timing: Timing, snap: ClusterSnapshot, local: LocalState, ob
         reason = Reason.LEASE_LOST_LEAVING if obs.leave_started is not None else Reason.LEASE_LOST
         return Plan(reason, kernel=kernel, fence_until=None, next=nxt, ready=False)
 
-    seen = remember_table(local.seen_tables, snap.table)
+    local = remember_table(local, snap.table, now, timing.table_memory)
     live, orphan_since = track_liveness(snap, local, timing, now)
-    local = replace(local, seen_tables=seen, orphan_since=MappingProxyType(orphan_since))
+    local = replace(local, orphan_since=MappingProxyType(orphan_since))
+    if snap.trust_after > local.rewind_seen:
+        local = replace(local, rewind_seen=snap.trust_after, rewind_grace_until=now + timing.acquire_grace)
     fresh = keepalive_fresh(lease, timing, now)
     mine = snap.members.get(me)
     # Our own records gone (an operator revoked the lease): closed at once, not at the next keepalive.
-    fence_until, fence_why = fence_deadline(lease, timing, obs.link_up, me in snap.live())
+    fence_until, fence_why = fence_deadline(
+        lease, timing, obs.link_up, own_record_present(me, snap, obs.own_missing_since, now, timing))
     desired, why = obs.desired_state, obs.desired_reason
 
     # 1. The member record: re-create it if someone deleted it, else announce state changes.
     if fresh:
-        if mine is None and me not in snap.unreadable:
+        if mine is None:  # deleted, or unreadable: peers stop counting us after the orphan grace
             return Plan(Reason.MEMBER_MISSING, {"state": desired}, recreate_member=True,
                         member_write=(desired, why), next=replace(local, node_state=desired, state_reason=why))
         if mine is not None and (mine.state, mine.reason) != (desired, why):

@@ -29,7 +29,8 @@ from nlbfarm.coordinator.farm import ClusterCache
 from nlbfarm.coordinator.store import KV, WatchEvent
 from nlbfarm.node.decide import (
     LeaseView, LocalState, Observations, Reason, Timing, after_adopt, after_keepalive_failed,
-    after_keepalive_ok, after_probe, answers_reachable, decide, fence_deadline, remember_table)
+    after_keepalive_ok, after_probe, answers_reachable, decide, fence_deadline, own_record_present,
+    remember_table)
 from nlbfarm.node.dataplane import fence_seconds
 from nlbfarm.node.peers import Peer, judge_answers
 
@@ -194,6 +195,7 @@ class SimNode:
         self.loop_ok = self.clock()
         self.waiting_loop: Proc | None = None
         self.watch_connected = False
+        self.own_missing_since = None
         self.watch_rev = 0
         self.watch_last_delivery = 0.0
         self.sentences: list[str] = []
@@ -352,8 +354,8 @@ class SimNode:
         if old.registered:
             for stale in (old.lease_id, old.applied_lease):
                 yield from self.call(("revoke", stale), 1.0)
-        self.local = replace(self.local, published=None, published_revision=0,
-                             seen_tables=remember_table(self.local.seen_tables, self.cache.snapshot().table))
+        self.local = remember_table(replace(self.local, published=None, published_revision=0),
+                                    self.cache.snapshot().table, self.clock(), t.table_memory)
         return True
 
     def desired(self) -> tuple[str, str]:
@@ -367,7 +369,8 @@ class SimNode:
         now = self.clock()
         state, why = self.desired()
         obs = Observations(now=now, lease=self.view, link_up=self.lan_up, desired_state=state,
-                           desired_reason=why, conn_counts={}, conn_scan_at=now)
+                           desired_reason=why, conn_counts={}, conn_scan_at=now,
+                           own_missing_since=self.own_missing_since)
         plan = decide(self.id, t, snap, self.local, obs)
         self.sentences.append(plan.reason.value)
         if len(self.sentences) > 50:
@@ -415,7 +418,12 @@ class SimNode:
         self.wake()
 
     def member_present(self) -> bool:
-        return self.id in self.cache.snapshot().live()
+        snap = self.cache.snapshot()
+        if self.id in snap.members:
+            self.own_missing_since = None
+        elif self.own_missing_since is None:
+            self.own_missing_since = self.clock()
+        return own_record_present(self.id, snap, self.own_missing_since, self.clock(), self.sim.timing)
 
     def keepalive_proc(self):
         t = self.sim.timing
@@ -643,9 +651,11 @@ class Sim:
     # -- running ------------------------------------------------------------------------------------
 
     def run(self, until: float) -> None:
-        while self._q and self._q[0][0] <= until:
+        """Play events up to ``until``, or to ``stop_at`` if something sets it earlier."""
+        self.stop_at = until
+        while self._q and self._q[0][0] <= self.stop_at:
             t, _, fn = heapq.heappop(self._q)
             self.now = t
             fn()
-        self.now = until
+        self.now = self.stop_at
 

@@ -36,6 +36,7 @@ KINDS = {
 SETTLE = 8.0       # faults start once the farm has converged
 HEAL_WINDOW = 25.0  # after the last fault heals, the farm must serve every bucket within this
 UNSERVED_BOUND = 20.0
+AFTER_CONVERGED = 8.0  # the invariant is still checked this long after every bucket is served again
 
 
 # The timings a seed may run with: the defaults, and the lab's (keepalive 0.25 s).
@@ -281,6 +282,8 @@ def run(seed: int, schedule: list[dict] | None = None, nodes: int = 3,
     def sample():
         if first_served[0] is None and sim.served():
             first_served[0] = sim.now
+            # Keep checking the invariant a while after the farm converged, then stop.
+            sim.stop_at = min(sim.stop_at, sim.now + AFTER_CONVERGED)
         elif first_served[0] is None:
             sim.after(0.05, sample)
     sim.at(healed, sample)

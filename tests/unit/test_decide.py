@@ -239,11 +239,24 @@ def test_keepalive_transitions():
     assert v3.acquire_after == NOW + 3.0 + T.acquire_grace  # it may have told a peer "no"
 
 
-def test_remember_table_keeps_the_last_three():
-    tables = MappingProxyType({})
+def test_remember_table_keeps_the_last_three_and_recent_ones():
+    local = LocalState()
     for g in range(1, 6):
-        tables = remember_table(tables, TableRecord(g, B, tuple(["a"] * B)))
-    assert sorted(tables) == [3, 4, 5]
+        local = remember_table(local, TableRecord(g, B, tuple(["a"] * B)), NOW + g * 100, 10)
+    assert sorted(local.seen_tables) == [3, 4, 5]
+    for g in range(6, 80):  # a burst within the memory window: kept, up to a cap
+        local = remember_table(local, TableRecord(g, B, tuple(["a"] * B)), NOW + 1000, 10)
+    assert len(local.seen_tables) == 64 and max(local.seen_tables) == 79
+
+
+def test_regression_tables_that_change_faster_than_the_grace_keep_their_owners():
+    # Found by the simulation (seed 907): four tables in a second after a
+    # partition, and the table naming the vanished owner had been forgotten.
+    local = LocalState()
+    local = remember_table(local, TableRecord(1, B, tuple(["x"] * B)), NOW, T.table_memory)
+    for g in range(2, 6):
+        local = remember_table(local, TableRecord(g, B, tuple(["a"] * B)), NOW + 0.1 * g, T.table_memory)
+    assert 1 in local.seen_tables
 
 
 def test_hostile_applied_record_cannot_push_republish_storms():

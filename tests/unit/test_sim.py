@@ -118,3 +118,36 @@ def test_the_command_replays_a_seed():
     cp = subprocess.run([sys.executable, "-m", "nlbfarm.sim", "--seed", "3", "--replay", "[{"],
                         capture_output=True, text=True, timeout=60)
     assert cp.returncode == 2 and "--replay is not JSON" in cp.stderr
+
+
+def test_regression_member_key_deleted_while_the_loop_is_slow():
+    # Seed 1173: n3's member key was deleted while each of its nft commits took
+    # 2.9 s; its keeper kept the fence open on applied/ alone, and peers stopped
+    # counting it after the orphan grace. The fence now closes first.
+    sched = [{"at": 8.44, "delay": 2.936, "for": 4.337, "kind": "slow_nft", "node": "n3"},
+             {"at": 8.94, "for": 0.1, "kind": "delete_member", "node": "n3"},
+             {"at": 13.196, "for": 6.818, "kind": "skew", "node": "n3"},
+             {"at": 18.759, "for": 1.936, "kind": "kill", "node": "n1"}]
+    r = run(1173, sched, nodes=3, timing=LAB)
+    assert r.ok, r.violations or r.error
+
+
+def test_regression_restore_drops_a_live_nodes_leases():
+    # Seed 2117: the restored etcd did not know n5's leases (it registered after
+    # the snapshot); n4 took n5's buckets before n5 heard its leases were gone.
+    # A rewind now starts the acquire grace.
+    sched = [{"at": 12.472, "for": 6.041, "kind": "kill", "node": "n5"},
+             {"at": 16.92, "for": 6.229, "kind": "restore", "node": "n3"}]
+    r = run(2117, sched, nodes=5, timing=DEFAULT)
+    assert r.ok, r.violations or r.error
+
+
+def test_regression_owners_of_a_long_current_table_survive_a_burst_of_tables():
+    # Seed 907: a table current for 13 s was forgotten because it was first
+    # seen long ago, and four tables in a second followed a partition.
+    sched = [{"at": 8.56, "dir": "both", "for": 7.419, "kind": "etcd_cut", "node": n} for n in ("n1", "n2", "n4")]
+    sched += [{"at": 8.56, "dir": "both", "for": 4.423, "kind": "etcd_cut", "node": "n3"},
+              {"at": 10.661, "for": 2.048, "kind": "revoke", "node": "n4"},
+              {"at": 16.591, "for": 5.552, "kind": "pause", "node": "n4"}]
+    r = run(907, sched, nodes=4, timing=Timing(5, 2, 0.5, 1.0))
+    assert r.ok, r.violations or r.error
