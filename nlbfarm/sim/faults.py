@@ -21,7 +21,7 @@ KINDS = {
     "lan_down": "a node's LAN link down (etcd reachable another way)",
     "etcd_outage": "etcd down for everyone",
     "etcd_slow": "etcd slow (latency up to 1.5 s)",
-    "slow_nft": "slow nft transactions (up to 1.5 s)",
+    "slow_nft": "slow nft transactions (up to 3 s)",
     "pause": "agent paused longer than the lease TTL (SIGSTOP)",
     "kill": "agent killed, restarted with the same id",
     "crash": "whole node dies, comes back",
