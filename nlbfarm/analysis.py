@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Ports are reused, sometimes within milliseconds (the server closes first, so
-# the client's port is free at once). An accept belongs to the attempt with the
-# same port that was in flight at that moment: the latest one started before
-# the accept, and not yet finished. Client and nodes read the same clock in a
-# lab, and the client reads it before it even binds, so the lower bound is exact.
+# the client's port is free at once). A record spans [t, t + ms]: t is read
+# before the socket is bound, the end after it is closed, and two sockets never
+# hold one port at once. So an accept belongs to the attempt on that port whose
+# span covers it and that ends first: an attempt that read its clock earlier
+# but bound the port only after the first had closed it ends later.
+# Client and nodes read the same clock in a lab; the slack only absorbs the
+# rounding of ``ms``.
 CLOCK_SLACK_S = 0.005
 
 
@@ -64,12 +67,15 @@ def match_accepts(results: list[dict], accepts: list[Accept]) -> list[list[str]]
     matched: list[list[str]] = [[] for _ in results]
     for a in accepts:
         candidates = [i for i in by_port.get(a.port, ())
-                      if results[i]["t"] <= a.t
-                      <= results[i]["t"] + results[i]["ms"] / 1000 + CLOCK_SLACK_S]
+                      if results[i]["t"] <= a.t <= _end(results[i]) + CLOCK_SLACK_S]
         if candidates:
-            best = max(candidates, key=lambda i: results[i]["t"])
+            best = min(candidates, key=lambda i: (_end(results[i]) < a.t, _end(results[i])))
             matched[best].append(a.node)
     return matched
+
+
+def _end(result: dict) -> float:
+    return result["t"] + result["ms"] / 1000
 
 
 def shares(results: list[dict], t0: float = 0.0, t1: float = float("inf")) -> dict[str, int]:

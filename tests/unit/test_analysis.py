@@ -1,0 +1,39 @@
+"""Matching the nodes' accept logs to the client's connection records."""
+from nlbfarm.analysis import Accept, match_accepts
+
+
+def rec(t, port, ms, node="n1"):
+    return {"t": t, "port": port, "node": node, "error": None, "ms": ms}
+
+
+def test_each_accept_goes_to_the_attempt_that_covers_it():
+    results = [rec(10.0, 5000, 1.0), rec(20.0, 5000, 1.0)]
+    accepts = [Accept(10.0005, "c", 5000, "n1"), Accept(20.0005, "c", 5000, "n2")]
+    assert match_accepts(results, accepts) == [["n1"], ["n2"]]
+
+
+def test_regression_port_reused_by_an_attempt_that_read_its_clock_before_the_first_ended():
+    # From a lab run: two workers, one port. The second read its start time
+    # while the first still held the port, bound the port after it was freed,
+    # and was accepted 0.5 ms after the first. Both accepts fell in both spans;
+    # the old matcher gave both to the later start and none to the first.
+    first = rec(1670.8450584, 58461, 0.57, "n2")
+    second = rec(1670.8451500, 58461, 1.20, "n2")
+    accepts = [Accept(1670.845285, "c", 58461, "n2"), Accept(1670.845789, "c", 58461, "n2")]
+    assert match_accepts([first, second], accepts) == [["n2"], ["n2"]]
+
+
+def test_two_accepts_inside_one_attempt_that_nothing_else_covers_are_both_reported():
+    results = [rec(10.0, 5000, 5.0)]
+    accepts = [Accept(10.001, "c", 5000, "n1"), Accept(10.002, "c", 5000, "n2")]
+    assert match_accepts(results, accepts) == [["n1", "n2"]]
+
+
+def test_an_accept_outside_every_span_matches_nothing():
+    results = [rec(10.0, 5000, 1.0)]
+    assert match_accepts(results, [Accept(11.0, "c", 5000, "n1"), Accept(9.0, "c", 5000, "n1")]) == [[]]
+
+
+def test_accept_within_rounding_slack_after_the_end_still_matches():
+    results = [rec(10.0, 5000, 1.0)]
+    assert match_accepts(results, [Accept(10.00101, "c", 5000, "n1")]) == [["n1"]]
