@@ -34,7 +34,8 @@ from nlbfarm.coordinator.cluster import ClusterSettings, ClusterSnapshot, Member
 from nlbfarm.coordinator.farm import ClusterCache, FarmStore
 from nlbfarm.coordinator.rules import bucket_for, digest as rules_digest, match as match_rule
 from nlbfarm.coordinator.rules import resolve as resolve_rules
-from nlbfarm.coordinator.store import EtcdStore, LeaseExpired, Store
+from nlbfarm.coordinator.etcd import EtcdStore
+from nlbfarm.coordinator.store import LeaseExpired, Store
 from nlbfarm.coordinator.table import bucket_ranges
 from nlbfarm.errors import (
     ConfigError, DataPlaneError, DuplicateMember, FarmError, StoreError, StoreUnavailable)
@@ -366,7 +367,7 @@ class Agent:
             rev = self.farm.publish_applied(self.me, plan.publish, self.keeper.view().applied_lease,
                                             deadline=self._write_deadline())
             self.local = replace(self.local, published=plan.publish, published_revision=rev)
-        if plan.reason in (Reason.APPLIED, Reason.WAITING_FOR_PEERS, Reason.HOLDING_VANISHED, Reason.NO_TABLE):
+        if plan.reason in (Reason.APPLIED, Reason.WAITING_FOR_PEERS, Reason.ACQUIRE_GRACE, Reason.NO_TABLE):
             self._observe_change_applied(snap, plan.reason is Reason.APPLIED)
         if plan.ready is not None and self.ready is not None:
             self.ready.set_ready(plan.ready)

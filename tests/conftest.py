@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-# The store module imports etcd3 the right way (protobuf implementation
+# The etcd store imports etcd3 the right way (protobuf implementation
 # chosen first, import-time deprecation noise silenced); reuse that.
-from nlbfarm.coordinator.store import etcd3
+from nlbfarm.coordinator.etcd import etcd3
 
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
 START_TIMEOUT_S = 20.0

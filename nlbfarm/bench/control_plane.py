@@ -171,7 +171,7 @@ def sim_main(endpoint: str, cluster: str, ids: list[str]) -> int:
     from nlbfarm.config import parse_config
     from nlbfarm.coordinator.cluster import Applied, Member, TableRecord, applied_key, member_key
     from nlbfarm.coordinator.rules import digest as rules_digest, resolve as resolve_rules
-    from nlbfarm.coordinator.store import EtcdStore
+    from nlbfarm.coordinator.etcd import EtcdStore
     from nlbfarm.logs import setup_logging
 
     setup_logging(os.environ.get("NLBFARM_BENCH_LOG_LEVEL", "warning"), "kv")
@@ -541,7 +541,7 @@ def settle(cpu_fn, least: float = 3.0, most: float = 20.0) -> float:
 
 def run_size(n: int, reps: int, steady_s: float, workdir: Path) -> dict:
     from nlbfarm.config import parse_config
-    from nlbfarm.coordinator.store import EtcdStore
+    from nlbfarm.coordinator.etcd import EtcdStore
 
     cluster = f"cp{n}"
     defaults = parse_config({"node": {"id": "x"}, "cluster": {"name": cluster, "vips": [VIP]},

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from nlbfarm.config import parse_config
-from nlbfarm.coordinator.store import EtcdStore, StoreAuthError, etcd3
+from nlbfarm.coordinator.etcd import EtcdStore, etcd3
+from nlbfarm.coordinator.store import StoreAuthError
 from nlbfarm.errors import ConfigError, StoreError, StoreUnavailable
 from nlbfarm.node.agent import Agent
 from nlbfarm.node.standins import NoVip, RecordingDataPlane

@@ -14,7 +14,7 @@ import pytest
 from nlbfarm.config import parse_config
 from nlbfarm.coordinator.cluster import build_snapshot, table_key
 from nlbfarm.coordinator.handover import plan_table
-from nlbfarm.coordinator.store import EtcdStore
+from nlbfarm.coordinator.etcd import EtcdStore
 from nlbfarm.coordinator.table import counts
 from nlbfarm.errors import ConfigError, DuplicateMember
 from nlbfarm.node.agent import Agent

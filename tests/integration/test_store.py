@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-import nlbfarm.coordinator.store as store_module
-from nlbfarm.coordinator.store import KV, EtcdStore, LeaseExpired, WatchEvent
+import nlbfarm.coordinator.etcd.keys as etcd_keys
+from nlbfarm.coordinator.etcd import EtcdStore
+from nlbfarm.coordinator.store import KV, LeaseExpired, WatchEvent
 from nlbfarm.errors import StoreUnavailable
 
 pytestmark = pytest.mark.integration
 
-STORE_LOG = "nlbfarm.coordinator.store"
+STORE_LOG = "nlbfarm.coordinator.etcd"  # the parent of every etcd module's logger
 
 
 # -- helpers -------------------------------------------------------------------
@@ -672,7 +673,7 @@ def test_regression_non_utf8_key_is_left_out_of_reads_and_resyncs(etcd_server, s
 
 def test_regression_non_utf8_key_warnings_are_bounded(etcd_server, prefix, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger=STORE_LOG)
-    monkeypatch.setattr(store_module, "MAX_SKIPPED_KEYS_REMEMBERED", 3)
+    monkeypatch.setattr(etcd_keys, "MAX_SKIPPED_KEYS_REMEMBERED", 3)
     huge = prefix.encode() + b"\x80" + b"x" * 20_000  # sorts first: among the keys named
     bad = [huge] + [prefix.encode() + b"\xff%d" % i for i in range(5)]
     for key in bad:
@@ -681,7 +682,7 @@ def test_regression_non_utf8_key_warnings_are_bounded(etcd_server, prefix, caplo
     try:
         for _ in range(3):
             assert s.get_prefix(prefix)[0] == {}
-        warned = [r.getMessage() for r in caplog.records if r.name == STORE_LOG and r.levelno == logging.WARNING]
+        warned = [r.getMessage() for r in caplog.records if r.name.startswith(STORE_LOG) and r.levelno == logging.WARNING]
         # Three keys named once each, then one line that says the rest are skipped quietly.
         assert len(warned) == 4, warned
         assert sum("not UTF-8, skipped key=" in w for w in warned) == 3
