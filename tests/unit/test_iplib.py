@@ -8,6 +8,10 @@ from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
 from nlbfarm.errors import NetError, NotFound
 from nlbfarm.node import iplib
+# private helpers are tested where they live
+from nlbfarm.node.iplib.errors import _translated
+from nlbfarm.node.iplib.maddr import _ifreq_hwaddr, _read_dev_mcast
+from nlbfarm.node.iplib.sysctl import _sysctl_path
 
 
 # ---------------------------------------------------------------- ifnames
@@ -126,7 +130,7 @@ def test_normalize_mac_rejects(text):
     ],
 )
 def test_sysctl_path(key, path):
-    assert iplib._sysctl_path(key) == path
+    assert _sysctl_path(key) == path
 
 
 @pytest.mark.parametrize(
@@ -142,7 +146,7 @@ def test_sysctl_path(key, path):
 )
 def test_sysctl_path_rejects(key, fragment):
     with pytest.raises(ValueError, match=fragment):
-        iplib._sysctl_path(key)
+        _sysctl_path(key)
 
 
 # ---------------------------------------------------------------- GARP frame
@@ -303,14 +307,14 @@ def test_os_error_mapping():
 
 def test_translated_never_leaks_netlink_error():
     with pytest.raises(NotFound) as info:
-        with iplib._translated("op", "obj"):
+        with _translated("op", "obj"):
             raise NetlinkError(errno.ENODEV)
     assert isinstance(info.value.__cause__, NetlinkError)
     with pytest.raises(NetError):
-        with iplib._translated("op", "obj"):
+        with _translated("op", "obj"):
             raise NetlinkError(errno.EINVAL)
     with pytest.raises(ValueError):  # programming errors pass through
-        with iplib._translated("op", "obj"):
+        with _translated("op", "obj"):
             raise ValueError("bad")
 
 
@@ -344,13 +348,13 @@ def test_dev_mcast_parsing(monkeypatch, tmp_path):
         return real_open(name, *a, **kw)
 
     monkeypatch.setattr("builtins.open", fake_open)
-    assert iplib._read_dev_mcast("br0") == [("33:33:00:00:00:01", False), ("03:bf:c6:12:63:64", True)]
-    assert iplib._read_dev_mcast("vb0") == [("01:00:5e:00:00:01", False)]
-    assert iplib._read_dev_mcast("nope") == []
+    assert _read_dev_mcast("br0") == [("33:33:00:00:00:01", False), ("03:bf:c6:12:63:64", True)]
+    assert _read_dev_mcast("vb0") == [("01:00:5e:00:00:01", False)]
+    assert _read_dev_mcast("nope") == []
 
 
 def test_ifreq_layout():
-    req = iplib._ifreq_hwaddr("br0", bytes.fromhex("03bfc6126364"))
+    req = _ifreq_hwaddr("br0", bytes.fromhex("03bfc6126364"))
     assert len(req) == 32
     assert req[:16] == b"br0" + b"\x00" * 13
     assert req[16:18] == b"\x00\x00"  # AF_UNSPEC, as the kernel requires
