@@ -59,18 +59,32 @@ def read_accepts(paths: dict[str, Path], client_ip: str) -> list[Accept]:
     return out
 
 
+class AttemptIndex:
+    """Finds the connection attempt that a packet or accept on a client port belongs to."""
+
+    def __init__(self, results: list[dict]):
+        self.results = results
+        self._by_port: dict[int, list[int]] = defaultdict(list)
+        for i, r in enumerate(results):
+            self._by_port[r["port"]].append(i)
+
+    def attempt(self, port: int, t: float) -> int | None:
+        """Index of the attempt on ``port`` that held it at time ``t``, or None."""
+        candidates = [i for i in self._by_port.get(port, ())
+                      if self.results[i]["t"] <= t <= _end(self.results[i]) + CLOCK_SLACK_S]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda i: (_end(self.results[i]) < t, _end(self.results[i])))
+
+
 def match_accepts(results: list[dict], accepts: list[Accept]) -> list[list[str]]:
     """For each client result (in order), the nodes whose accept log shows that connection."""
-    by_port: dict[int, list[int]] = defaultdict(list)
-    for i, r in enumerate(results):
-        by_port[r["port"]].append(i)
+    index = AttemptIndex(results)
     matched: list[list[str]] = [[] for _ in results]
     for a in accepts:
-        candidates = [i for i in by_port.get(a.port, ())
-                      if results[i]["t"] <= a.t <= _end(results[i]) + CLOCK_SLACK_S]
-        if candidates:
-            best = min(candidates, key=lambda i: (_end(results[i]) < a.t, _end(results[i])))
-            matched[best].append(a.node)
+        i = index.attempt(a.port, a.t)
+        if i is not None:
+            matched[i].append(a.node)
     return matched
 
 

@@ -323,7 +323,7 @@ class Reason(enum.Enum):
     NO_TABLE = "no_table"
     APPLIED = "applied"
     WAITING_FOR_PEERS = "waiting_for_peers"
-    HOLDING_VANISHED = "holding_vanished"
+    ACQUIRE_GRACE = "acquire_grace"
 
 
 @dataclass(frozen=True)
@@ -400,7 +400,7 @@ def track_liveness(snap: ClusterSnapshot, local: LocalState, timing: Timing,
     return snap.live() - expired, orphan_since
 
 
-def hold_vanished(me: str, plan: AcceptPlan, local: LocalState, live: frozenset, lease: LeaseView,
+def hold_in_acquire_grace(me: str, plan: AcceptPlan, local: LocalState, live: frozenset, lease: LeaseView,
                   now: float) -> tuple[AcceptPlan, bool]:
     """Right after registering or an etcd outage (the acquire grace): no new bucket of a
     node that is gone, or of unknown history. It may still serve under rule E."""
@@ -492,7 +492,7 @@ def decide(me: str, timing: Timing, snap: ClusterSnapshot, local: LocalState, ob
         # Take nothing new without a fresh lease (rule E serves only what it had).
         plan = AcceptPlan(plan.generation, plan.target, plan.accepting & local.accepting, plan.waiting_for)
     else:
-        plan, holding = hold_vanished(me, plan, local, live, lease, now)
+        plan, holding = hold_in_acquire_grace(me, plan, local, live, lease, now)
     if not fence_open:
         plan = AcceptPlan(plan.generation, plan.target, frozenset(), plan.waiting_for)
     released = local.accepting - plan.accepting
@@ -546,7 +546,7 @@ def decide(me: str, timing: Timing, snap: ClusterSnapshot, local: LocalState, ob
     elif plan.waiting_for:
         reason = Reason.WAITING_FOR_PEERS
     else:
-        reason = Reason.HOLDING_VANISHED if holding else Reason.WAITING_FOR_PEERS
+        reason = Reason.ACQUIRE_GRACE if holding else Reason.WAITING_FOR_PEERS
     return Plan(reason, facts, kernel=kernel, fence_until=fence_until, publish=publish, ready=ready,
                 next=nxt)
 
@@ -600,6 +600,6 @@ def render(plan: Plan) -> str:
     if r is Reason.APPLIED:
         return f"generation {f['generation']} applied: accepting {f['accepting']} of {f['buckets']} buckets{draining}"
     waiting = (f"waiting for {','.join(f['waiting'])} to apply generation {f['generation']}" if f["waiting"]
-               else "holding buckets of vanished nodes until they surely stopped serving")
+               else "in the acquire grace: holding buckets that a node gone or of unknown history may still serve")
     return (f"generation {f['generation']}: accepting {f['accepting']} of {f['target']} owned buckets, "
             f"{waiting}{draining}")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from labkit import fresh_labs
 
 from nlbfarm.analysis import failures, match_accepts, read_accepts, read_results
 from nlbfarm.node.dataplane import cluster_mac_for
@@ -38,17 +39,8 @@ def record(fault: str, figures: dict) -> None:
 
 @pytest.fixture
 def make_lab(tmp_path):
-    labs = []
-
-    def make(nodes=3, **kw) -> Lab:
-        lab = Lab(prefix="tfault", state_root=tmp_path / "lab", **kw)
-        labs.append(lab)
-        lab.up(nodes=nodes, wait=60)
-        return lab
-
-    yield make
-    for lab in labs:
-        lab.down()
+    with fresh_labs("tfault", tmp_path / "lab") as make:
+        yield make
 
 
 class Load:

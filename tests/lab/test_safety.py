@@ -23,13 +23,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from labkit import fresh_labs
 import yaml
 
 import test_faults as faults
 from test_farm_e2e import assert_exactly_once
 from test_faults import LIFETIME, Load, _crash_and_rejoin, check_exactly_once, split_holds, timeline
 
-from nlbfarm.analysis import failures, read_results, shares
+from nlbfarm.analysis import AttemptIndex, failures, read_results, shares
 from nlbfarm.lab import (APP_PORT, CLUSTER_NAME, ETCD_PREFIX, MGMT_ETCD_ADDR, PEER_PORT, VIP, Lab,
                          node_addr)
 from nlbfarm.synack import answers_per_syn, read_records
@@ -83,19 +84,8 @@ TS_RE = re.compile(r"^ts=(\S+)Z ")
 def make_lab(tmp_path, monkeypatch):
     # These runs are not rows of the README's "Faults survived" table.
     monkeypatch.setattr(faults, "record", lambda *a, **k: None)
-    labs = []
-
-    def make(nodes=3, **kw) -> Lab:
-        lab = Lab(prefix="tsafe", state_root=tmp_path / "lab", **kw)
-        labs.append(lab)
-        lab.up(nodes=nodes, wait=60)
-        return lab
-
-    yield make
-    for lab in labs:
-        lab.down(keep_logs=True)  # namespaces, processes and nft tables go; logs stay for a post-mortem
-        left = lab.lab_namespaces()
-        assert not left, f"lab {lab.prefix} left namespaces behind: {left}"
+    with fresh_labs("tsafe", tmp_path / "lab") as make:
+        yield make
 
 
 # ---- packet capture in the client namespace ---------------------------------------
@@ -150,24 +140,23 @@ def check_one_synack_per_syn(lab: Lab, cap: SynAckCapture, summary: dict, news: 
     assert doubles == {}, (f"{len(doubles)} SYNs got SYN-ACKs from two nodes (client, port, ISN) -> "
                            f"node: times: {dict(list(doubles.items())[:5])}\n" + timeline(lab, NODES))
     # Every attempt of the load client sent a SYN we saw, and each answered one was
-    # SYN-ACKed by exactly the node that served it.
-    by_port: dict[int, list[tuple[float, tuple]]] = {}
+    # SYN-ACKed by exactly the node that served it. A SYN (a new ISN) belongs to
+    # the attempt that held its port when it was first sent.
+    index = AttemptIndex(news)
+    own: dict[int, list[tuple]] = {}
     for key, times in syns.items():
-        by_port.setdefault(key[1], []).append((min(times), key))
+        i = index.attempt(key[1], min(times))
+        if i is not None:
+            own.setdefault(i, []).append(key)
     unseen, wrong = [], []
-    for r in news:
+    for i, r in enumerate(news):
         if not r["port"]:
             continue
-        lo, hi = r["t"] - 0.005, r["t"] + r["ms"] / 1000 + 0.005
-        keys = sorted((t, k) for t, k in by_port.get(r["port"], ()) if lo <= t <= hi)
-        if not keys:
+        if i not in own:
             unseen.append(r)
             continue
         if r["node"]:
-            # The port was bound by this attempt from its first SYN to its end: the
-            # latest new ISN from it in the window is this attempt's own.
-            own = keys[-1][1]
-            got = {macs[m] for m in answers.get(own, {})}
+            got = {macs[m] for key in own[i] for m in answers.get(key, {})}
             if got != {r["node"]}:
                 wrong.append((r, sorted(got)))
     assert unseen == [], f"{len(unseen)} of {len(news)} connection attempts have no captured SYN: {unseen[:3]}"
@@ -298,7 +287,7 @@ def test_regression_wildcard_peer_listen_cut_off_node_never_double_serves(make_l
 
 POISON_SCRIPT = """
 import base64, json, sys
-from nlbfarm.coordinator.store import etcd3
+from nlbfarm.coordinator.etcd import etcd3
 c = etcd3.client("127.0.0.1", 2379, timeout=5)
 leases = {}
 for key, value, ttl in json.load(sys.stdin):

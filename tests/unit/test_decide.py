@@ -131,7 +131,7 @@ def test_regression_fresh_registration_takes_the_acquire_grace():
     s = snap(members=("a",), owners=["a"] * B, gen=2, applied={"a": 1})
     local = LocalState(seen_tables=MappingProxyType({1: tuple(["x"] * B)}))
     plan = decide("a", T, s, local, obs(lease_view=v))
-    assert plan.kernel.accepting == frozenset() and plan.reason is Reason.HOLDING_VANISHED
+    assert plan.kernel.accepting == frozenset() and plan.reason is Reason.ACQUIRE_GRACE
 
 
 def test_regression_default_timings_keep_rule_e_ahead_of_the_fence():
