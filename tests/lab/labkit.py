@@ -4,13 +4,14 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from nlbfarm.lab import Lab
+
 
 @contextlib.contextmanager
 def fresh_labs(prefix: str, state_root: Path):
     """``make(nodes=3, **lab_options)`` starts a lab of its own, one per call; all are
     torn down at the end, whatever happened, keeping their logs for a post-mortem.
     A lab that leaves a namespace behind fails the test that made it."""
-    from nlbfarm.lab import Lab
     labs = []
 
     def make(nodes: int = 3, **kw) -> Lab:

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from labkit import fresh_labs
 
+from labkit import fresh_labs
 from nlbfarm.analysis import failures, match_accepts, read_accepts, read_results
 from nlbfarm.node.dataplane import cluster_mac_for
 from nlbfarm.lab import CLIENT_ADDR, CLIENT_ADDR6, VIP, VIP6, Lab, LabTiming

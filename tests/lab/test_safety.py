@@ -23,10 +23,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from labkit import fresh_labs
 import yaml
 
 import test_faults as faults
+from labkit import fresh_labs
 from test_farm_e2e import assert_exactly_once
 from test_faults import LIFETIME, Load, _crash_and_rejoin, check_exactly_once, split_holds, timeline
 
