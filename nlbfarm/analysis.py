@@ -17,7 +17,10 @@ from pathlib import Path
 # span covers it and that ends first: an attempt that read its clock earlier
 # but bound the port only after the first had closed it ends later.
 # Client and nodes read the same clock in a lab; the slack only absorbs the
-# rounding of ``ms``.
+# rounding of ``ms``. An accept the application made only after the client had
+# given up (``gone``: it waited in a slow accept queue until the client closed)
+# belongs to the attempt on that port that had just ended, not to a later
+# attempt that reused the port while the connection sat in the queue.
 CLOCK_SLACK_S = 0.005
 
 
@@ -27,6 +30,7 @@ class Accept:
     ip: str
     port: int
     node: str
+    peer_gone: bool = False
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -54,8 +58,8 @@ def read_accepts(paths: dict[str, Path], client_ip: str) -> list[Accept]:
             continue
         for line in Path(path).read_text().splitlines():
             parts = line.split()
-            if len(parts) == 3 and parts[1] == client_ip:
-                out.append(Accept(float(parts[0]), parts[1], int(parts[2]), node))
+            if len(parts) in (3, 4) and parts[1] == client_ip:
+                out.append(Accept(float(parts[0]), parts[1], int(parts[2]), node, parts[3:] == ["gone"]))
     return out
 
 
@@ -76,13 +80,25 @@ class AttemptIndex:
             return None
         return min(candidates, key=lambda i: (_end(self.results[i]) < t, _end(self.results[i])))
 
+    def ended_attempt(self, port: int, t: float) -> int | None:
+        """Index of the attempt on ``port`` that had last ended by time ``t``, or None."""
+        candidates = [i for i in self._by_port.get(port, ())
+                      if self.results[i]["t"] <= t and _end(self.results[i]) <= t + CLOCK_SLACK_S]
+        if not candidates:
+            return None
+
+        def key(i: int) -> tuple[bool, float]:
+            end = _end(self.results[i])
+            return (end > t, -end if end <= t else end)
+        return min(candidates, key=key)
+
 
 def match_accepts(results: list[dict], accepts: list[Accept]) -> list[list[str]]:
     """For each client result (in order), the nodes whose accept log shows that connection."""
     index = AttemptIndex(results)
     matched: list[list[str]] = [[] for _ in results]
     for a in accepts:
-        i = index.attempt(a.port, a.t)
+        i = index.ended_attempt(a.port, a.t) if a.peer_gone else index.attempt(a.port, a.t)
         if i is not None:
             matched[i].append(a.node)
     return matched

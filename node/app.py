@@ -6,7 +6,9 @@ connections and see whether one ever breaks.
 
 It logs every accepted connection (client address and port) to ``--accept-log``
 at accept time, so tests can prove each client connection reached exactly one
-node. Stands in for the farm's real application (nginx, an API...).
+node. A connection whose client had already closed or reset it while it waited
+in the accept queue is logged with a fourth field, ``gone``: it belongs to an
+attempt that has ended, not to a later one that reuses the port. Stands in for the farm's real application (nginx, an API...).
 
 IPv6: ``--listen6``/``--udp-listen6`` (``[addr]:port``, e.g. ``[::]:80``) serve
 the same handlers on AF_INET6 sockets with IPV6_V6ONLY set, so IPv4 clients
@@ -129,10 +131,22 @@ class AppServer(socketserver.ThreadingTCPServer):
 
     def verify_request(self, request, client_address) -> bool:
         if self.accept_log is not None:
+            gone = " gone" if _peer_gone(request) else ""
             with self._log_lock:
-                self.accept_log.write(f"{time.time():.6f} {client_address[0]} {client_address[1]}\n")
+                self.accept_log.write(f"{time.time():.6f} {client_address[0]} {client_address[1]}{gone}\n")
                 self.accept_log.flush()
         return True
+
+
+_TCP_ESTABLISHED = 1  # tcpi_state, the first byte of struct tcp_info
+
+
+def _peer_gone(sock: socket.socket) -> bool:
+    """Whether the client closed or reset this connection before it was accepted."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] != _TCP_ESTABLISHED
+    except OSError:
+        return False
 
 
 def main(argv=None) -> int:

@@ -29,7 +29,7 @@ import yaml
 from nlbfarm.analysis import failures
 from nlbfarm.lab import ETCD_PREFIX, Lab, LabTiming
 
-from test_faults import HOLD_CONNS, Load, check_exactly_once, held_max, split_holds
+from test_faults import HOLD_CONNS, SETTLE_S, Load, check_exactly_once, held_max, split_holds
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "deploy" / "ansible"
@@ -205,7 +205,7 @@ def test_rolling_upgrade_under_load(farm):
         cp = playbook("upgrade.yml", inv, timeout=UPGRADE_LOAD_S - 15)
         took = time.time() - t
         assert cp.returncode == 0, cp.stdout[-6000:] + cp.stderr[-2000:]
-        news, holds = load.finish()
+        news, holds = load.finish(settle=SETTLE_S)
     finally:
         load.stop()
     assert set(versions(lab).values()) == {new}, versions(lab)

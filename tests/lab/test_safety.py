@@ -28,7 +28,7 @@ import yaml
 import test_faults as faults
 from labkit import fresh_labs
 from test_farm_e2e import assert_exactly_once
-from test_faults import LIFETIME, Load, _crash_and_rejoin, check_exactly_once, split_holds, timeline
+from test_faults import LIFETIME, SETTLE_S, Load, _crash_and_rejoin, check_exactly_once, split_holds, timeline
 
 from nlbfarm.analysis import AttemptIndex, failures, read_results, shares
 from nlbfarm.lab import (APP_PORT, CLUSTER_NAME, ETCD_PREFIX, MGMT_ETCD_ADDR, PEER_PORT, VIP, Lab,
@@ -509,7 +509,7 @@ def test_regression_lan_link_down_with_etcd_on_second_network_withdraws_and_rejo
         seen["rejoin_s"] = time.time() - t_restore
         assert snap.members["n2"].state == "active"
         t_back = time.time()
-        news, holds = load.finish()
+        news, holds = load.finish(settle=SETTLE_S)
     finally:
         load.stop()
     assert lab.member_lease("n2") == lease_before, "n2 registered again: etcd was not reachable over mgmt"
@@ -610,7 +610,7 @@ def test_regression_restart_with_live_old_lease_is_refused_then_joins(make_lab, 
         seen["last_alive"] = last_alive
         lab.wait_converged(NODES, timeout=30)
         t_back = time.time()
-        news, holds = load.finish()
+        news, holds = load.finish(settle=SETTLE_S)
         summary = cap.finish()
     finally:
         load.stop()
@@ -667,7 +667,7 @@ def test_regression_revoked_lease_closes_fence_and_peers_wait_before_taking_over
         lab.wait_converged(NODES, timeout=30)
         seen["rejoined_s"] = time.time() - t_revoke
         t_back = time.time()
-        news, holds = load.finish()
+        news, holds = load.finish(settle=SETTLE_S)
         summary = cap.finish()
     finally:
         load.stop()

@@ -37,3 +37,38 @@ def test_an_accept_outside_every_span_matches_nothing():
 def test_accept_within_rounding_slack_after_the_end_still_matches():
     results = [rec(10.0, 5000, 1.0)]
     assert match_accepts(results, [Accept(10.00101, "c", 5000, "n1")]) == [["n1"]]
+
+
+def test_regression_stale_accept_from_a_slow_queue_is_not_charged_to_the_attempt_that_reused_the_port():
+    # The first attempt timed out waiting for the application and closed; the
+    # application accepted its connection from the queue only later, while a
+    # second attempt (which had read its clock already) held the port. The old
+    # matcher gave the second attempt both accepts: "accepted by ['n1', 'n1']".
+    first = {"t": 100.0, "port": 33255, "node": None, "error": "TimeoutError", "ms": 3000.0}
+    second = rec(102.9995, 33255, 2.0, "n1")
+    accepts = [Accept(103.0002, "c", 33255, "n1", peer_gone=True), Accept(103.0010, "c", 33255, "n1")]
+    assert match_accepts([first, second], accepts) == [["n1"], ["n1"]]
+
+
+def test_stale_accept_on_another_node_still_counts_against_the_attempt_it_belongs_to():
+    first = rec(10.0, 5000, 1.0, "n1")
+    accepts = [Accept(10.0005, "c", 5000, "n1"), Accept(10.5, "c", 5000, "n2", peer_gone=True)]
+    assert match_accepts([first], accepts) == [["n1", "n2"]]
+
+
+def test_stale_accept_just_before_the_end_is_read_still_goes_to_the_attempt_that_closed():
+    # The client's FIN can reach the node a few microseconds before the client
+    # reads its end time; a next attempt on the port that ends inside the slack
+    # must not take it.
+    first = rec(10.0, 5000, 1.0)
+    second = rec(10.0009, 5000, 0.5)
+    accepts = [Accept(10.00099, "c", 5000, "n2", peer_gone=True)]
+    assert match_accepts([first, second], accepts) == [["n2"], []]
+
+
+def test_accept_log_lines_with_and_without_the_gone_field(tmp_path):
+    from nlbfarm.analysis import read_accepts
+    log = tmp_path / "n1.accept.log"
+    log.write_text("1.5 10.0.0.1 5000\n2.5 10.0.0.1 5001 gone\n3.5 10.0.0.9 5002\n4.5 10.0.0.1 5003 junk x\n")
+    got = read_accepts({"n1": log}, "10.0.0.1")
+    assert [(a.port, a.peer_gone) for a in got] == [(5000, False), (5001, True)]

@@ -136,7 +136,7 @@ def test_app_answers_http_and_logs_the_plain_client_address(lab_app, family, hos
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"X-Served-By: t1" in head
     assert body == b"t1\n"
-    logged = [ln[1:] for ln in lab_app.accept_lines()]
+    logged = [ln[1:3] for ln in lab_app.accept_lines()]
     assert [host, str(local_port)] in logged
     assert not any(ip.startswith("::ffff:") for ip, _ in logged)
 
@@ -202,7 +202,7 @@ def test_loadclient_reaches_the_app(lab_app, vip):
 def test_loadclient_v6_source_is_recorded(lab_app):
     rec = loadclient.one_request("::1", lab_app.port, 2, "::1")
     assert rec["node"] == "t1" and rec["src"] == "::1" and rec["error"] is None
-    assert ["::1", str(rec["port"])] in [ln[1:] for ln in lab_app.accept_lines()]
+    assert ["::1", str(rec["port"])] in [ln[1:3] for ln in lab_app.accept_lines()]
 
 
 def test_loadclient_cli_over_v6(lab_app, tmp_path, keep_sigterm):
@@ -263,3 +263,28 @@ def test_holdclient_cli_over_v6(lab_app, tmp_path, keep_sigterm):
                                       ("198.18.0.100", socket.AF_INET), ("localhost", 0)])
 def test_holdclient_family_follows_vip(vip, fam):
     assert holdclient.vip_family(vip) == fam
+
+
+def test_a_connection_the_client_gave_up_before_accept_is_marked_gone():
+    """The accept log's ``gone`` field: closed or reset while queued, versus still open."""
+    import socket
+    import struct
+    import time as _time
+
+    from node.app import _peer_gone
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)
+        closed = socket.create_connection(srv.getsockname())
+        closed.close()
+        reset = socket.create_connection(srv.getsockname())
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset.close()
+        with socket.create_connection(srv.getsockname()):
+            _time.sleep(0.05)
+            got = []
+            for _ in range(3):
+                conn, _addr = srv.accept()
+                with conn:
+                    got.append(_peer_gone(conn))
+    assert got == [True, True, False]
