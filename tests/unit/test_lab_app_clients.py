@@ -271,7 +271,7 @@ def test_a_connection_the_client_gave_up_before_accept_is_marked_gone():
     import struct
     import time as _time
 
-    from node.app import _peer_gone
+    from nlbfarm.node.app import _peer_gone
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
         srv.listen(8)
