@@ -29,6 +29,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Mapping
 
@@ -52,6 +53,7 @@ MAX_LARGE_VALUE = 1 << 20     # table, applied
 MAX_SMALL_VALUE = 16 << 10    # cluster, members, drain
 MAX_TEXT = 512                # one string field of a member record
 MAX_ADDRESSES = 16
+MAX_MEMO = 256                # owner sets a table record remembers
 NODE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 # A lease-bound record must say which lease: 0 means "no lease".
 NO_LEASE = 0
@@ -196,9 +198,19 @@ class TableRecord:
         return cls(gen, buckets, tuple(owners), mod_revision)
 
     def owned_by(self, node_id: str) -> frozenset[int]:
-        return frozenset(i for i, o in enumerate(self.owners) if o == node_id)
+        owned = self._owned.get(node_id)
+        if owned is None:
+            owned = frozenset(i for i, o in enumerate(self.owners) if o == node_id)
+            if len(self._owned) < MAX_MEMO:  # node ids come from outside: bounded
+                self._owned[node_id] = owned
+        return owned
 
-    @property
+    @cached_property
+    def _owned(self) -> dict[str, frozenset[int]]:
+        # The record never changes; every cycle asks for the same owners.
+        return {}
+
+    @cached_property
     def digest(self) -> str:
         """The contents' fingerprint, published with ``applied/``.
 
@@ -317,6 +329,16 @@ class ClusterSnapshot:
     # restore): applied/ records at or below it may describe kernels that have
     # changed since, so rule R does not count them (0: never).
     trust_after: int = 0
+
+    @cached_property
+    def memo(self) -> dict:
+        """Results of pure functions of this snapshot, computed once (it never changes).
+
+        The cache hands out the same snapshot until etcd changes, and the loop
+        decides on it several times a second: the table plan need not be
+        rebalanced each time. Not a field: equality and ``replace`` ignore it.
+        """
+        return {}
 
     def republish_requested(self) -> int:
         """The highest rewind revision a live peer reports: a record at or below it must be written again."""

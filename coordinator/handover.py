@@ -114,7 +114,14 @@ def plan_table(snap: ClusterSnapshot) -> TableUpdate | None:
 
     Needs the cluster settings (B). Every node computes the same update from
     the same snapshot; the CAS on ``expected_revision`` lets exactly one win.
+    Computed once per snapshot (a rebalance is the costliest step of a cycle).
     """
+    if "plan_table" not in snap.memo:
+        snap.memo["plan_table"] = _plan_table(snap)
+    return snap.memo["plan_table"]
+
+
+def _plan_table(snap: ClusterSnapshot) -> TableUpdate | None:
     if snap.settings is None:
         return None
     b = snap.settings.buckets
