@@ -59,6 +59,10 @@ class FarmStore:
     def refresh(self, lease_id: int, deadline: float | None = None) -> int:
         return self.store.refresh_lease(lease_id, deadline=deadline)
 
+    def refresh_all(self, lease_ids, deadline: float | None = None) -> dict[int, int]:
+        """Renew this node's leases in one round (LeaseExpired if any is gone)."""
+        return self.store.refresh_leases([i for i in lease_ids if i], deadline=deadline)
+
     def revoke(self, lease_id: int, deadline: float | None = None) -> None:
         self.store.revoke_lease(lease_id, deadline=deadline)
 

@@ -181,6 +181,12 @@ class Store(abc.ABC):
         keepalive wants to fail fast and try again on its next tick).
         Raises :class:`LeaseExpired` if the lease no longer exists."""
 
+    def refresh_leases(self, lease_ids, deadline: float | None = None) -> dict[int, int]:
+        """Renew several leases together; their TTLs by lease id. Raises
+        :class:`LeaseExpired` if any is gone. Stores with a keepalive stream
+        send them in one round."""
+        return {i: self.refresh_lease(i, deadline) for i in lease_ids}
+
     @abc.abstractmethod
     def revoke_lease(self, lease_id: int, deadline: float | None = None) -> None:
         """Revoke the lease, deleting its keys. Idempotent (no error if gone)."""

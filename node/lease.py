@@ -155,9 +155,7 @@ class LeaseKeeper:
             self._update(loop_stuck=False)
         sent = self.clock()
         try:
-            for lease in (v.lease_id, v.applied_lease):
-                if lease:
-                    self.farm.refresh(lease, deadline=self.timing.keepalive_interval)
+            self.farm.refresh_all((v.lease_id, v.applied_lease), deadline=self.timing.keepalive_interval)
         except LeaseExpired:
             log.error("lease expired node=%s lease=%x: peers may have taken over; closing the fence and "
                       "re-registering", self.me, v.lease_id)
@@ -169,20 +167,25 @@ class LeaseKeeper:
             self._failed(sent, exc)
             self._wake.set()
             return
-        self._succeeded(sent)
-        self._wake.set()
+        if self._succeeded(sent):
+            # Only news wakes the loop: a routine success changes no decision
+            # before the loop's own tick (an idle agent's CPU is mostly cycles).
+            self._wake.set()
 
     def note_keepalive(self, sent: float) -> None:
         """A successful keepalive sent at ``sent`` (the keepalive thread's outcome; tests drive it by hand)."""
         self._succeeded(sent)
 
-    def _succeeded(self, sent: float) -> None:
+    def _succeeded(self, sent: float) -> bool:
+        """Record a success; True if it ends a stale spell (news for the loop)."""
         with self._lock:
             before = self._view
             self._view = after_keepalive_ok(before, sent, self.clock(), self.timing)
+        self._etcd_state = "connected"
         if before.stale_since is not None:
             log.info("etcd reachable again node=%s after=%.1fs", self.me, sent - (before.last_ok_sent or sent))
-        self._etcd_state = "connected"
+            return True
+        return False
 
     def _failed(self, sent: float, exc: Exception) -> None:
         with self._lock:

@@ -15,6 +15,7 @@ import grpc
 from nlbfarm import tls as _tls
 from nlbfarm.coordinator.etcd import keys as _keys
 from nlbfarm.coordinator.etcd._lib import etcd3, etcdrpc
+from nlbfarm.coordinator.etcd.keepalive import KeepAliveStream
 from nlbfarm.coordinator.etcd.keys import KeyDecoder, kv_from_pb, prefix_range_end
 from nlbfarm.coordinator.etcd.retry import (
     TOKEN_ERRORS,
@@ -129,6 +130,8 @@ class EtcdStore(Store):
         self._index = 0
         self._client = self._connect(0)
         self._watches: set[PrefixWatch] = set()
+        self._keepalive: KeepAliveStream | None = None
+        self._keepalive_lock = threading.Lock()
         self._decode_key = KeyDecoder(_keys.MAX_SKIPPED_KEYS_REMEMBERED)
 
     @classmethod
@@ -341,14 +344,29 @@ class EtcdStore(Store):
         return Lease(id=lease.id, ttl=lease.ttl)
 
     def refresh_lease(self, lease_id: int, deadline: float | None = None) -> int:
-        def fn(c, retry):
-            responses = list(c.refresh_lease(lease_id))
-            return responses[-1].TTL if responses else 0
+        return self.refresh_leases((lease_id,), deadline)[lease_id]
 
-        ttl = self._call(f"refresh_lease lease={lease_id:x}", fn, deadline)
-        if ttl <= 0:
-            raise LeaseExpired(f"etcd lease {lease_id:x} expired or was revoked")
-        return ttl
+    def refresh_leases(self, lease_ids, deadline: float | None = None) -> dict[int, int]:
+        """Renew several leases in one round on the long-lived keepalive stream."""
+        lease_ids = tuple(lease_ids)
+        end = time.monotonic() + (self.retry_deadline if deadline is None else deadline)
+
+        def fn(c, retry):
+            with self._keepalive_lock:
+                stream = self._keepalive
+                if stream is None or stream.broken or stream.client is not c:
+                    if stream is not None:
+                        stream.close()
+                    stream = self._keepalive = KeepAliveStream(c, c.metadata)
+                timeout = max(0.01, min(self.timeout, end - time.monotonic()))
+                return stream.refresh(lease_ids, timeout)
+
+        what = ",".join(f"{i:x}" for i in lease_ids)
+        ttls = self._call(f"refresh_lease lease={what}", fn, deadline)
+        gone = [i for i in lease_ids if ttls.get(i, 0) <= 0]
+        if gone:
+            raise LeaseExpired(f"etcd lease {','.join(f'{i:x}' for i in gone)} expired or was revoked")
+        return ttls
 
     def revoke_lease(self, lease_id: int, deadline: float | None = None) -> None:
         def fn(c, retry):
@@ -462,6 +480,9 @@ class EtcdStore(Store):
         with self._lock:
             self._closed = True
             client = self._client
+        with self._keepalive_lock:
+            if self._keepalive is not None:
+                self._keepalive.close()
         client.close()
 
 

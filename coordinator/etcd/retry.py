@@ -13,6 +13,7 @@ import grpc
 import tenacity
 
 from nlbfarm.coordinator.etcd._lib import etcd3_exc
+from nlbfarm.coordinator.etcd.keepalive import KeepAliveStreamEnded, KeepAliveTimeout
 
 _RETRY_CODES = frozenset(
     {
@@ -71,6 +72,8 @@ def is_connection_error(exc: BaseException) -> bool:
             etcd3_exc.WatchTimedOut,
             StaleClient,
             TokenRejected,
+            KeepAliveTimeout,       # no answer in time: maybe another endpoint answers
+            KeepAliveStreamEnded,
         ),
     ):
         return True

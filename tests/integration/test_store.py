@@ -8,6 +8,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -111,6 +112,7 @@ class TcpProxy:
         self.port = self._listener.getsockname()[1]
         self.endpoint = f"127.0.0.1:{self.port}"
         self._up = True
+        self._stalled = threading.Event()  # set: bytes are held, nothing is relayed
         self._closed = False
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
@@ -140,10 +142,11 @@ class TcpProxy:
             for src, dst in ((down, up), (up, down)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket):
+    def _pump(self, src: socket.socket, dst: socket.socket):
         try:
             while data := src.recv(65536):
+                while self._stalled.is_set() and not self._closed:
+                    time.sleep(0.01)
                 dst.sendall(data)
         except OSError:
             pass
@@ -167,6 +170,10 @@ class TcpProxy:
 
     def restore(self):
         self._up = True
+
+    def stall(self, on: bool = True):
+        """Hold every byte (a hung etcd, or a network that drops without a reset)."""
+        (self._stalled.set if on else self._stalled.clear)()
 
     def close(self):
         self._closed = True
@@ -333,6 +340,72 @@ def test_refresh_keeps_a_short_lease_alive(store, prefix):
         time.sleep(0.25)
     assert store.get(key) is not None
     store.revoke_lease(lease.id)
+
+
+def lease_keepalive_streams(etcd_server) -> float:
+    """How many LeaseKeepAlive streams etcd has started, from its own metrics."""
+    with urllib.request.urlopen(f"http://{etcd_server.endpoint}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("grpc_server_started_total") and 'grpc_method="LeaseKeepAlive"' in line:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_keepalives_share_one_long_lived_stream(etcd_server, store, prefix):
+    # python-etcd3 opens a stream per refresh; an idle agent spent most of its CPU on that.
+    a, b = store.grant_lease(30), store.grant_lease(30)
+    store.refresh_leases([a.id, b.id])
+    before = lease_keepalive_streams(etcd_server)
+    for _ in range(20):
+        ttls = store.refresh_leases([a.id, b.id], deadline=2.0)
+        assert ttls[a.id] >= 29 and ttls[b.id] >= 29
+    assert store.refresh_lease(a.id) >= 29
+    assert lease_keepalive_streams(etcd_server) == before
+
+
+def test_keepalive_of_a_revoked_lease_names_it_and_the_other_lease_still_refreshes(store):
+    a, b = store.grant_lease(30), store.grant_lease(30)
+    store.revoke_lease(a.id)
+    with pytest.raises(LeaseExpired, match=f"{a.id:x}"):
+        store.refresh_leases([a.id, b.id], deadline=2.0)
+    assert store.refresh_leases([b.id], deadline=2.0)[b.id] >= 29
+
+
+def test_regression_keepalive_answer_that_never_comes_is_a_failure_within_the_deadline(etcd_server, proxy):
+    # A stream that stops answering must fail the round in time (the fence
+    # counts from the send time of the last answered keepalive), and the next
+    # round must not read the late answers of this one.
+    s = EtcdStore([proxy.endpoint], timeout=1.0, retry_deadline=5.0)
+    try:
+        lease = s.grant_lease(30)
+        s.refresh_leases([lease.id], deadline=1.0)
+        proxy.stall()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            s.refresh_leases([lease.id], deadline=0.5)
+        assert time.monotonic() - started < 1.5
+        proxy.stall(False)
+        wait_until(lambda: _refreshes(s, lease.id), "keepalives to work again", timeout=10)
+        assert s.refresh_leases([lease.id], deadline=2.0) == {lease.id: 30}
+    finally:
+        proxy.stall(False)
+        s.close()
+
+
+def _refreshes(store, lease_id) -> bool:
+    try:
+        store.refresh_leases([lease_id], deadline=1.0)
+        return True
+    except StoreUnavailable:
+        return False
+
+
+def test_keepalive_stream_rides_out_an_etcd_restart(etcd_server, store):
+    lease = store.grant_lease(30)
+    store.refresh_leases([lease.id])
+    etcd_server.stop()
+    etcd_server.start()
+    wait_until(lambda: _refreshes(store, lease.id), "keepalives after the restart", timeout=20)
 
 
 # -- watches ---------------------------------------------------------------------

@@ -206,7 +206,7 @@ class Boom:
     def __init__(self):
         self.calls = 0
 
-    def refresh(self, lease, deadline=None):
+    def refresh_all(self, leases, deadline=None):
         self.calls += 1
         raise RuntimeError("cannot read /etc/nlbfarm/etcd.crt")
 
