@@ -380,8 +380,9 @@ class EtcdSection(_Strict):
 class TimingSection(_Strict):
     # etcd 3.4 grants at least 1.5 x its election timeout (2 s by default).
     lease_ttl: int = Field(default=3, ge=1, le=300)
-    # Whole seconds: the nftables JSON API takes element timeouts in seconds.
-    fence_timeout: int = Field(default=1, ge=1, le=299)
+    # Seconds, to the millisecond: the fence element is written in nft's text
+    # syntax, which carries millisecond timeouts (the JSON API does not).
+    fence_timeout: float = Field(default=1.0, ge=0.1, le=299)
     keepalive_interval: float = Field(default=0.5, gt=0, le=60)
     # SIGTERM: how long to wait for peers to take over before leaving anyway.
     leave_timeout: float = Field(default=10.0, ge=0, le=3600)
@@ -397,15 +398,15 @@ class TimingSection(_Strict):
         # The handover argument needs the kernel fence to close before etcd can
         # expire the lease, with room for at least one keepalive in between.
         if self.fence_timeout >= self.lease_ttl:
-            raise ValueError(f"fence_timeout ({self.fence_timeout} s) must be less than "
+            raise ValueError(f"fence_timeout ({self.fence_timeout:g} s) must be less than "
                              f"lease_ttl ({self.lease_ttl} s)")
         if self.keepalive_interval * 2 > self.lease_ttl - self.fence_timeout:
             raise ValueError(f"keepalive_interval ({self.keepalive_interval} s) must be at most half of "
-                             f"lease_ttl - fence_timeout ({self.lease_ttl - self.fence_timeout} s)")
+                             f"lease_ttl - fence_timeout ({self.lease_ttl - self.fence_timeout:g} s)")
         # The keepalive thread also extends the fence: two ticks must fit in it.
         if self.keepalive_interval * 2 > self.fence_timeout:
             raise ValueError(f"keepalive_interval ({self.keepalive_interval} s) must be at most half of "
-                             f"fence_timeout ({self.fence_timeout} s)")
+                             f"fence_timeout ({self.fence_timeout:g} s)")
         return self
 
 
@@ -650,7 +651,7 @@ class Config(_Strict):
         window = self.timing.lease_ttl - self.timing.fence_timeout
         if self.etcd.timeout * 2 > window:
             raise ValueError(f"etcd.timeout ({self.etcd.timeout} s) must be at most half of "
-                             f"timing.lease_ttl - timing.fence_timeout ({window} s)")
+                             f"timing.lease_ttl - timing.fence_timeout ({window:g} s)")
         from nlbfarm.node.decide import Timing  # the safety argument's own inequalities
         problems = Timing.from_config(self).problems()
         if problems:

@@ -37,21 +37,26 @@ The fence is a set element with a kernel timeout. The agent refreshes it while
 its etcd session is healthy; if the agent dies the element expires and the
 node drops all VIP traffic on its own, before its lease can expire. Every
 write of the element gets a *deadline* (monotonic seconds, from
-``node.decide.fence_deadline``) and is given only the whole seconds that fit
+``node.decide.fence_deadline``) and is given only the milliseconds that fit
 before it, counted when the transaction is sent; if the transaction returns
 so late that the element could outlive the deadline, it is deleted at once.
 So no delay between the decision and the commit (a conntrack scan, a long
-ruleset, the lock, a paused process) can stretch the fence past it.
+ruleset, the lock, a paused process) can stretch the fence past it. The
+element is written in nft's text syntax (``build_fence_write``): the JSON API
+takes whole seconds only, and silently makes a fractional timeout "never".
 
 ``build_*`` functions are pure and golden-tested. ``DataPlane.apply`` sends one
 transaction (old ruleset or new, never a mix) and records the new spec only
-after the kernel accepted it.
+after the kernel accepted it. The inet table is rebuilt in place rather than
+replaced, so that its fence set, and a still valid element in it, live on
+through new tables; a fence that must open gets its element right after.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -64,6 +69,8 @@ from nlbfarm.errors import DataPlaneError
 log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = "nlbfarm"
+# config.AFFINITIES (a unit test keeps them equal): every pick_/ct_ chain name.
+ALL_AFFINITIES = ("none", "client", "network")
 PRIO_RAW = -300  # before conntrack (-200): foreign packets cost no conntrack entry
 PRIO_POST_CT = -150  # after conntrack: ct state is known
 
@@ -96,7 +103,7 @@ class DataPlaneSpec:
     # Owned buckets where a live peer may still serve old connections.
     guarded: tuple[tuple[int, int], ...] = ()
     fence_open: bool = False
-    fence_timeout: int = 2
+    fence_timeout: float = 2.0  # seconds; the kernel element takes milliseconds
     table: str = DEFAULT_TABLE
     mac_mode: str = "multicast"
     # Port rules per VIP (empty: every TCP and UDP port, affinity none) and
@@ -299,8 +306,29 @@ def build_nd_rules(spec: DataPlaneSpec, rule) -> list[dict]:
 
 
 def fence_element(spec: DataPlaneSpec) -> dict:
+    # JSON only ever adds this element in order to delete it (whole seconds
+    # are all the JSON API takes; a fraction silently means "never expires").
+    # Elements that must expire are written in text: build_fence_write().
     return {"element": {"family": "inet", "table": spec.table, "name": "fence",
-                        "elem": [{"elem": {"val": spec.interface, "timeout": spec.fence_timeout}}]}}
+                        "elem": [{"elem": {"val": spec.interface, "timeout": 1}}]}}
+
+
+_NFT_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def build_fence_write(spec: DataPlaneSpec, ms: int) -> str:
+    """The fence element for ``ms`` milliseconds, as one text transaction.
+
+    Re-adding an element keeps its old expiry; delete + add resets it. The
+    leading add makes the delete valid when the element already expired.
+    Text, because only nft's text syntax carries millisecond timeouts.
+    """
+    if not (_NFT_NAME.match(spec.table) and _NFT_NAME.match(spec.interface)) or int(ms) <= 0:
+        raise DataPlaneError(f"refusing a fence write for table {spec.table!r} interface {spec.interface!r} "
+                             f"and {ms!r} ms")
+    t, e = f"inet {spec.table} fence", f'"{spec.interface}"'
+    return (f"add element {t} {{ {e} timeout 1s }}; delete element {t} {{ {e} }}; "
+            f"add element {t} {{ {e} timeout {int(ms)}ms }}")
 
 
 _SYN_ONLY = {"&": [_payload("tcp", "flags"), ["syn", "ack"]]}
@@ -492,7 +520,39 @@ def _build_family(spec: DataPlaneSpec, fam: Family, rule) -> list[dict]:
     return cmds
 
 
-def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
+def all_inet_chains() -> list[str]:
+    """Every chain name build_inet_table can create, for any spec."""
+    names = ["prerouting", "postct", "nd_out"]
+    affs = list(ALL_AFFINITIES) + ["one"]
+    for f in (IPV4, IPV6):
+        names += _family_chains_pre(f) + [f.chain("vip_ct")]
+        names += [f.chain(f"{kind}_{a}") for kind in ("pick", "ct") for a in affs]
+    return names
+
+
+def _rebuild_inet_table(spec: DataPlaneSpec, previous_vips: Iterable[str] = ()) -> list[dict]:
+    """Empty the inet table in place, all but its fence set.
+
+    Replacing the table (as the arp and netdev tables are) would also drop
+    the fence element, and the JSON API cannot write it back with its
+    millisecond expiry in the same transaction. So: flush every rule, then
+    delete every chain and counter this code can create (each first added,
+    which is a no-op for one that exists, so that the delete is valid).
+    Packets see the old rules or the new ones, never a mix.
+    """
+    fam, tbl = "inet", spec.table
+    t = {"family": fam, "table": tbl}
+    cmds = [{"add": {"table": {"family": fam, "name": tbl}}}, {"flush": {"table": {"family": fam, "name": tbl}}}]
+    for name in all_inet_chains():
+        cmds += [{"add": {"chain": dict(t, name=name)}}, {"delete": {"chain": dict(t, name=name)}}]
+    for vip in sorted(set(spec.vips) | set(previous_vips)):
+        for r in COUNTER_RULES:
+            c = dict(t, name=counter_name(vip, r))
+            cmds += [{"add": {"counter": c}}, {"delete": {"counter": dict(c)}}]
+    return cmds
+
+
+def build_inet_table(spec: DataPlaneSpec, previous_vips: Iterable[str] = ()) -> list[dict]:
     fam, tbl = "inet", spec.table
 
     def rule(chain: str, *expr: dict) -> dict:
@@ -505,7 +565,7 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
         return {"add": {"chain": c}}
 
     fams = families(spec)
-    cmds = _replace_table(fam, tbl) + [
+    cmds = _rebuild_inet_table(spec, previous_vips) + [
         {"add": {"set": {"family": fam, "table": tbl, "name": "fence", "type": "ifname",
                          "flags": ["timeout"]}}},
     ]
@@ -513,8 +573,11 @@ def build_inet_table(spec: DataPlaneSpec) -> list[dict]:
     # the set of counters depends on the VIPs only.
     cmds += [{"add": {"counter": {"family": fam, "table": tbl, "name": counter_name(vip, r)}}}
              for vip in spec.vips for r in COUNTER_RULES]
-    if spec.fence_open:
-        cmds.append({"add": fence_element(spec)})
+    if not spec.fence_open:
+        # Closed in the same transaction as the new rules. An open fence is
+        # left as it is: its element (with its millisecond expiry) is written
+        # by build_fence_write() alone.
+        cmds += [{"add": fence_element(spec)}, {"delete": fence_element(spec)}]
     cmds += [chain("prerouting", PRIO_RAW), *[chain(n) for f in fams for n in _family_chains_pre(f)],
              *([chain("postct", PRIO_POST_CT)] if _needs_post_ct(spec) else []),
              *[chain(n) for f in fams for n in _family_chains_post(spec, f)]]
@@ -552,16 +615,13 @@ def build_netdev_table(spec: DataPlaneSpec) -> list[dict]:
     return cmds
 
 
-def build_ruleset(spec: DataPlaneSpec) -> list[dict]:
-    """The whole nlbfarm ruleset for one node, as one list of JSON commands."""
-    return build_arp_table(spec) + build_inet_table(spec) + build_netdev_table(spec)
+def build_ruleset(spec: DataPlaneSpec, previous_vips: Iterable[str] = ()) -> list[dict]:
+    """The whole nlbfarm ruleset for one node, as one list of JSON commands.
 
-
-def build_fence_refresh(spec: DataPlaneSpec) -> list[dict]:
-    # Re-adding an existing element keeps its old expiry; delete + add resets
-    # it. The leading add makes the delete valid if the element already expired.
-    e = fence_element(spec)
-    return [{"add": e}, {"delete": fence_element(spec)}, {"add": fence_element(spec)}]
+    ``previous_vips``: VIPs of the ruleset being replaced, whose counters go.
+    An open fence's element is not part of it (see ``build_fence_write``).
+    """
+    return build_arp_table(spec) + build_inet_table(spec, previous_vips) + build_netdev_table(spec)
 
 
 def build_fence_close(spec: DataPlaneSpec) -> list[dict]:
@@ -569,20 +629,24 @@ def build_fence_close(spec: DataPlaneSpec) -> list[dict]:
     return [{"add": fence_element(spec)}, {"delete": fence_element(spec)}]
 
 
-def fence_seconds(until: float | None, now: float, fence_timeout: int) -> int:
-    """Whole seconds of fence element that fit before ``until`` (0: the fence must be closed).
+# A fence element shorter than this is not worth writing: close instead.
+MIN_FENCE_MS = 20
 
-    The JSON API takes element timeouts in whole seconds only (a fraction is
-    silently taken as "no timeout", see the README), so this rounds down.
-    """
+
+def fence_ms(until: float | None, now: float, fence_timeout: float) -> int:
+    """Whole milliseconds of fence element that fit before ``until`` (0: the fence must be closed)."""
     if until is None:
         return 0
+    full = int(round(fence_timeout * 1000))
     if until == math.inf:  # no lease behind it (tools, kernel tests): the spec's full timeout
-        return int(fence_timeout)
-    remaining = until - now
-    if remaining < 1:
-        return 0
-    return max(0, min(int(fence_timeout), int(remaining)))
+        return full
+    ms = min(full, math.floor((until - now) * 1000))
+    return ms if ms >= MIN_FENCE_MS else 0
+
+
+def fence_seconds(until: float | None, now: float, fence_timeout: float) -> float:
+    """``fence_ms`` in seconds (the simulation's unit)."""
+    return fence_ms(until, now, fence_timeout) / 1000
 
 
 def build_teardown(table: str = DEFAULT_TABLE) -> list[dict]:
@@ -621,7 +685,7 @@ class DataPlane:
     The reconcile loop applies specs; the lease keeper only extends an open
     fence. The lock makes "check the spec, then send" one step for both.
     ``spec.fence_open`` is the intent; how long the element lasts is decided
-    at the commit from the deadline (``fence_seconds``).
+    at the commit from the deadline (``fence_ms``).
     """
 
     current: DataPlaneSpec | None = None
@@ -671,28 +735,44 @@ class DataPlane:
             raise DataPlaneError(f"nftables refused {what}: {err.strip() or 'rc=%d' % rc}")
         return out
 
-    def _fenced(self, spec: DataPlaneSpec, until: float | None) -> tuple[DataPlaneSpec, int, float]:
-        """The spec as sent now: its fence element only as long as ``until`` allows."""
-        now = self.clock()
-        secs = fence_seconds(until, now, spec.fence_timeout) if spec.fence_open else 0
-        return replace(spec, fence_open=secs > 0, fence_timeout=secs or spec.fence_timeout), secs, now
+    def run_text(self, cmd: str, what: str) -> None:
+        with self._lock:
+            rc, _out, err = self._ctx().cmd(cmd)
+        if rc != 0:
+            raise DataPlaneError(f"nftables refused {what}: {err.strip() or 'rc=%d' % rc}")
 
-    def _after_fence_write(self, spec: DataPlaneSpec, secs: int, until: float | None) -> None:
-        """The element went in at some instant before now: close it if it could outlive ``until``."""
+    def _write_fence(self, spec: DataPlaneSpec, until: float | None) -> int:
+        """Write the element for the milliseconds that fit before ``until`` (close if none); returns them.
+
+        Counted from before the transaction is sent; if it returns so late
+        that the element could outlive ``until``, it is deleted at once.
+        """
+        ms = fence_ms(until, self.clock(), spec.fence_timeout)
+        if not ms:
+            if self.fence_expires_at:
+                self.run(build_fence_close(spec), "fence close")
+            self.fence_expires_at = 0.0
+            return 0
+        self.run_text(build_fence_write(spec, ms), "fence write")
         done = self.clock()
-        if secs and until is not None and done + secs > until:
-            log.warning("fence write took too long (%.3f s left before the deadline, element %d s): "
-                        "closing it", until - done, secs)
+        if until is not None and done + ms / 1000 > until:
+            log.warning("fence write took too long (%.3f s left before the deadline, element %d ms): "
+                        "closing it", until - done, ms)
             self.run(build_fence_close(spec), "fence close")
-            secs = 0
-        self.fence_expires_at = done + secs if secs else 0.0
+            self.fence_expires_at = 0.0
+            return 0
+        self.fence_expires_at = done + ms / 1000
+        return ms
 
     def apply(self, spec: DataPlaneSpec, fence_until: float | None = math.inf) -> bool:
         """Replace the whole ruleset in one transaction. Returns False if nothing changed.
 
-        With ``spec.fence_open``, the fence element gets the whole seconds that
+        With ``spec.fence_open``, the fence element gets the milliseconds that
         fit before ``fence_until`` (None: none; the default ``math.inf``, for
         callers without a lease such as benchmarks: the spec's fence_timeout).
+        An element already in the kernel that cannot outlive ``fence_until``
+        is kept through the rebuild (no gap in service); any other is closed
+        in the rules' transaction and written anew after it.
         """
         with self._lock:
             if spec == self.current:
@@ -703,9 +783,19 @@ class DataPlane:
             # old table counts between this read and the swap (a few
             # microseconds) are missed by counters(); a count never goes back.
             old = self._read_old_counters()
-            sent, secs, _ = self._fenced(spec, fence_until)
-            self.run(build_ruleset(sent), "ruleset replace")
-            self._after_fence_write(spec, secs, fence_until)
+            # An element already in the kernel that cannot outlive the deadline
+            # stays through the rebuild; any other is closed with it, and an
+            # open fence then gets a new element (opening late is safe).
+            now = self.clock()
+            want = spec.fence_open and fence_ms(fence_until, now, spec.fence_timeout) > 0
+            same_element = (self.current is not None and self.current.table == spec.table
+                            and self.current.interface == spec.interface and self.current.fence_open)
+            keep = (want and same_element and self.fence_expires_at > now
+                    and (fence_until is None or self.fence_expires_at <= fence_until))
+            previous = self._counted.vips if self._counted is not None else ()
+            self.run(build_ruleset(replace(spec, fence_open=keep), previous), "ruleset replace")
+            if not keep:
+                self.fence_expires_at = 0.0
             for key in old.keys() | self._live_seen.keys():
                 # Never less than counters() already reported from that table.
                 (p_old, b_old), (p_seen, b_seen) = old.get(key, (0, 0)), self._live_seen.get(key, (0, 0))
@@ -715,6 +805,8 @@ class DataPlane:
             self._live_seen = {}
             self._applies += 1
             self.current = self._counted = spec
+            if want and not keep:
+                self._write_fence(spec, fence_until)  # refused: the fence stays closed, the error says why
             return True
 
     def _read_old_counters(self) -> dict[tuple[str, str], tuple[int, int]]:
@@ -777,18 +869,13 @@ class DataPlane:
             spec = self.current
             if spec is None or not spec.fence_open:
                 return False
-            sent, secs, _ = self._fenced(spec, until)
             try:
-                if secs:
-                    self.run(build_fence_refresh(sent), "fence refresh")
-                elif self.fence_expires_at:
-                    self.run(build_fence_close(spec), "fence close")
-                self._after_fence_write(spec, secs, until)
+                ms = self._write_fence(spec, until)
             except DataPlaneError:
                 self.current = None
                 self.fence_expires_at = 0.0
                 raise
-            return bool(secs)
+            return bool(ms)
 
     def close_fence(self) -> None:
         """Drop the fence element now (the lease is gone): the node stops serving at once."""

@@ -16,7 +16,7 @@ R = min(0.25, K/2)):
   ``last_ok_sent + T - M``. etcd counts the lease from when it *received* that
   keepalive, later, so the fence always closes before etcd can expire the
   lease. The kernel never gets an element that outlives the deadline
-  (``dataplane.fence_seconds``).
+  (``dataplane.fence_ms``).
 * Rule E (etcd down for everyone): a keepalive is *late* after 2K; the keeper
   then asks every peer. A unanimous "I cannot reach etcd either" from every
   peer, each identified by node id and instance and registered, started at
@@ -48,7 +48,6 @@ R = min(0.25, K/2)):
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Mapping
@@ -68,7 +67,7 @@ MAX_SEEN_TABLES = 64
 @dataclass(frozen=True)
 class Timing:
     lease_ttl: float
-    fence_timeout: int
+    fence_timeout: float
     keepalive_interval: float
     etcd_timeout: float
     margin: float = FENCE_MARGIN_S
@@ -244,13 +243,6 @@ def own_record_present(me: str, snap: ClusterSnapshot, missing_since: float | No
     if me not in snap.live():
         return False
     return missing_since is None or now - missing_since < timing.own_record_grace
-
-
-def fence_seconds(until: float | None, now: float, fence_timeout: int) -> int:
-    """The whole seconds of kernel element that fit before ``until`` (0: close the fence)."""
-    if until is None:
-        return 0
-    return max(0, min(int(fence_timeout), math.floor(until - now)))
 
 
 def answers_reachable(view: LeaseView, timing: Timing, now: float) -> bool | None:

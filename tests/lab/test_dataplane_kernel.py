@@ -64,6 +64,37 @@ def test_fence_refresh_resets_the_timeout(netns):
     assert out["nftables"][1]["set"].get("elem")
 
 
+def fence_elements(ns) -> list[dict]:
+    out = json.loads(nft(ns, "-j", "list", "set", "inet", "nlbfarm", "fence").stdout)
+    return [e["elem"] for e in out["nftables"][1]["set"].get("elem", [])]
+
+
+def test_sub_second_fence_element_expires_on_time(netns):
+    apply_spec(netns, dict(SPEC, fence_timeout=0.3))
+    started = time.monotonic()
+    text = nft(netns, "list", "set", "inet", "nlbfarm", "fence").stdout
+    if time.monotonic() - started < 0.2:
+        assert '"eth0" timeout 300ms' in text, text
+    time.sleep(0.6)
+    assert fence_elements(netns) == [], "a 300 ms fence element must be gone 600 ms later"
+
+
+def test_regression_ruleset_apply_keeps_the_fence_element(netns):
+    # Every new table replaced the whole inet table, fence element included.
+    # With millisecond elements (text, outside the JSON transaction) that
+    # would close the fence for a moment at each table change: the element
+    # must survive the rebuild, with its own expiry, not a renewed one.
+    spec = dict(SPEC, fence_timeout=5)
+    apply_spec(netns, spec, then=(
+        "import time\ntime.sleep(2.2)\n"
+        "from dataclasses import replace\nother = replace(spec, accepting=((0, 99),))\n"
+        "assert dp.apply(other)\n"))
+    elems = fence_elements(netns)
+    assert len(elems) == 1 and elems[0]["expires"] <= 3, elems  # kept (about 2.8 s left), not renewed to 5 s
+    rules = nft(netns, "list", "ruleset").stdout
+    assert "0-99" in rules and "0-1364" not in rules
+
+
 def test_teardown_removes_only_our_tables(netns):
     assert nft(netns, "add", "table", "inet", "other").returncode == 0
     apply_spec(netns, SPEC, then="dp.teardown()\n")

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 from dataclasses import replace
 
+from nlbfarm.config import AFFINITIES
 from nlbfarm.errors import DataPlaneError
 from nlbfarm.coordinator.rules import TrafficRule
 from nlbfarm.node.dataplane import (
-    COUNTER_RULES, DataPlane, DataPlaneSpec, RuleCounter, build_counters_list, build_fence_refresh,
+    ALL_AFFINITIES, COUNTER_RULES, DataPlane, DataPlaneSpec, RuleCounter, all_inet_chains, build_counters_list,
+    build_fence_write,
     IPV4, IPV6, build_ruleset, build_teardown, cluster_mac_for, counter_name, nd_checksum_delta, parse_counters,
     vips_of)
 
@@ -78,8 +80,56 @@ def test_ruleset_golden(name):
     _check(name, build_ruleset(CASES[name]))
 
 
-def test_fence_refresh_golden():
-    _check("fence_refresh", build_fence_refresh(CASES["owner_fence_open"]))
+def test_fence_write_golden():
+    _check("fence_write", build_fence_write(CASES["owner_fence_open"], 350))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_chain_a_ruleset_creates_is_one_the_in_place_rebuild_deletes(name):
+    # A chain missing from all_inet_chains() would survive the rebuild with its rules flushed
+    # and make the next transaction fail on "add chain" of a base chain already there.
+    assert set(_chains_after(build_ruleset(CASES[name]))) <= set(all_inet_chains())
+
+
+def _chains_after(cmds) -> list[str]:
+    """The inet chains the transaction leaves (the rebuild adds and deletes every known one first)."""
+    out: list[str] = []
+    for c in cmds:
+        for verb, body in c.items():
+            ch = body.get("chain")
+            if ch is None or ch["family"] != "inet":
+                continue
+            if verb == "add" and ch["name"] not in out:
+                out.append(ch["name"])
+            elif verb == "delete" and ch["name"] in out:
+                out.remove(ch["name"])
+    return out
+
+
+def test_chain_universe_knows_every_affinity_the_config_accepts():
+    assert set(ALL_AFFINITIES) == set(AFFINITIES)
+
+
+def test_regression_ruleset_apply_keeps_an_open_fence_element_and_closes_a_closed_one():
+    # The whole-table replace dropped the fence element, which the JSON API
+    # cannot write back with a millisecond expiry in the same transaction.
+    def fence_cmds(cmds):
+        return [verb for c in cmds for verb, body in c.items() if "element" in body]
+
+    open_spec = CASES["owner_fence_open"]
+    assert fence_cmds(build_ruleset(open_spec)) == []
+    assert fence_cmds(build_ruleset(replace(open_spec, fence_open=False))) == ["add", "delete"]
+    inet_tables = [c for c in build_ruleset(open_spec) if "table" in next(iter(c.values()))
+                   and next(iter(c.values()))["table"]["family"] == "inet"]
+    assert [next(iter(c)) for c in inet_tables] == ["add", "flush"]  # never a delete of the table
+
+
+def test_counters_of_vips_no_longer_configured_are_deleted():
+    cmds = build_ruleset(BASE, previous_vips=("198.18.0.7",))
+    deleted = {c["delete"]["counter"]["name"] for c in cmds if "counter" in c.get("delete", {})}
+    assert counter_name("198.18.0.7", "accepted") in deleted
+    declared_after = {c["add"]["counter"]["name"] for c in cmds if "counter" in c.get("add", {})}
+    assert declared_after >= {counter_name("198.18.0.100", r) for r in COUNTER_RULES}
 
 
 def test_teardown_golden():
@@ -264,12 +314,17 @@ class FakeNft:
         if self.refuse_next:
             self.refuse_next = False
             return 1, "", "Error: refused"
-        if any("delete" in c and "table" in c["delete"] for c in cmds):
-            self.counters, self.table = {}, False   # replace or teardown: counters reset
-        for c in cmds:
-            if "counter" in c.get("add", {}):
-                self.counters[c["add"]["counter"]["name"]] = [0, 0]
+        for c in cmds:  # in order, as the kernel's transaction
+            if "table" in c.get("delete", {}) and c["delete"]["table"]["family"] == "inet":
+                self.counters, self.table = {}, False   # teardown: counters go
+            elif "counter" in c.get("delete", {}):
+                self.counters.pop(c["delete"]["counter"]["name"], None)
+            elif "counter" in c.get("add", {}):
+                self.counters.setdefault(c["add"]["counter"]["name"], [0, 0])  # an existing one keeps its count
                 self.table = True
+        return 0, "", ""
+
+    def cmd(self, text):  # the text fence write
         return 0, "", ""
 
 
@@ -351,8 +406,7 @@ def test_ipv6_vips_need_the_node_mac():
 
 
 def test_ipv4_only_spec_has_no_ipv6_chains():
-    cmds = build_ruleset(CASES["rules_two_vips_one_node"])
-    names = [c["add"]["chain"]["name"] for c in cmds if "chain" in c.get("add", {})]
+    names = _chains_after(build_ruleset(CASES["rules_two_vips_one_node"]))
     assert not [n for n in names if "6" in n or n == "nd_out"]
 
 

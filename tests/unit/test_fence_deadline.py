@@ -7,10 +7,15 @@ decision and the commit, the element's expiry must not pass the deadline,
 which itself never passes ``last_ok_sent + lease_ttl - margin`` outside rule E.
 """
 import math
+import re
+from dataclasses import replace
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
-from nlbfarm.node.dataplane import DataPlane, DataPlaneSpec, fence_seconds
+from nlbfarm.errors import DataPlaneError
+
+from nlbfarm.node.dataplane import DataPlane, DataPlaneSpec, build_fence_write, fence_ms, fence_seconds
 from nlbfarm.node.decide import LeaseView, Timing, fence_deadline
 
 SPEC = DataPlaneSpec(interface="lan0", vips=("198.18.0.100",), cluster_mac="03:bf:c6:12:00:64", buckets=64,
@@ -47,6 +52,16 @@ class FakeNft:
                     self.expires = inserted + el["elem"][0]["elem"]["timeout"]
         return 0, {"nftables": []}, ""
 
+    def cmd(self, text):
+        """The text fence write (``build_fence_write``): its last add sets the expiry."""
+        d = self.delays.pop(0) if self.delays else 0.0
+        inserted = self.clock.t + d / 2
+        self.clock.t += d
+        m = re.search(r"add element inet \S+ fence \{ \"[^\"]+\" timeout (\d+)ms \}$", text)
+        assert m, text
+        self.expires = inserted + int(m.group(1)) / 1000
+        return 0, "", ""
+
 
 def plane(delays):
     clock = Clock()
@@ -69,7 +84,7 @@ def test_no_fence_element_outlives_its_deadline(left, delays):
 
 @settings(max_examples=300, deadline=None)
 @given(age=st.floats(0.0, 6.0), k=st.sampled_from([0.1, 0.25, 0.5]), ttl=st.integers(3, 10),
-       ft=st.integers(1, 2), delay=st.floats(0.0, 2.0))
+       ft=st.sampled_from([0.3, 0.5, 1, 2]), delay=st.floats(0.0, 2.0))
 def test_fence_never_outlives_the_lease_outside_rule_e(age, k, ttl, ft, delay):
     timing = Timing(ttl, ft, k, 1.0)
     clock = Clock()
@@ -84,12 +99,27 @@ def test_fence_never_outlives_the_lease_outside_rule_e(age, k, ttl, ft, delay):
         assert dp._nft.expires <= sent + ttl - timing.margin + 1e-9
 
 
-def test_fence_seconds_rounds_down_and_closes_below_one_second():
-    assert fence_seconds(None, 0.0, 2) == 0
-    assert fence_seconds(10.0, 9.2, 2) == 0
-    assert fence_seconds(10.0, 8.5, 2) == 1
-    assert fence_seconds(10.0, 5.0, 2) == 2
-    assert fence_seconds(math.inf, 5.0, 2) == 2
+def test_fence_length_rounds_down_to_milliseconds_and_closes_below_the_minimum():
+    assert fence_ms(None, 0.0, 2) == 0
+    assert fence_ms(10.0, 9.2, 2) == 799 or fence_ms(10.0, 9.2, 2) == 800  # float rounding of 0.8 s
+    assert fence_ms(10.0, 8.5, 2) == 1500
+    assert fence_ms(10.0, 5.0, 2) == 2000
+    assert fence_ms(10.0, 5.0, 0.3) == 300
+    assert fence_ms(10.0, 9.99, 2) == 0  # under MIN_FENCE_MS: close rather than write 10 ms
+    assert fence_ms(math.inf, 5.0, 0.25) == 250
+    assert fence_seconds(10.0, 8.5, 2) == 1.5
+
+
+def test_fence_write_is_text_with_milliseconds_and_refuses_odd_names():
+    spec = replace(SPEC, fence_open=True)
+    text = build_fence_write(spec, 300)
+    assert text.endswith(f'add element inet {spec.table} fence {{ "{spec.interface}" timeout 300ms }}')
+    assert "delete element" in text
+    for bad in (replace(spec, interface='eth0" }; flush ruleset; #'), replace(spec, table="t; flush ruleset")):
+        with pytest.raises(DataPlaneError):
+            build_fence_write(bad, 300)
+    with pytest.raises(DataPlaneError):
+        build_fence_write(spec, 0)
 
 
 def test_regression_slow_commit_cannot_stretch_the_fence():
@@ -99,5 +129,12 @@ def test_regression_slow_commit_cannot_stretch_the_fence():
     dp, clock = plane([1.5])
     until = clock.t + 2.2
     dp.apply(SPEC, until)
-    assert dp._nft.expires is None  # 2 s decided at the send, 1.5 s inside: closed on return
+    # The rules took 1.5 s; the element is written after them, for what is left.
+    assert dp._nft.expires is not None and dp._nft.expires <= until + 1e-9
+    assert dp.fence_expires_at <= until + 1e-9
+    # A slow fence write itself: 2 s decided at the send, 1.5 s inside: closed on return.
+    dp, clock = plane([0.0, 1.5])
+    until = clock.t + 2.2
+    dp.apply(SPEC, until)
+    assert dp._nft.expires is None
     assert not dp.fence_held()
