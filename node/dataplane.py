@@ -305,12 +305,12 @@ def build_nd_rules(spec: DataPlaneSpec, rule) -> list[dict]:
     return out
 
 
-def fence_element(spec: DataPlaneSpec) -> dict:
-    # JSON only ever adds this element in order to delete it (whole seconds
-    # are all the JSON API takes; a fraction silently means "never expires").
-    # Elements that must expire are written in text: build_fence_write().
+def fence_element(spec: DataPlaneSpec, timeout_s: int = 1) -> dict:
+    # Whole seconds are all the JSON API takes (a fraction silently means
+    # "never expires"): JSON writes an element only for whole seconds, or to
+    # delete it; anything finer is written in text: build_fence_write().
     return {"element": {"family": "inet", "table": spec.table, "name": "fence",
-                        "elem": [{"elem": {"val": spec.interface, "timeout": 1}}]}}
+                        "elem": [{"elem": {"val": spec.interface, "timeout": int(timeout_s)}}]}}
 
 
 _NFT_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -552,7 +552,7 @@ def _rebuild_inet_table(spec: DataPlaneSpec, previous_vips: Iterable[str] = ()) 
     return cmds
 
 
-def build_inet_table(spec: DataPlaneSpec, previous_vips: Iterable[str] = ()) -> list[dict]:
+def build_inet_table(spec: DataPlaneSpec, previous_vips: Iterable[str] = (), fence_write_s: int = 0) -> list[dict]:
     fam, tbl = "inet", spec.table
 
     def rule(chain: str, *expr: dict) -> dict:
@@ -574,10 +574,14 @@ def build_inet_table(spec: DataPlaneSpec, previous_vips: Iterable[str] = ()) -> 
     cmds += [{"add": {"counter": {"family": fam, "table": tbl, "name": counter_name(vip, r)}}}
              for vip in spec.vips for r in COUNTER_RULES]
     if not spec.fence_open:
-        # Closed in the same transaction as the new rules. An open fence is
-        # left as it is: its element (with its millisecond expiry) is written
-        # by build_fence_write() alone.
+        # Closed in the same transaction as the new rules.
         cmds += [{"add": fence_element(spec)}, {"delete": fence_element(spec)}]
+    elif fence_write_s > 0:
+        # Opened with the rules, for whole seconds (delete + add resets an existing one).
+        cmds += [{"add": fence_element(spec)}, {"delete": fence_element(spec)},
+                 {"add": fence_element(spec, fence_write_s)}]
+    # Otherwise an open fence is left as it is: its element, with its
+    # millisecond expiry, is written by build_fence_write() alone.
     cmds += [chain("prerouting", PRIO_RAW), *[chain(n) for f in fams for n in _family_chains_pre(f)],
              *([chain("postct", PRIO_POST_CT)] if _needs_post_ct(spec) else []),
              *[chain(n) for f in fams for n in _family_chains_post(spec, f)]]
@@ -615,13 +619,15 @@ def build_netdev_table(spec: DataPlaneSpec) -> list[dict]:
     return cmds
 
 
-def build_ruleset(spec: DataPlaneSpec, previous_vips: Iterable[str] = ()) -> list[dict]:
+def build_ruleset(spec: DataPlaneSpec, previous_vips: Iterable[str] = (), fence_write_s: int = 0) -> list[dict]:
     """The whole nlbfarm ruleset for one node, as one list of JSON commands.
 
     ``previous_vips``: VIPs of the ruleset being replaced, whose counters go.
-    An open fence's element is not part of it (see ``build_fence_write``).
+    An open fence's element is part of it only with ``fence_write_s`` (whole
+    seconds); otherwise it is left alone (see ``build_fence_write``).
     """
-    return build_arp_table(spec) + build_inet_table(spec, previous_vips) + build_netdev_table(spec)
+    return (build_arp_table(spec) + build_inet_table(spec, previous_vips, fence_write_s)
+            + build_netdev_table(spec))
 
 
 def build_fence_close(spec: DataPlaneSpec) -> list[dict]:
@@ -793,8 +799,24 @@ class DataPlane:
             keep = (want and same_element and self.fence_expires_at > now
                     and (fence_until is None or self.fence_expires_at <= fence_until))
             previous = self._counted.vips if self._counted is not None else ()
-            self.run(build_ruleset(replace(spec, fence_open=keep), previous), "ruleset replace")
-            if not keep:
+            # A fence that opens gets its element in the rules' transaction
+            # when whole seconds of it fit (one transaction, as before
+            # sub-second fences); a shorter one right after, in text.
+            ms = fence_ms(fence_until, now, spec.fence_timeout) if want and not keep else 0
+            json_s = ms // 1000
+            self.run(build_ruleset(replace(spec, fence_open=keep or json_s > 0), previous, json_s),
+                     "ruleset replace")
+            if json_s:
+                done = self.clock()
+                if fence_until is not None and done + json_s > fence_until:
+                    log.warning("ruleset commit took too long (%.3f s left before the deadline, element %d s): "
+                                "closing the fence", fence_until - done, json_s)
+                    self.run(build_fence_close(spec), "fence close")
+                    self.fence_expires_at = 0.0
+                else:
+                    self.fence_expires_at = done + json_s
+                keep = True  # nothing more to write
+            elif not keep:
                 self.fence_expires_at = 0.0
             for key in old.keys() | self._live_seen.keys():
                 # Never less than counters() already reported from that table.

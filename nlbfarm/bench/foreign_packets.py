@@ -143,17 +143,18 @@ def ruleset(variant: str, spec) -> list[dict]:
         # the post-conntrack chains need conntrack, which ingress has not seen yet.
         post = {"postct", "vip_ct"}
         out = []
-        for cmd in build_inet_table(spec):
+        # The fence open in the rules' transaction, as a first DataPlane.apply does.
+        for cmd in build_inet_table(spec, fence_write_s=int(spec.fence_timeout)):
             ch = _chain_of(cmd)
             if ch is not None and (ch in post or ch.startswith("ct_")):
                 continue
             cmd = _refamily(cmd, "netdev")
             body = next(iter(cmd.values()))
-            if "chain" in body and body["chain"].get("name") == "prerouting":
+            if "chain" in body and body["chain"].get("name") == "prerouting" and "type" in body["chain"]:
                 body["chain"].update(hook="ingress", dev=RX_IF, prio=PRIO_INGRESS)
             out.append(cmd)
         return out
-    cmds = build_ruleset(spec)
+    cmds = build_ruleset(spec, fence_write_s=int(spec.fence_timeout))
     if variant == "prerouting":
         return cmds
     if variant == "postct":

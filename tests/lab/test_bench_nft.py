@@ -92,7 +92,7 @@ def test_foreign_rulesets_use_the_project_rules():
     from nlbfarm.node.dataplane import PRIO_POST_CT, build_ruleset
     _, ranges = mod.owned_ranges()
     spec = mod.make_spec(ranges)
-    assert mod.ruleset("prerouting", spec) == build_ruleset(spec)
+    assert mod.ruleset("prerouting", spec) == build_ruleset(spec, fence_write_s=int(spec.fence_timeout))
     post = mod.ruleset("postct", spec)
     chains = {c["add"]["chain"]["name"]: c["add"]["chain"] for c in post
               if "chain" in c.get("add", {}) and c["add"]["chain"]["family"] == "inet"}
