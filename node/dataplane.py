@@ -575,11 +575,10 @@ def build_inet_table(spec: DataPlaneSpec, previous_vips: Iterable[str] = (), fen
              for vip in spec.vips for r in COUNTER_RULES]
     if not spec.fence_open:
         # Closed in the same transaction as the new rules.
-        cmds += [{"add": fence_element(spec)}, {"delete": fence_element(spec)}]
+        cmds += build_fence_close(spec)
     elif fence_write_s > 0:
         # Opened with the rules, for whole seconds (delete + add resets an existing one).
-        cmds += [{"add": fence_element(spec)}, {"delete": fence_element(spec)},
-                 {"add": fence_element(spec, fence_write_s)}]
+        cmds += build_fence_close(spec) + [{"add": fence_element(spec, fence_write_s)}]
     # Otherwise an open fence is left as it is: its element, with its
     # millisecond expiry, is written by build_fence_write() alone.
     cmds += [chain("prerouting", PRIO_RAW), *[chain(n) for f in fams for n in _family_chains_pre(f)],
@@ -760,15 +759,20 @@ class DataPlane:
             self.fence_expires_at = 0.0
             return 0
         self.run_text(build_fence_write(spec, ms), "fence write")
+        return ms if self._after_fence_write(spec, ms / 1000, until) else 0
+
+    def _after_fence_write(self, spec: DataPlaneSpec, seconds: float, until: float | None) -> bool:
+        """An element of ``seconds`` went in at some instant before now: close it if it could
+        outlive ``until``. Returns whether it stays."""
         done = self.clock()
-        if until is not None and done + ms / 1000 > until:
-            log.warning("fence write took too long (%.3f s left before the deadline, element %d ms): "
-                        "closing it", until - done, ms)
+        if until is not None and done + seconds > until:
+            log.warning("fence write took too long (%.3f s left before the deadline, element %.3f s): "
+                        "closing it", until - done, seconds)
             self.run(build_fence_close(spec), "fence close")
             self.fence_expires_at = 0.0
-            return 0
-        self.fence_expires_at = done + ms / 1000
-        return ms
+            return False
+        self.fence_expires_at = done + seconds
+        return True
 
     def apply(self, spec: DataPlaneSpec, fence_until: float | None = math.inf) -> bool:
         """Replace the whole ruleset in one transaction. Returns False if nothing changed.
@@ -793,7 +797,8 @@ class DataPlane:
             # stays through the rebuild; any other is closed with it, and an
             # open fence then gets a new element (opening late is safe).
             now = self.clock()
-            want = spec.fence_open and fence_ms(fence_until, now, spec.fence_timeout) > 0
+            ms = fence_ms(fence_until, now, spec.fence_timeout) if spec.fence_open else 0
+            want = ms > 0
             same_element = (self.current is not None and self.current.table == spec.table
                             and self.current.interface == spec.interface and self.current.fence_open)
             keep = (want and same_element and self.fence_expires_at > now
@@ -802,19 +807,11 @@ class DataPlane:
             # A fence that opens gets its element in the rules' transaction
             # when whole seconds of it fit (one transaction, as before
             # sub-second fences); a shorter one right after, in text.
-            ms = fence_ms(fence_until, now, spec.fence_timeout) if want and not keep else 0
-            json_s = ms // 1000
+            json_s = 0 if keep else ms // 1000
             self.run(build_ruleset(replace(spec, fence_open=keep or json_s > 0), previous, json_s),
                      "ruleset replace")
             if json_s:
-                done = self.clock()
-                if fence_until is not None and done + json_s > fence_until:
-                    log.warning("ruleset commit took too long (%.3f s left before the deadline, element %d s): "
-                                "closing the fence", fence_until - done, json_s)
-                    self.run(build_fence_close(spec), "fence close")
-                    self.fence_expires_at = 0.0
-                else:
-                    self.fence_expires_at = done + json_s
+                self._after_fence_write(spec, json_s, fence_until)
                 keep = True  # nothing more to write
             elif not keep:
                 self.fence_expires_at = 0.0
