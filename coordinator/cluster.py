@@ -133,12 +133,19 @@ class Member:
     # Digest of the node's traffic rules (VIPs, port rules, unmatched policy):
     # nodes that disagree would hash the same packet differently.
     rules: str = ""
+    # A planned restart is under way: the process named by ``instance`` has
+    # stopped and a successor is about to adopt this record (node/handoff.py).
+    # Written only when true, so records of agents without it look as before.
+    handing_over: bool = False
 
     def encode(self) -> bytes:
-        return json.dumps({"id": self.id, "weight": self.weight, "state": self.state,
-                           "addresses": list(self.addresses), "version": self.version,
-                           "instance": self.instance, "peer": self.peer, "reason": self.reason,
-                           "rules": self.rules}, sort_keys=True).encode()
+        d = {"id": self.id, "weight": self.weight, "state": self.state,
+             "addresses": list(self.addresses), "version": self.version,
+             "instance": self.instance, "peer": self.peer, "reason": self.reason,
+             "rules": self.rules}
+        if self.handing_over:
+            d["handing_over"] = True
+        return json.dumps(d, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, node_id: str, raw: bytes) -> "Member":
@@ -154,7 +161,10 @@ class Member:
                 or not all(isinstance(a, str) and len(a) <= MAX_TEXT for a in addresses)):
             raise ValueError(f"addresses must be a list of at most {MAX_ADDRESSES} strings")
         fields = {n: _text(d.get(n, ""), n) for n in ("version", "instance", "peer", "reason", "rules")}
-        return cls(node_id, weight, state, tuple(addresses), **fields)
+        handing_over = d.get("handing_over", False)
+        if not isinstance(handing_over, bool):
+            raise ValueError(f"handing_over must be true or false, got {str(handing_over)[:80]!r}")
+        return cls(node_id, weight, state, tuple(addresses), **fields, handing_over=handing_over)
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,15 @@ class FarmStore:
         except ValueError:
             return kv, None
 
+    def swap_member(self, member: Member, lease_id: int, expected_revision: int) -> bool:
+        """Rewrite members/<id> only if it is still at ``expected_revision``; False if it changed.
+
+        A hitless restart's two steps: the old process marks its record
+        handing over, the new one swaps its own instance in.
+        """
+        return self.store.compare_and_swap(member_key(self.prefix, member.id), member.encode(),
+                                           expected_revision, lease_id=lease_id)
+
     def announce(self, member: Member, lease_id: int, deadline: float | None = None) -> int:
         """Rewrite this node's member record (state changes, or re-creating a deleted one)."""
         return self.store.put(member_key(self.prefix, member.id), member.encode(), lease_id=lease_id,

@@ -80,6 +80,10 @@ class NodeSection(_Strict):
     weight: int = Field(default=1, ge=0, le=1000)
     # Addresses peers and operators may use to reach this node; informative.
     addresses: tuple[str, ...] = ()
+    # Where farmd keeps the state a restarted farmd adopts (its leases and
+    # kernel ruleset: hitless restarts). On tmpfs: it must not outlive a boot.
+    # "" turns adoption off: every start registers anew and moves buckets.
+    state_dir: str = "/run/nlbfarm"
 
     @field_validator("id")
     @classmethod
@@ -87,6 +91,13 @@ class NodeSection(_Strict):
         if not _ID_RE.match(v):
             raise ValueError("must be 1-63 characters of letters, digits, '_', '.', '-' "
                              "starting with a letter or digit")
+        return v
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir(cls, v: str) -> str:
+        if v and (not v.startswith("/") or "\0" in v or len(v) > 200):
+            raise ValueError("must be an absolute path of at most 200 characters, or \"\" (no adoption)")
         return v
 
     @field_validator("interface")

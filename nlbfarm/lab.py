@@ -671,7 +671,7 @@ class Lab:
         t = self.timing
         cfg = {
             "node": {"id": name, "interface": "eth0", "weight": self.weights.get(name, 1),
-                     "addresses": [node_addr(i)]},
+                     "addresses": [node_addr(i)], "state_dir": str(self.dir / "run")},
             "cluster": {"name": CLUSTER_NAME, "vips": self.vips, "buckets": self.buckets,
                         "mac_mode": self.mac_mode, "rules": [dict(r) for r in self.rules],
                         "unmatched": self.unmatched},

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import random
 import secrets
 import signal
@@ -47,6 +48,9 @@ from nlbfarm.node.decide import (
     FENCE_MARGIN_S, LocalState, Observations, Plan, Reason, Timing, decide, own_record_present,
     remember_table)
 from nlbfarm.node.events import EventBus
+from nlbfarm.node.handoff import (
+    HandoffState, adoption_refusal, boot_id, continuity_refusal, handoff_refusal, handoff_until,
+    local_after_adoption, predecessor_alive, process_start, read_state, remove_state, state_path, write_state)
 from nlbfarm.node.lease import LeaseKeeper
 from nlbfarm.node.metrics import AgentMetrics
 from nlbfarm.node.peers import Peer, PeerProbe, peer_tls
@@ -106,6 +110,15 @@ class Agent:
         self._seen_members: dict[str, str] | None = None
         self._seen_generation = 0
         self._change_base_generation = 0
+        # Hitless restarts (node/handoff.py): where the state for a successor
+        # goes, what was last written there, and what this process adopted.
+        self.state_path = (state_path(cfg.node.state_dir, cfg.cluster.name, self.me)
+                           if cfg.node.state_dir else None)
+        self._saved_state: HandoffState | None = None
+        self.adopted: HandoffState | None = None
+        self.restart_requested = threading.Event()
+        self.handed_off = False
+        self._pid_start = process_start(os.getpid()) or 0
 
     @property
     def lease_id(self) -> int | None:
@@ -175,9 +188,10 @@ class Agent:
             return settings
         return None
 
-    def _member(self, state: str, reason: str = "") -> Member:
+    def _member(self, state: str, reason: str = "", handing_over: bool = False) -> Member:
         return Member(self.me, self.cfg.node.weight, state, self.cfg.node.addresses, __version__,
-                      self.instance, self.cfg.status.peer_address, reason, self.rules_digest)
+                      self.instance, self.cfg.status.peer_address, reason, self.rules_digest,
+                      handing_over=handing_over)
 
     def _desired_state(self, snap: ClusterSnapshot | None) -> tuple[str, str]:
         leaving = self.leave_started is not None
@@ -232,6 +246,183 @@ class Agent:
         log.info("registered node=%s lease=%x ttl=%ds weight=%d", self.me, lease,
                  self.cfg.timing.lease_ttl, self.cfg.node.weight)
 
+    # ---- hitless restarts (node/handoff.py) ---------------------------------
+
+    def _adopt(self) -> bool:
+        """Continue a predecessor process's registration, if etcd still shows it as that process's.
+
+        True: the leases, the member record (now naming this process) and the
+        loop's state are adopted; start() then re-applies the predecessor's
+        ruleset keeping its fence element. False: register anew (after
+        retiring a dead predecessor's registration whose kernel state is stale).
+        Raises DuplicateMember if the predecessor still runs.
+        """
+        if not self.state_path:
+            return False
+        state, why = read_state(self.state_path)
+        items, rev = self.farm.read_all()
+        kv, record = self.farm.member_record(self.me)
+        refusal = adoption_refusal(state, self.me, self.prefix, boot_id(), kv.lease if kv else None, record)
+        if refusal is not None:
+            if state is not None or why != refusal.value:
+                log.info("not adopting the previous agent's lease node=%s reason=%r", self.me,
+                         why or refusal.value)
+            return False
+        if predecessor_alive(state):
+            raise DuplicateMember(
+                f"node id {self.me!r} is served by another farmd still running (pid {state.pid}); "
+                "refusing to start so the running node is not disturbed")
+        table, interface = self.cfg.nft.table, self.cfg.node.interface
+        left = self.dp.adopt_fence(table, interface) if (table, interface) == (state.table, state.interface) \
+            else 0.0
+        lapsed = continuity_refusal(state, left, rev)
+        if lapsed is not None:
+            # The predecessor is dead and its fence closed by itself (or its
+            # view predates etcd's): its lease ends by itself. Not revoked:
+            # etcd's table may still name this node as the owner of buckets
+            # that peers serve now (after a restore), and only the table
+            # written once the record is gone is safe to join.
+            log.warning("not adopting the previous agent's lease node=%s reason=%r: registering anew once "
+                        "its lease ends", self.me, lapsed.value)
+            self.dp.close_fence_of(state.table, state.interface)
+            self._wait_for_record_gone(state)
+            return False
+        sent = time.monotonic()
+        try:
+            self.farm.refresh_all((state.lease_id, state.applied_lease), deadline=self.timing.late_after)
+        except LeaseExpired:
+            log.info("not adopting the previous agent's lease node=%s reason=%r", self.me,
+                     "the old lease expired before the successor renewed it")
+            self.dp.close_fence_of(table, interface)
+            return False
+        if not self.farm.swap_member(self._member(record.state, record.reason), state.lease_id, kv.mod_revision):
+            # Whoever changed the record owns what happens next; our kernel
+            # must not serve on the predecessor's element meanwhile.
+            log.warning("not adopting the previous agent's lease node=%s reason=%r", self.me,
+                        "the member record changed before the successor swapped itself in")
+            self.dp.close_fence_of(table, interface)
+            return False
+        # From the swap on, no peer can revoke or certify away the record the
+        # predecessor had: both are conditioned on it. The watch from rev + 1
+        # delivers the swap itself.
+        self.cache.reset(items, rev)
+        self.keeper.adopt(state.lease_id, state.applied_lease, sent, acquire_after=state.acquire_after)
+        self.local = remember_table(local_after_adoption(state, record.state, record.reason),
+                                    self.cache.snapshot().table, time.monotonic(), self.timing.table_memory)
+        self.adopted = state
+        log.info("adopted the previous agent's lease node=%s lease=%x previous_instance=%s planned=%s "
+                 "accepting=%d element_left=%.2fs", self.me, state.lease_id, state.instance,
+                 "yes" if state.handing_over_until else "no", len(self.local.accepting), left)
+        self.events.publish("adopted", self.me, f"{self.me} adopted lease {state.lease_id:x} from agent "
+                            f"{state.instance}", planned=bool(state.handing_over_until))
+        return True
+
+    def _wait_for_record_gone(self, state: HandoffState) -> None:
+        """Until the predecessor's member record expires (at most its lease TTL and a keepalive)."""
+        deadline = time.monotonic() + self.cfg.timing.lease_ttl + 2 * self.timing.keepalive_interval + 1.0
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            kv, record = self.farm.member_record(self.me)
+            if kv is None or record is None or record.instance != state.instance:
+                return
+            self.stopping.wait(0.2)
+
+    def _handoff_state(self, spec: DataPlaneSpec, handing_over_until: float = 0.0) -> HandoffState:
+        v = self.keeper.view()
+        return HandoffState(
+            node_id=self.me, prefix=self.prefix, boot_id=boot_id(), instance=self.instance, pid=os.getpid(),
+            pid_start=self._pid_start, revision=self.cache.revision,
+            lease_id=v.lease_id, applied_lease=v.applied_lease, table=spec.table, interface=spec.interface,
+            accepting=spec.accepting, draining=spec.draining, guarded=spec.guarded,
+            drains=self.local.draining, acquire_after=v.acquire_after,
+            checks=self.supervisor.health.verdicts(), handing_over_until=handing_over_until)
+
+    def _save_state(self, spec: DataPlaneSpec, handing_over_until: float = 0.0) -> None:
+        """Keep the state file current. Raises DataPlaneError if it cannot be written or removed:
+        a successor must never adopt a kernel that accepts more than this one does."""
+        if not self.state_path or not self.keeper.view().registered:
+            return
+        state = self._handoff_state(spec, handing_over_until)
+        # The revision alone changing is no reason to write: the one last
+        # written is still a lower bound of what this process has read.
+        if self._saved_state is not None and replace(state, revision=0) == replace(self._saved_state, revision=0):
+            return
+        try:
+            write_state(self.state_path, state)
+            self._saved_state = state
+        except OSError as exc:
+            self._saved_state = None
+            try:
+                if os.path.exists(self.state_path):
+                    os.unlink(self.state_path)
+            except OSError as exc2:
+                raise DataPlaneError(f"cannot write or remove the state file {self.state_path}: {exc}; "
+                                     f"{exc2}") from exc
+            log.warning("cannot write the state file path=%s reason=%s: a restart will not be hitless",
+                        self.state_path, exc)
+
+    def _hand_off(self) -> str:
+        """SIGUSR2: stop so that a successor process adopts everything, with no bucket moving.
+
+        Returns a sentence. ``self.handed_off`` says whether it happened; if
+        not, this process goes on as if nothing was asked.
+        """
+        snap = self.cache.snapshot()
+        view, now = self.keeper.view(), time.monotonic()
+        refusal = handoff_refusal(view, self.timing, now, leaving=self.leave_started is not None,
+                                  ruleset=self.dp.current is not None and self.dp.current.fence_open,
+                                  link_up=self._link_up(), member_present=self.me in snap.members)
+        why = refusal.value if refusal else ""
+        if not why:
+            kv, record = self.farm.member_record(self.me)
+            if record is None or record.instance != self.instance or kv.lease != view.lease_id:
+                why = "the member record is not this process's"
+            elif not self.farm.swap_member(replace(record, handing_over=True), view.lease_id, kv.mod_revision):
+                why = "the member record changed while it was marked"
+        if why:
+            log.error("restart refused node=%s reason=%r: the agent goes on; SIGTERM stops it with a drain",
+                      self.me, why)
+            self.events.publish("handoff_refused", self.me, f"restart of {self.me} refused: {why}")
+            return f"restart refused: {why}"
+        # No way back from here: a successor adopts, or the lease ends.
+        self.keeper.stop()
+        self.supervisor.health.stop()
+        sent = time.monotonic()
+        try:
+            self.farm.refresh_all((view.lease_id, view.applied_lease), deadline=self.timing.keepalive_interval)
+            self.keeper.note_keepalive(sent)
+        except LeaseExpired:
+            self.keeper.mark_lost()
+            self.stopping.set()
+            return "restart: the lease was gone at the last keepalive; stopping instead"
+        except StoreError:
+            pass  # the last success still bounds the element
+        until = handoff_until(self.keeper.view(), self.timing, self._link_up(), True)
+        held = 0
+        if until is not None:
+            try:
+                held = self.dp.hold_fence(until)
+            except DataPlaneError as exc:
+                log.error("could not extend the fence for the restart node=%s reason=%s", self.me, exc)
+        try:
+            self._save_state(self.dp.current, self.dp.fence_expires_at if held else 0.0)
+        except DataPlaneError as exc:
+            log.error("%s", exc)
+        self.handed_off = True
+        left = max(0.0, self.dp.fence_expires_at - time.monotonic()) if held else 0.0
+        log.info("handing over node=%s lease=%x window=%.1fs: the next farmd must start within it",
+                 self.me, view.lease_id, left)
+        return f"handed over: a successor has {left:.1f} s to adopt lease {view.lease_id:x}"
+
+    def close_after_handoff(self) -> None:
+        """Exit without touching what the successor adopts: VIP, rules, leases, application."""
+        if self._watch is not None:
+            self._watch.cancel()
+        self.probe.close()
+        self.store.close()
+        self.events.close()
+        log.info("stopped node=%s for a restart: VIP, rules, leases and application left to the successor",
+                 self.me)
+
     def _revoke_quietly(self, *leases: int) -> None:
         for lease in leases:
             if lease:
@@ -251,7 +442,8 @@ class Agent:
                 self.settings = self._ensure_settings()
                 if self.settings is None:
                     return
-                self._register()
+                if not self._adopt():
+                    self._register()
                 break
             except StoreUnavailable as exc:
                 # etcd went away between the probe and registration: same policy as at start.
@@ -260,11 +452,22 @@ class Agent:
                 delay = min(delay * 2, 10.0)
         # Order matters: the ARP rewrite must be in force before the VIP exists,
         # or a client could learn this node's own MAC for the VIP.
-        self.dp.apply(self._base_spec(fence_open=True), self.keeper.fence_deadline()[0])
+        first = self._base_spec(fence_open=True)
+        if self.adopted is not None:
+            # The predecessor's ruleset again, keeping its fence element: no
+            # packet meets a gap (its element cannot outlive our deadline).
+            a = self.adopted
+            self.dp.adopt_fence(first.table, first.interface)
+            first = first.with_buckets(a.accepting, a.draining, a.guarded)
+        self.dp.apply(first, self.keeper.fence_deadline()[0])
+        self._save_state(first)
         self.vip.up()
         self._watch = self.farm.watch(self.cache.on_event, start_revision=self.cache.revision + 1)
         self.keeper.start()
-        self.supervisor.run("start")
+        if self.adopted is not None:
+            self.supervisor.resume(dict(self.adopted.checks))
+        else:
+            self.supervisor.run("start")
 
     @property
     def node_mac(self) -> str:
@@ -387,6 +590,9 @@ class Agent:
                 self.vip.announce()
         # The loop is the only writer of self.local, so plan.next was decided from it.
         self.local = plan.next
+        # Before anything is published about this kernel (a successor adopts
+        # what the file says; etcd must never know of a release it lacks).
+        self._save_state(spec)
 
     def _observe_change_applied(self, snap: ClusterSnapshot, complete: bool) -> None:
         """Membership change -> this node's kernel runs the resulting table: one histogram sample.
@@ -442,6 +648,13 @@ class Agent:
         while True:
             self.wake.wait(self.cfg.timing.keepalive_interval)
             self.wake.clear()
+            if self.restart_requested.is_set() and not self.stopping.is_set():
+                self.restart_requested.clear()
+                sentence = self._hand_off()
+                log.info("cycle node=%s result=%r", self.me, sentence)
+                self.last_sentence = sentence
+                if self.handed_off:
+                    return
             if self.stopping.is_set() and self.leave_started is None:
                 self.leave_started = time.monotonic()
                 log.info("leaving node=%s: handing over buckets before removing the VIP", self.me)
@@ -518,6 +731,8 @@ class Agent:
             except StoreError as exc:
                 log.warning("lease revoke failed node=%s reason=%s (it expires by itself)", self.me, exc)
                 break
+        if self.state_path:
+            remove_state(self.state_path)  # a graceful stop: nothing for a successor to adopt
         self.probe.close()
         self.store.close()
         self.stop_module()
@@ -725,8 +940,14 @@ def main(argv: list[str] | None = None) -> int:
         agent.stopping.set()
         agent.wake.set()
 
+    def on_restart(signum, _frame):
+        log.info("signal=%s: handing over to the next farmd process", signal.Signals(signum).name)
+        agent.restart_requested.set()
+        agent.wake.set()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR2, on_restart)
 
     servers = []
     rc = 0
@@ -758,7 +979,9 @@ def main(argv: list[str] | None = None) -> int:
         rc = 1
     finally:
         agent.stopping.set()
-        if agent.lease_id is not None or agent.dp.current is not None:
+        if agent.handed_off:
+            agent.close_after_handoff()
+        elif agent.lease_id is not None or agent.dp.current is not None:
             agent.shutdown()
         if agent.ready is not None:
             agent.ready.shutdown()

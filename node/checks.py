@@ -240,6 +240,10 @@ def probe(spec: CheckSpec) -> CheckResult:
     return CheckResult(ok, detail, time.monotonic() - started)
 
 
+# A seeded cause comes from a state file: bounded like any outside input.
+MAX_SEED_CAUSE = 512
+
+
 class CheckState:
     """rise/fall counting for one check: ``unknown`` until decided, then ``passing`` or ``failing``."""
 
@@ -399,6 +403,25 @@ class HealthMonitor:
                     transitions=st.transitions,
                     since_s=max(0.0, now - st.changed_at), cause=st.cause))
             return tuple(out)
+
+    def seed(self, states: dict) -> None:
+        """Start from verdicts a predecessor process reached (a hitless restart).
+
+        ``states`` maps check name -> (state, cause); unknown names and
+        states other than passing/failing are ignored. Without this a
+        successor's checks would start unknown, and the node would announce
+        "starting" (and give up its buckets) until they pass again.
+        """
+        with self._lock:
+            for name, (state, cause) in states.items():
+                st = self._states.get(name)
+                if st is not None and state in (PASSING, FAILING):
+                    st.state, st.cause = state, str(cause)[:MAX_SEED_CAUSE]
+
+    def verdicts(self) -> dict:
+        """name -> (state, cause) of every check: what a successor process seeds from."""
+        with self._lock:
+            return {name: (st.state, st.cause) for name, st in self._states.items()}
 
     def healthy(self) -> bool:
         """True when every check is passing (and when there are none)."""

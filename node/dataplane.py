@@ -634,6 +634,9 @@ def build_fence_close(spec: DataPlaneSpec) -> list[dict]:
     return [{"add": fence_element(spec)}, {"delete": fence_element(spec)}]
 
 
+# What a planned restart's long fence element leaves before its deadline: the
+# time its write may take.
+HOLD_SLACK_S = 0.05
 # A fence element shorter than this is not worth writing: close instead.
 MIN_FENCE_MS = 20
 
@@ -647,6 +650,26 @@ def fence_ms(until: float | None, now: float, fence_timeout: float) -> int:
         return full
     ms = min(full, math.floor((until - now) * 1000))
     return ms if ms >= MIN_FENCE_MS else 0
+
+
+_NFT_DURATION = re.compile(r"(\d+)(ms|d|h|m|s)")
+_DURATION_S = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def fence_left_s(listing: str, interface: str) -> float:
+    """Seconds the fence element for ``interface`` has left, from ``list set`` text output (0: none).
+
+    Text, because the JSON listing truncates ``expires`` to whole seconds.
+    One millisecond is added (the listing truncates too): the caller treats
+    the result as the latest moment the element can still match.
+    """
+    m = re.search(r'"%s"[^,}]*?expires ([0-9dhms]+)' % re.escape(interface), listing or "")
+    if not m:
+        return 0.0
+    parts = _NFT_DURATION.findall(m.group(1))
+    if not parts or "".join(n + u for n, u in parts) != m.group(1):
+        return 0.0
+    return sum(int(n) * _DURATION_S[u] for n, u in parts) + 0.001
 
 
 def fence_seconds(until: float | None, now: float, fence_timeout: float) -> float:
@@ -714,6 +737,9 @@ class DataPlane:
     _read_nft: object = field(default=None, repr=False)
     _read_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _applies: int = field(default=0, repr=False)  # ruleset replacements so far
+    # (table, interface) whose fence element a predecessor process left and
+    # this one adopted (adopt_fence): the first apply keeps it, like its own.
+    _adopted: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self._nft is not None and self._read_nft is None:
@@ -746,13 +772,14 @@ class DataPlane:
         if rc != 0:
             raise DataPlaneError(f"nftables refused {what}: {err.strip() or 'rc=%d' % rc}")
 
-    def _write_fence(self, spec: DataPlaneSpec, until: float | None) -> int:
+    def _write_fence(self, spec: DataPlaneSpec, until: float | None, cap_s: float | None = None) -> int:
         """Write the element for the milliseconds that fit before ``until`` (close if none); returns them.
 
         Counted from before the transaction is sent; if it returns so late
         that the element could outlive ``until``, it is deleted at once.
+        At most ``spec.fence_timeout`` long unless ``cap_s`` says otherwise.
         """
-        ms = fence_ms(until, self.clock(), spec.fence_timeout)
+        ms = fence_ms(until, self.clock(), spec.fence_timeout if cap_s is None else cap_s)
         if not ms:
             if self.fence_expires_at:
                 self.run(build_fence_close(spec), "fence close")
@@ -799,8 +826,10 @@ class DataPlane:
             now = self.clock()
             ms = fence_ms(fence_until, now, spec.fence_timeout) if spec.fence_open else 0
             want = ms > 0
-            same_element = (self.current is not None and self.current.table == spec.table
-                            and self.current.interface == spec.interface and self.current.fence_open)
+            same_element = ((self.current is not None and self.current.table == spec.table
+                             and self.current.interface == spec.interface and self.current.fence_open)
+                            or (self.current is None and self._adopted == (spec.table, spec.interface)))
+            self._adopted = None
             keep = (want and same_element and self.fence_expires_at > now
                     and (fence_until is None or self.fence_expires_at <= fence_until))
             previous = self._counted.vips if self._counted is not None else ()
@@ -895,6 +924,52 @@ class DataPlane:
                 self.fence_expires_at = 0.0
                 raise
             return bool(ms)
+
+    def hold_fence(self, until: float) -> int:
+        """A planned restart's last fence write: the element lasts until ``until``, past fence_timeout.
+
+        Only the handing-over process calls it, with its lease-based
+        deadline, after its own threads stopped. Returns the milliseconds
+        written (0: the fence is closed).
+        """
+        with self._lock:
+            spec = self.current
+            if spec is None or not spec.fence_open:
+                return 0
+            # Shorter than the deadline by the write's own time, or the
+            # post-write check would find that it could outlive it.
+            return self._write_fence(spec, until, cap_s=max(0.0, until - self.clock() - HOLD_SLACK_S))
+
+    def adopt_fence(self, table: str, interface: str) -> float:
+        """Take over the fence element a predecessor process left in the kernel.
+
+        Returns the seconds it has left (0: none). The next ``apply`` of a
+        spec with this table and interface keeps it through the rebuild if it
+        cannot outlive that apply's deadline, exactly as for its own element.
+        """
+        if not (_NFT_NAME.match(table) and _NFT_NAME.match(interface)):
+            return 0.0
+        with self._lock:
+            ctx = self._ctx()
+            ctx.set_json_output(False)
+            try:
+                rc, out, _err = ctx.cmd(f"list set inet {table} fence")
+            finally:
+                ctx.set_json_output(True)
+            left = fence_left_s(out, interface) if rc == 0 else 0.0  # rc != 0: no table, nothing to adopt
+            self.fence_expires_at = self.clock() + left if left else 0.0
+            self._adopted = (table, interface) if left else None
+            return left
+
+    def close_fence_of(self, table: str, interface: str) -> None:
+        """Drop a fence element this object did not write (a predecessor's), if there is one."""
+        probe = DataPlaneSpec(interface=interface, vips=(), cluster_mac="", buckets=64, seed=0, table=table)
+        with self._lock:
+            self._adopted = None
+            self.fence_expires_at = 0.0
+            rc, _out, _err = self._ctx().cmd(f"list set inet {table} fence") if _NFT_NAME.match(table) else (1, "", "")
+            if rc == 0:
+                self.run(build_fence_close(probe), "fence close")
 
     def close_fence(self) -> None:
         """Drop the fence element now (the lease is gone): the node stops serving at once."""

@@ -13,7 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 EVENT_KINDS = ("member_joined", "member_left", "member_state", "table_changed", "check_transition",
-               "node_state", "drain_requested", "undrain_requested", "module_action", "missed")
+               "node_state", "drain_requested", "undrain_requested", "module_action", "adopted",
+               "handoff_refused", "missed")
 
 
 @dataclass(frozen=True)

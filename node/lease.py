@@ -84,10 +84,14 @@ class LeaseKeeper:
 
     # ---- registration (called by the loop, which does the etcd writes) --------
 
-    def adopt(self, lease_id: int, applied_lease: int, sent: float) -> None:
-        """Leases were granted and the member key written with the first; ``sent``: when the grant was sent."""
+    def adopt(self, lease_id: int, applied_lease: int, sent: float, acquire_after: float = 0.0) -> None:
+        """Leases were granted and the member key written with the first; ``sent``: when the grant was sent.
+
+        ``acquire_after``: a predecessor process's acquire grace, which a successor keeps.
+        """
         with self._lock:
-            self._view = after_adopt(lease_id, applied_lease, sent, self.clock(), self.timing)
+            v = after_adopt(lease_id, applied_lease, sent, self.clock(), self.timing)
+            self._view = replace(v, acquire_after=max(v.acquire_after, acquire_after))
         self._etcd_state = "connected"
 
     def release(self) -> LeaseView:

@@ -126,6 +126,13 @@ class ModuleSupervisor:
 
     # ---- the executor ----------------------------------------------------------------
 
+    def resume(self, verdicts: dict) -> None:
+        """Take over a running application from a predecessor process: no start command,
+        and the checks go on from the verdicts it had reached."""
+        self.started = True
+        self.health.seed(verdicts)
+        self.health.start()
+
     def run(self, action: str) -> None:
         """Run start, restart or stop on the worker; the loop sees the outcome."""
         if action in ("start", "restart") and not self.cfg.start:

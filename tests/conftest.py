@@ -29,6 +29,20 @@ START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 
 
+@pytest.fixture(autouse=True)
+def _agent_state_files_in_tmp(monkeypatch, tmp_path):
+    """In-process agents with the default node.state_dir keep their state files in the test's
+    directory, not in the machine's /run (a test that sets state_dir gets what it set)."""
+    from nlbfarm.node import agent, handoff
+    real = handoff.state_path
+
+    def redirected(state_dir, cluster, node_id):
+        if state_dir == handoff.DEFAULT_STATE_DIR:
+            state_dir = str(tmp_path / "run-nlbfarm")
+        return real(state_dir, cluster, node_id)
+    monkeypatch.setattr(agent, "state_path", redirected)
+
+
 def free_port() -> int:
     """A loopback TCP port that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

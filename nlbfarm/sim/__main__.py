@@ -15,18 +15,25 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from nlbfarm.sim.faults import KINDS, UNSERVED_BOUND, run, variant
+from nlbfarm.sim.faults import KINDS, UNSERVED_BOUND, handoff_schedule, run, variant
 
 BEGIN, END = "<!-- safety:begin -->", "<!-- safety:end -->"
+
+
+# Every HANDOFF_EVERY-th seed also plays a planned-restart schedule (handoff_schedule).
+HANDOFF_EVERY = 4
 
 
 def _one(seed: int) -> dict:
     logging.getLogger("nlbfarm").setLevel(logging.CRITICAL)  # hostile records warn on purpose
     nodes, timing = variant(seed)
-    r = run(seed, nodes=nodes, timing=timing)
-    return {"seed": seed, "ok": r.ok, "violations": r.violations, "error": r.error,
-            "unserved": r.unserved_after_heal, "kinds": sorted({f["kind"] for f in r.schedule}),
-            "replay": r.replay_hint()}
+    runs = [run(seed, nodes=nodes, timing=timing)]
+    if seed % HANDOFF_EVERY == 0:
+        runs.append(run(seed, handoff_schedule(seed, nodes), nodes=nodes, timing=timing))
+    worst = next((r for r in runs if not r.ok), runs[0])
+    return {"seed": seed, "ok": all(r.ok for r in runs), "violations": worst.violations, "error": worst.error,
+            "unserved": max(r.unserved_after_heal for r in runs),
+            "kinds": sorted({f["kind"] for r in runs for f in r.schedule}), "replay": worst.replay_hint()}
 
 
 def run_seeds(first: int, count: int, jobs: int) -> list[dict]:

@@ -31,7 +31,10 @@ from nlbfarm.node.decide import (
     LeaseView, LocalState, Observations, Reason, Timing, after_adopt, after_keepalive_failed,
     after_keepalive_ok, after_probe, answers_reachable, decide, fence_deadline, own_record_present,
     remember_table)
-from nlbfarm.node.dataplane import fence_seconds
+from nlbfarm.coordinator.table import bucket_ranges
+from nlbfarm.node.dataplane import HOLD_SLACK_S, MIN_FENCE_MS, fence_seconds
+from nlbfarm.node.handoff import (
+    HandoffState, adoption_refusal, continuity_refusal, handoff_refusal, handoff_until, local_after_adoption)
 from nlbfarm.node.peers import Peer, judge_answers
 
 PREFIX = "/nlbfarm/sim"
@@ -120,12 +123,17 @@ class Etcd:
             self._put(key, value, lease)
             return s.revision if kind == "put" else True
         if kind == "cas":
-            _, key, value, expected = op
+            _, key, value, expected, *rest = op
+            lease = rest[0] if rest else 0
+            if lease and lease not in s.leases:
+                return NOT_FOUND
             cur = s.kv.get(key)
             if (cur[1] if cur else 0) != expected:
                 return False
-            self._put(key, value, 0)
+            self._put(key, value, lease)
             return True
+        if kind == "get":
+            return s.kv.get(op[1])
         if kind == "delete":
             self._delete([op[1]])
             return True
@@ -181,6 +189,10 @@ class SimNode:
         self.nft_delay = 0.002
         self.alive = False
         self.answer_as_self = False      # misconfigured wildcard peer address: dials lead back here
+        self.boot = 1                    # the machine's boot: a crash starts a new one
+        self.state_file: HandoffState | None = None  # survives the agent, not the machine
+        self.handoff_delay: float | None = None      # a planned restart was asked for; successor after this
+        self.adoptions = 0
         self._boot()
 
     # -- agent lifecycle ------------------------------------------------------------------
@@ -198,6 +210,7 @@ class SimNode:
         self.own_missing_since = None
         self.watch_rev = 0
         self.watch_last_delivery = 0.0
+        self.threads_stopped = False
         self.sentences: list[str] = []
         self.sim.spawn(self, self.main())
 
@@ -212,6 +225,8 @@ class SimNode:
         """The whole node dies: the kernel goes with it."""
         self.kill()
         self.kernel = Kernel()
+        self.boot += 1
+        self.state_file = None
         self.sim.kernel_changed(self)
 
     def restart(self) -> None:
@@ -226,8 +241,18 @@ class SimNode:
 
     # -- the kernel -------------------------------------------------------------------------
 
-    def commit_ruleset(self, accepting: frozenset, fence_open: bool, until: float | None) -> None:
-        """``DataPlane.apply``: seconds decided when the transaction is sent, element set when it lands."""
+    def commit_ruleset(self, accepting: frozenset, fence_open: bool, until: float | None,
+                       keep_element: bool = False) -> None:
+        """``DataPlane.apply``: seconds decided when the transaction is sent, element set when it lands.
+
+        ``keep_element``: an adopted element that cannot outlive ``until`` stays (a hitless restart).
+        """
+        k = self.kernel
+        if (keep_element and fence_open and until is not None and k.fence_expires > self.sim.now
+                and k.fence_expires <= self.sim.now + self.local_to_global(until - self.clock())):
+            self.kernel = Kernel(accepting, True, k.fence_expires)
+            self.sim.kernel_changed(self)
+            return
         secs = fence_seconds(until, self.clock(), self.sim.timing.fence_timeout) if fence_open else 0
         self.kernel = Kernel(accepting, fence_open, self.sim.now + self.local_to_global(secs) if secs else 0.0)
         self._after_fence_write(secs, until)
@@ -314,20 +339,140 @@ class SimNode:
 
     def main(self):
         t = self.sim.timing
-        while True:  # registration, as Agent.start
+        adopted = yield from self.adopt()
+        while not adopted:  # registration, as Agent.start
             ok = yield from self.register()
             if ok:
                 break
             yield ("sleep", 0.5)
-        self.commit_ruleset(frozenset(), True, fence_deadline(self.view, t, self.lan_up, True)[0])
+        first = self.state_file.accepting if adopted else ()
+        self.commit_ruleset(frozenset(b for lo, hi in first for b in range(lo, hi + 1)), True,
+                            fence_deadline(self.view, t, self.lan_up, True)[0], keep_element=adopted)
+        self.save_state()
         self.sim.spawn(self, self.watch_proc())
         self.sim.spawn(self, self.keepalive_proc())
         self.sim.spawn(self, self.fence_proc())
         self.sim.spawn(self, self.prober_proc())
         while True:
             yield ("wait", t.keepalive_interval)
+            if self.handoff_delay is not None:
+                delay, self.handoff_delay = self.handoff_delay, None
+                done = yield from self.hand_off(delay)
+                if done:
+                    return
             yield from self.cycle()
             self.loop_ok = self.clock()
+
+    # -- hitless restarts (node/handoff.py) ---------------------------------------------------
+
+    def save_state(self) -> None:
+        """``Agent._save_state``: after every kernel change, before anything is published."""
+        v = self.view
+        if not v.registered:
+            return
+        self.state_file = HandoffState(
+            node_id=self.id, prefix=PREFIX, boot_id=str(self.boot), instance=self.instance, pid=0, pid_start=0,
+            revision=self.cache.revision,
+            lease_id=v.lease_id, applied_lease=v.applied_lease, table="nlbfarm", interface="lan0",
+            accepting=tuple(bucket_ranges(self.kernel.accepting)), drains=self.local.draining,
+            acquire_after=v.acquire_after)
+
+    def hand_off(self, delay: float):
+        """``Agent._hand_off``; the successor boots ``delay`` seconds later."""
+        t = self.sim.timing
+        snap = self.cache.snapshot()
+        refusal = handoff_refusal(self.view, t, self.clock(), leaving=False, ruleset=self.kernel.fence_open,
+                                  link_up=self.lan_up, member_present=self.id in snap.members)
+        if refusal is not None:
+            return False
+        key = f"{PREFIX}/members/{self.id}"
+        cur = yield self.rpc(("get", key))
+        if cur is TIMEOUT or cur is None:
+            return False
+        try:
+            record = Member.decode(self.id, cur[0])
+        except ValueError:
+            return False
+        if record.instance != self.instance or cur[2] != self.view.lease_id:
+            return False
+        r = yield self.rpc(("cas", key, replace(record, handing_over=True).encode(), cur[1], self.view.lease_id))
+        if r is not True:
+            return False
+        self.stop_threads()  # no way back: the keeper stops before the last keepalive
+        sent = self.clock()
+        v = self.view
+        r = yield self.rpc(("keepalive", v.lease_id))
+        if r is not TIMEOUT and r is not NOT_FOUND:
+            r = yield self.rpc(("keepalive", v.applied_lease))
+        if r is NOT_FOUND:
+            self.lease_lost()
+            return False
+        if r is not TIMEOUT:
+            self.view = after_keepalive_ok(self.view, sent, self.clock(), t)
+        until = handoff_until(self.view, t, self.lan_up, True)
+        held = 0.0
+        if until is not None and self.kernel.fence_open:
+            held = max(0.0, until - self.clock() - HOLD_SLACK_S)
+            held = held if held * 1000 >= MIN_FENCE_MS else 0.0
+            self.kernel = replace(self.kernel, fence_expires=self.sim.now + self.local_to_global(held)
+                                  if held else 0.0)
+            self.sim.kernel_changed(self)
+        self.save_state()
+        self.state_file = replace(self.state_file, handing_over_until=self.clock() + held if held else 0.0)
+        self.kill()
+        self.sim.after(delay, self.restart)
+        return True
+
+    def stop_threads(self) -> None:
+        """Every thread but the loop's stops (the loop ends right after)."""
+        self.threads_stopped = True
+
+    def adopt(self):
+        """``Agent._adopt``: the same checks, in the same order."""
+        t = self.sim.timing
+        state = self.state_file
+        if state is None:
+            return False
+        items = yield from self.call(("read", PREFIX + "/"), 5.0)
+        if items is TIMEOUT:
+            return False
+        kvs, rev = items
+        cur = kvs.get(f"{PREFIX}/members/{self.id}")
+        record = None
+        if cur is not None:
+            try:
+                record = Member.decode(self.id, cur[0])
+            except ValueError:
+                record = None
+        if adoption_refusal(state, self.id, PREFIX, str(self.boot), cur[2] if cur else None, record) is not None:
+            return False
+        left = self.kernel.fence_expires - self.sim.now if self.kernel.fence_open else 0.0
+        if continuity_refusal(state, left, rev) is not None:
+            # Close the dead predecessor's element; register anew once its record is gone.
+            self.close_fence()
+            self.sim.kernel_changed(self)
+            return False
+        sent = self.clock()
+        r = yield self.rpc(("keepalive", state.lease_id))
+        if r is not TIMEOUT and r is not NOT_FOUND:
+            r = yield self.rpc(("keepalive", state.applied_lease))
+        if r is TIMEOUT or r is NOT_FOUND:
+            self.close_fence()
+            self.sim.kernel_changed(self)
+            return False
+        member = Member(self.id, 1, record.state, (), "sim", self.instance, f"peer:{self.id}", record.reason, "")
+        r = yield self.rpc(("cas", f"{PREFIX}/members/{self.id}", member.encode(), cur[1], state.lease_id))
+        if r is not True:
+            self.close_fence()
+            self.sim.kernel_changed(self)
+            return False
+        self.cache.reset(dict(kvs), rev)
+        v = after_adopt(state.lease_id, state.applied_lease, sent, self.clock(), t)
+        self.view = replace(v, acquire_after=max(v.acquire_after, state.acquire_after))
+        self.local = remember_table(local_after_adoption(state, record.state, record.reason),
+                                    self.cache.snapshot().table, self.clock(), t.table_memory)
+        self.adoptions += 1
+        return True
 
     def register(self):
         t = self.sim.timing
@@ -382,6 +527,7 @@ class SimNode:
             ok = yield from self.register()
             if ok:
                 self.commit_ruleset(self.kernel.accepting, True, fence_deadline(self.view, t, self.lan_up, True)[0])
+                self.save_state()
             return
         lease = self.view.lease_id
         if plan.member_write is not None:
@@ -403,6 +549,7 @@ class SimNode:
         yield ("sleep", self.nft_delay)  # the transaction's own time (slow nft: long)
         self.commit_ruleset(k.accepting, plan.fence_until is not None, plan.fence_until)
         self.local = plan.next
+        self.save_state()
         if plan.publish is not None:
             r = yield from self.call(("put", f"{PREFIX}/applied/{self.id}", plan.publish.encode(),
                                       self.view.applied_lease), write)
@@ -429,6 +576,8 @@ class SimNode:
         t = self.sim.timing
         while True:
             yield ("sleep", t.keepalive_interval)
+            if self.threads_stopped:
+                return
             v = self.view
             if not v.registered or v.lost:
                 continue
@@ -455,6 +604,8 @@ class SimNode:
         t = self.sim.timing
         while True:
             yield ("sleep", t.fence_refresh)
+            if self.threads_stopped:
+                return
             until, _ = fence_deadline(self.view, t, self.lan_up, self.member_present())
             self.refresh_fence(until)
 
@@ -462,6 +613,8 @@ class SimNode:
         t = self.sim.timing
         while True:
             yield ("sleep", t.keepalive_interval)
+            if self.threads_stopped:
+                return
             v = self.view
             if not v.registered or v.lost or v.last_ok_sent is None:
                 continue

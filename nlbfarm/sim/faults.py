@@ -24,6 +24,7 @@ KINDS = {
     "slow_nft": "slow nft transactions (up to 3 s)",
     "pause": "agent paused longer than the lease TTL (SIGSTOP)",
     "kill": "agent killed, restarted with the same id",
+    "handoff": "planned restart (SIGUSR2): the successor adopts after a delay",
     "crash": "whole node dies, comes back",
     "revoke": "a lease revoked by an operator",
     "delete_member": "member key deleted by an operator",
@@ -87,10 +88,15 @@ def _scenario(rng: random.Random, nodes: int) -> list[dict]:
               other=other)]
 
 
+# What random_schedule draws from. Planned restarts have their own draw
+# (handoff_schedule): adding a kind here would change every seed's schedule.
+RANDOM_KINDS = sorted(k for k in KINDS if k != "handoff")
+
+
 def random_schedule(seed: int, nodes: int = 3, kinds: list[str] | None = None) -> list[dict]:
     rng = random.Random(seed * 7919 + 17)
-    kinds = kinds or sorted(KINDS)
-    out = _scenario(rng, nodes) if kinds == sorted(KINDS) and rng.random() < 0.5 else []
+    kinds = kinds or RANDOM_KINDS
+    out = _scenario(rng, nodes) if kinds == RANDOM_KINDS and rng.random() < 0.5 else []
     for _ in range(rng.randint(0 if out else 1, 2)):
         kind = rng.choice(kinds)
         at = round(rng.uniform(SETTLE, SETTLE + 12), 3)
@@ -102,6 +108,8 @@ def random_schedule(seed: int, nodes: int = 3, kinds: list[str] | None = None) -
             f["other"] = rng.choice([f"n{i}" for i in range(1, nodes + 1) if f"n{i}" != f["node"]])
         if kind == "pause":
             f["for"] = round(rng.uniform(3.2, 7.0), 3)
+        if kind == "handoff":
+            f["for"] = round(rng.uniform(0.2, 5.0), 3)  # the successor's delay: within the window or not
         if kind in ("etcd_slow", "slow_nft"):
             f["delay"] = round(rng.uniform(0.2, 3.0 if kind == "slow_nft" else 1.5), 3)
         if kind == "poison":
@@ -110,6 +118,21 @@ def random_schedule(seed: int, nodes: int = 3, kinds: list[str] | None = None) -
             f["which"] = "applied"
         if kind == "lan_down" and rng.random() < 0.5:
             f["with_etcd"] = True  # the link that carries etcd goes down too
+        out.append(f)
+    return sorted(out, key=lambda f: f["at"])
+
+
+def handoff_schedule(seed: int, nodes: int = 3) -> list[dict]:
+    """One or two planned restarts (the successor within its window or too late), with up
+    to two random faults around them: the restart must hold under each."""
+    rng = random.Random(seed * 104729 + 3)
+    out = []
+    for _ in range(rng.randint(1, 2)):
+        out.append({"kind": "handoff", "at": round(rng.uniform(SETTLE, SETTLE + 8), 3),
+                    "for": round(rng.choice([rng.uniform(0.2, 2.0), rng.uniform(0.2, 5.0)]), 3),
+                    "node": f"n{rng.randint(1, nodes)}"})
+    for f in random_schedule(seed, nodes)[:rng.randint(0, 2)]:
+        f = dict(f, at=round(out[0]["at"] + rng.uniform(-2.0, 3.0), 3))
         out.append(f)
     return sorted(out, key=lambda f: f["at"])
 
@@ -178,6 +201,10 @@ def _start(sim: Sim, f: dict) -> None:
         n.paused = True
     elif kind == "kill":
         n.kill()
+    elif kind == "handoff":
+        if n.alive:
+            n.handoff_delay = f["for"]
+            n.wake()
     elif kind == "crash":
         n.crash()
     elif kind == "revoke":

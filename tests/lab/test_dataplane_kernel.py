@@ -95,6 +95,44 @@ def test_regression_ruleset_apply_keeps_the_fence_element(netns):
     assert "0-99" in rules and "0-1364" not in rules
 
 
+def test_a_successor_process_adopts_the_element_and_rebuilds_without_a_gap(netns):
+    # A planned restart: the old process holds the element past fence_timeout
+    # (its lease deadline), a new process adopts it and re-applies the same
+    # ruleset keeping it; the element it adopted is never renewed by the
+    # rebuild and never closed.
+    spec = dict(SPEC, fence_timeout=0.3)
+    apply_spec(netns, spec, then=(
+        "import time\nms = dp.hold_fence(time.monotonic() + 2.0)\nassert 1900 <= ms <= 1950, ms\n"))
+    assert fence_elements(netns), "the held element outlives fence_timeout"
+    time.sleep(0.5)
+    out = in_ns(netns, spec_code(spec) + (
+        "import time\nleft = dp.adopt_fence('nlbfarm', 'eth0')\n"
+        "assert 1.0 < left < 1.6, left\n"
+        "assert dp.apply(spec, time.monotonic() + 2.8)\n"
+        "print(round(dp.fence_expires_at - time.monotonic(), 3))\n"))
+    assert 1.0 < float(out) < 1.6, out  # the adopted element, not a fresh 300 ms one
+    time.sleep(0.2)
+    assert fence_elements(netns), "the rebuild kept the adopted element"
+    # Nothing to adopt: no table, or no element.
+    assert in_ns(netns, "from nlbfarm.node.dataplane import DataPlane\n"
+                        "print(DataPlane().adopt_fence('nosuch', 'eth0'))").strip() == "0.0"
+    time.sleep(1.6)
+    assert in_ns(netns, "from nlbfarm.node.dataplane import DataPlane\n"
+                        "print(DataPlane().adopt_fence('nlbfarm', 'eth0'))").strip() == "0.0"
+
+
+def test_an_adopted_element_that_could_outlive_the_deadline_is_replaced(netns):
+    spec = dict(SPEC, fence_timeout=0.3)
+    apply_spec(netns, spec, then="import time\ndp.hold_fence(time.monotonic() + 3.0)\n")
+    out = in_ns(netns, spec_code(spec) + (
+        "import time\ndp.adopt_fence('nlbfarm', 'eth0')\n"
+        "assert dp.apply(spec, time.monotonic() + 1.0)\n"
+        "print(round(dp.fence_expires_at - time.monotonic(), 3))\n"))
+    assert 0 < float(out) <= 0.3, out
+    assert in_ns(netns, spec_code(spec) + "dp.close_fence_of('nlbfarm', 'eth0')\n") == ""
+    assert fence_elements(netns) == []
+
+
 def test_teardown_removes_only_our_tables(netns):
     assert nft(netns, "add", "table", "inet", "other").returncode == 0
     apply_spec(netns, SPEC, then="dp.teardown()\n")

@@ -151,3 +151,41 @@ def test_regression_owners_of_a_long_current_table_survive_a_burst_of_tables():
               {"at": 16.591, "for": 5.552, "kind": "pause", "node": "n4"}]
     r = run(907, sched, nodes=4, timing=Timing(5, 2, 0.5, 1.0))
     assert r.ok, r.violations or r.error
+
+
+# ---- hitless restarts (node/handoff.py) --------------------------------------------------------
+
+def test_a_planned_restart_within_its_window_moves_nothing_and_darkens_nothing():
+    from nlbfarm.sim.core import PREFIX, Sim
+    from nlbfarm.sim.faults import _start
+    for delay, adopted in ((0.5, True), (2.0, True), (4.0, False)):
+        f = {"kind": "handoff", "at": 9.0, "for": delay, "node": "n2"}
+        sim = Sim(1, [f], nodes=3, timing=DEFAULT)
+        sim.at(9.0, lambda: _start(sim, f))
+        tables, dark = set(), []
+
+        def sample():
+            tables.add(sim.etcd.s.kv[f"{PREFIX}/table"][1])
+            if not sim.served():
+                dark.append(sim.now)
+            sim.after(0.01, sample)
+        sim.at(8.5, sample)
+        sim.run(20)
+        assert sim.nodes["n2"].adoptions == (1 if adopted else 0)
+        if adopted:
+            assert len(tables) == 1 and dark == [], (delay, tables, dark[:3])
+        else:  # too late: the lease ended, the node registered anew, buckets moved twice
+            assert len(tables) > 1
+
+
+def test_regression_crash_adoption_after_an_etcd_restore():
+    # Seed 1034 (planned-restart draw): n5 killed, its successor read an etcd
+    # restored to before the kill, where n5's old record and lease were alive
+    # again, and adopted a kernel state 8 s stale. Adoption now needs the old
+    # fence element alive and etcd's history no older than the state file's.
+    sched = [{"at": 8.759, "for": 8.885, "kind": "restore", "node": "n5"},
+             {"at": 9.259, "for": 4.433, "kind": "kill", "node": "n5"},
+             {"at": 13.529, "for": 7.996, "kind": "etcd_outage", "node": "n1"},
+             {"at": 17.996, "for": 5.926, "kind": "crash", "node": "n4"}]
+    r = run(1034, sched, nodes=5, timing=Timing(2, 0.3, 0.1, 0.5))
+    assert r.ok, r.violations or r.error
