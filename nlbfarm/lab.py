@@ -189,6 +189,9 @@ class Lab:
     # argv put in front of the agent's command inside its namespace, e.g. a
     # setpriv that leaves farmd only the capabilities the systemd unit grants.
     agent_wrapper: tuple = ()
+    # Every agent keeps its hand-off state file (node.state_dir) in <lab>/run, so
+    # restarts are hitless; False sets node.state_dir "" (restarts register anew).
+    hitless: bool = True
     # etcd with https, client certificates and authentication; mutual TLS on the
     # agents' API and peer listeners (see the module docstring).
     tls: bool = False
@@ -666,12 +669,17 @@ class Lab:
     def restore_etcd(self, name: str) -> None:
         self.run(name, ["nft", "delete", "table", "inet", "labfault"], check=False)
 
+    @property
+    def run_dir(self) -> Path:
+        """Where the agents keep their hand-off state files (systemd's RuntimeDirectory)."""
+        return self.dir / "run"
+
     def node_config(self, name: str) -> dict:
         i = int(name[1:])
         t = self.timing
         cfg = {
             "node": {"id": name, "interface": "eth0", "weight": self.weights.get(name, 1),
-                     "addresses": [node_addr(i)], "state_dir": str(self.dir / "run")},
+                     "addresses": [node_addr(i)], "state_dir": str(self.run_dir) if self.hitless else ""},
             "cluster": {"name": CLUSTER_NAME, "vips": self.vips, "buckets": self.buckets,
                         "mac_mode": self.mac_mode, "rules": [dict(r) for r in self.rules],
                         "unmatched": self.unmatched},

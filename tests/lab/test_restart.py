@@ -13,7 +13,8 @@ import time
 import pytest
 
 from nlbfarm.analysis import failures, read_jsonl, read_results
-from nlbfarm.lab import Lab
+from nlbfarm.lab import Lab, LabTiming
+from labkit import fresh_labs
 
 NODES = ["n1", "n2", "n3"]
 
@@ -126,3 +127,38 @@ def test_a_successor_too_late_registers_anew_and_the_farm_converges(lab):
     assert lab.member_lease("n3") not in (None, state["lease_id"])
     assert "not adopting the previous agent's lease node=n3" in agent_log(lab, "n3")
     assert snap.members["n3"].state == "active"
+
+
+def test_a_crash_restarted_while_the_fence_lives_is_adopted(tmp_path):
+    """kill -9, restarted by the supervisor while the old fence element still lives: the
+    kernel went on accepting the node's buckets (its app kept serving), and the successor
+    adopts the lease and that element, so no connection fails and nothing moves. A fence
+    of 3 s here leaves the successor time to start on a loaded 2-core machine; with the
+    default 1 s a slower start registers anew (test_safety.py pins that path)."""
+    with fresh_labs("trstc", tmp_path / "lab") as make:
+        lab = make(3, supervise=True, supervise_delay=0.3,
+                   timing=LabTiming(lease_ttl=6, fence_timeout=3.0))
+        snap = lab.wait_converged(NODES, timeout=30)
+        generation, lease = snap.table.generation, lab.member_lease("n2")
+        old_pid = lab.pid("n2", "agent")
+        load_out = tmp_path / "load.jsonl"
+        load = subprocess.Popen(lab.loadclient_argv(count=50_000, duration=10, out=load_out, workers=4,
+                                                    interval=0.01, timeout=0.9),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(2)
+            lab.kill("n2", "agent", sig=signal.SIGKILL)
+            wait_for("n2's successor", lambda: lab.pid("n2", "agent") not in (None, old_pid)
+                     and "adopted the previous agent's lease node=n2" in agent_log(lab, "n2"), 15)
+            assert load.wait(60) == 0
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.wait()
+        results = read_results(load_out)
+        assert len(results) > 200, f"only {len(results)} connections were tried"
+        assert failures(results) == [], f"{len(failures(results))} of {len(results)} connections failed"
+        assert "n2" in {r["node"] for r in results}
+        snap = lab.wait_converged(NODES, timeout=30)
+        assert snap.table.generation == generation, "the crash moved buckets"
+        assert lab.member_lease("n2") == lease, "the successor registered a new lease"

@@ -12,13 +12,16 @@ started through its own unit (``systemctl start nginx``).
 
 The unit's ``ProtectSystem=strict`` is emulated as well: each agent runs in
 its own mount namespace in which every file system except /proc, /sys and
-/dev (the API file systems strict leaves writable) is remounted read-only, so
-the farm serving here also shows that farmd needs to write no file.
+/dev (the API file systems strict leaves writable) is remounted read-only but for the
+runtime directory (systemd exempts RuntimeDirectory= from strict), so the farm
+serving here also shows that farmd writes no other file.
 """
 from __future__ import annotations
 
 import json
+import shlex
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -31,12 +34,19 @@ SETPRIV = ("setpriv", f"--bounding-set=-all,+{CAPS.replace(',', ',+')}",
            f"--inh-caps=-all,+{CAPS.replace(',', ',+')}",
            f"--ambient-caps=-all,+{CAPS.replace(',', ',+')}", "--no-new-privs", "--")
 # ProtectSystem=strict without systemd: a private mount namespace whose every
-# mount but the API file systems is read-only, then the capability limits.
-READ_ONLY_FS = ("unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
-                'for m in $(cut -d" " -f5 /proc/self/mountinfo | sort -u); do '
-                'case "$m" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) ;; '
-                '*) mount -o remount,bind,ro "$m" 2>/dev/null || true ;; esac; done; exec "$@"',
-                "protect-system-strict")
+# mount but the API file systems is read-only, then the capability limits. The
+# one directory left writable is RuntimeDirectory= (node.state_dir, the hand-off
+# state), which systemd exempts from ProtectSystem=strict: a bind mount of its own.
+def read_only_fs(runtime_dir: Path) -> tuple[str, ...]:
+    rw = shlex.quote(str(runtime_dir))
+    return ("unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+            f'mkdir -p {rw} && mount --bind {rw} {rw} || exit 1; '
+            'for m in $(cut -d" " -f5 /proc/self/mountinfo | sort -u); do '
+            f'case "$m" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*|{rw}) ;; '
+            '*) mount -o remount,bind,ro "$m" 2>/dev/null || true ;; esac; done; exec "$@"',
+            "protect-system-strict")
+
+
 CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
 WANT = (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW)
 
@@ -62,8 +72,10 @@ def proc_caps(pid: int) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    lab = Lab(prefix="tcaps", state_root=tmp_path_factory.mktemp("labstate"),
-              agent_wrapper=(*READ_ONLY_FS, *SETPRIV))
+    root = tmp_path_factory.mktemp("labstate")
+    run_dir = Lab(prefix="tcaps", state_root=root).run_dir
+    lab = Lab(prefix="tcaps", state_root=root, agent_wrapper=(*read_only_fs(run_dir), *SETPRIV))
+    assert lab.run_dir == run_dir
     with lab.running(nodes=2, wait=60):
         yield lab
 
@@ -106,13 +118,15 @@ def mounts(pid: int) -> dict[str, set[str]]:
 
 
 def test_agent_runs_on_a_read_only_file_system(lab):
-    """ProtectSystem=strict: farmd serves (previous test) with every file system but /proc, /sys, /dev read-only."""
+    """ProtectSystem=strict: farmd serves (previous test) with every file system but /proc, /sys, /dev
+    read-only, and RuntimeDirectory= (its hand-off state) the one writable directory."""
     for n in ("n1", "n2"):
         pid = lab.pid(n, "agent")
         seen = mounts(pid)
         writable = sorted(m for m, opts in seen.items() if "rw" in opts and not m.startswith(("/proc", "/sys", "/dev"))
                           and not m.startswith("/run/netns/"))
-        assert "ro" in seen["/"] and writable == [], (n, writable)
+        assert "ro" in seen["/"] and writable == [str(lab.run_dir)], (n, writable)
+        assert list(lab.run_dir.glob(f"farmd-*-{n}.json")), f"{n} wrote no hand-off state"
         assert str(lab.dir).startswith("/") and "ro" in seen[max((m for m in seen if str(lab.dir).startswith(m)),
                                                                  key=len)]
         log = (lab.dir / f"{n}.agent.log").read_text()
