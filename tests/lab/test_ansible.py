@@ -10,8 +10,11 @@ namespaces (connection plugin nlbfarm_netns) and nlbfarm_service_manager: lab
 (no systemd here; farmd runs under the supervisor with the unit's two
 capabilities). Then upgrade.yml rolls a newer build over the farm, one node at
 a time, while a client keeps opening new connections and holds long-lived
-ones: 0 failed, 0 broken. Finally a node that does not come back aborts the
-rollout before the next node is touched.
+ones: 0 failed, 0 broken. By default each farmd restarts hitless (its successor
+adopts its leases and kernel state: the table generation does not change);
+with nlbfarm_upgrade_drain each node is drained first. Finally a refused
+configuration and a node that does not come back each abort the rollout
+before the next node is touched.
 """
 from __future__ import annotations
 
@@ -81,7 +84,8 @@ def inventory(lab: Lab, root: Path, wheelhouse: Path, version: str, hosts: list[
         nodes[n] = {"ansible_netns": lab.ns(n), "nlbfarm_addresses": c["node"]["addresses"],
                     "nlbfarm_peer_listen": c["status"]["peer_listen"],
                     "nlbfarm_install_dir": str(d / "opt/nlbfarm"), "nlbfarm_config_dir": str(d / "etc/nlbfarm"),
-                    "nlbfarm_unit_dir": str(d / "etc/systemd/system"), "nlbfarm_run_dir": str(d / "run/nlbfarm")}
+                    "nlbfarm_unit_dir": str(d / "etc/systemd/system"), "nlbfarm_run_dir": str(d / "run/nlbfarm"),
+                    "nlbfarm_state_dir": str(d / "run/nlbfarm")}
     return {"all": {"children": {"nlbfarm_nodes": {"hosts": nodes, "vars": {
         "ansible_connection": "nlbfarm_netns",
         "ansible_become": False,             # already root in the lab's namespaces; no sudo here
@@ -124,6 +128,12 @@ def farmd_pid(tmp: Path, node: str) -> int:
     return int((tmp / "hosts" / node / "run/nlbfarm/farmd.pid").read_text())
 
 
+def ran(stdout: str, task: str) -> list[str]:
+    """The headers of the tasks starting with ``task`` that ran (were not skipped), in order."""
+    return re.findall(r"^TASK \[(?:nlbfarm : )?(" + re.escape(task) + r"[^\]]*)\][^\n]*\n(?!skipping)",
+                      stdout, re.M)
+
+
 def failed_task(stdout: str, host: str) -> str:
     """The header of the task that failed first on ``host``, from ansible-playbook's output."""
     return stdout.split(f"\nfatal: [{host}]")[0].rsplit("\nTASK [", 1)[-1]
@@ -147,24 +157,27 @@ def farm(tmp_path_factory):
         for n in NODES:
             lab.start_app(n)
         wheelhouse = tmp / "wheelhouse"
-        old, new = base_version(), base_version() + ".post1"
+        old, new, newer = base_version(), base_version() + ".post1", base_version() + ".post2"
         build_wheel(tmp, old, wheelhouse, deps=True)
         build_wheel(tmp, new, wheelhouse, deps=False)
-        yield lab, tmp, wheelhouse, old, new
+        build_wheel(tmp, newer, wheelhouse, deps=False)
+        yield lab, tmp, wheelhouse, old, new, newer
     finally:
         lab.down()
     assert not lab.lab_namespaces()
 
 
-def write_inventory(farm, version: str, name: str) -> Path:
-    lab, tmp, wheelhouse, _, _ = farm
+def write_inventory(farm, version: str, name: str, **group_vars) -> Path:
+    lab, tmp, wheelhouse, *_ = farm
     inv = tmp / name
-    inv.write_text(yaml.safe_dump(inventory(lab, tmp / "hosts", wheelhouse, version, NODES), sort_keys=False))
+    data = inventory(lab, tmp / "hosts", wheelhouse, version, NODES)
+    data["all"]["children"]["nlbfarm_nodes"]["vars"].update(group_vars)
+    inv.write_text(yaml.safe_dump(data, sort_keys=False))
     return inv
 
 
 def test_install_from_nothing(farm):
-    lab, tmp, _, old, _ = farm
+    lab, tmp, _, old, *_ = farm
     for n in NODES:
         assert not (tmp / "hosts" / n).exists()
     inv = write_inventory(farm, old, "inventory-install.yml")
@@ -180,6 +193,7 @@ def test_install_from_nothing(farm):
         assert f"ExecStart={d}/opt/nlbfarm/.venv/bin/farmd --config {d}/etc/nlbfarm/farmd.yaml" in unit
         cfg = yaml.safe_load((d / "etc/nlbfarm/farmd.yaml").read_text())
         assert cfg["node"]["id"] == n and cfg["node"]["weight"] == 1
+        assert cfg["node"]["state_dir"] == str(d / "run/nlbfarm")  # nlbfarm_state_dir: hitless restarts
         # farmd runs with the unit's two capabilities only
         pid = farmd_pid(tmp, n)
         with open(f"/proc/{pid}/status") as f:
@@ -194,10 +208,55 @@ def test_install_from_nothing(farm):
     assert all(lab._alive(p) for p in pids_after.values())
 
 
-def test_rolling_upgrade_under_load(farm):
-    lab, tmp, _, old, new = farm
+def test_hitless_rolling_upgrade_under_load(farm):
+    """The default: each farmd hands its leases and kernel state to the new version's
+    process. Nothing moves: the same table generation, the same leases, 0 failed, 0 broken."""
+    lab, tmp, _, old, new, _ = farm
+    snap = lab.wait_converged(NODES, timeout=30)
+    generation, leases = snap.table.generation, {n: lab.member_lease(n) for n in NODES}
+    pids = {n: farmd_pid(tmp, n) for n in NODES}
+    inv = write_inventory(farm, new, "inventory-hitless.yml")
+    load = Load(lab, tmp, duration=HITLESS_LOAD_S)
+    try:
+        load.wait_until(load.t0 + 10)      # long-lived connections are open on every node
+        t = time.time()
+        cp = playbook("upgrade.yml", inv, timeout=HITLESS_LOAD_S - 15)
+        took = time.time() - t
+        (tmp / "hitless.out").write_text(cp.stdout + cp.stderr)
+        assert cp.returncode == 0, cp.stdout[-6000:] + cp.stderr[-2000:]
+        news, holds = load.finish(settle=SETTLE_S)
+    finally:
+        load.stop()
+    assert set(versions(lab).values()) == {new}, versions(lab)
+    snap = lab.wait_converged(NODES, timeout=30)
+    assert snap.table.generation == generation, "the upgrade moved buckets"
+    assert {n: lab.member_lease(n) for n in NODES} == leases, "a new farmd registered a new lease"
+    assert all(farmd_pid(tmp, n) != pids[n] for n in NODES), "a farmd was not restarted"
+    # serial: 1, no drain: each node handed over and was back before the next one started
+    order = re.findall(r"^TASK \[(?:nlbfarm : )?Upgrade; the new farmd adopts the old one's registration - (n\d)\]",
+                       cp.stdout, re.M)
+    assert order == NODES, cp.stdout[-3000:]
+    assert ran(cp.stdout, "Drain") == [] and ran(cp.stdout, "Undrain") == [], ran(cp.stdout, "Drain")
+    for n in NODES:
+        log = (tmp / "hosts" / n / "run/nlbfarm/farmd.log").read_text(errors="replace")
+        assert f"adopted the previous agent's lease node={n}" in log, log[-3000:]
+    broken, never = split_holds(holds)
+    news = sorted(news + never, key=lambda r: r["t"])
+    assert held_max(holds) >= HOLD_CONNS * 0.9
+    assert len(news) > 300
+    check_exactly_once(lab, news, NODES)
+    assert failures(news) == [], failures(news)[:5]
+    assert broken == [], broken[:5]
+    print(f"hitless rolling upgrade {old} -> {new}: {took:.0f} s, {len(news)} new connections, "
+          f"{len(holds)} long-lived, 0 failed, 0 broken, table generation {generation} throughout")
+
+
+def test_rolling_upgrade_with_drain_under_load(farm):
+    """nlbfarm_upgrade_drain (the application restarts too): each node drained, upgraded,
+    undrained and back in turn."""
+    lab, tmp, _, _, new, newer = farm
     lab.wait_converged(NODES, timeout=30)
-    inv = write_inventory(farm, new, "inventory-upgrade.yml")
+    inv = write_inventory(farm, newer, "inventory-upgrade.yml", nlbfarm_upgrade_drain=True)
     load = Load(lab, tmp, duration=UPGRADE_LOAD_S)
     try:
         load.wait_until(load.t0 + 10)      # long-lived connections are open on every node
@@ -208,12 +267,12 @@ def test_rolling_upgrade_under_load(farm):
         news, holds = load.finish(settle=SETTLE_S)
     finally:
         load.stop()
-    assert set(versions(lab).values()) == {new}, versions(lab)
+    assert set(versions(lab).values()) == {newer}, versions(lab)
     lab.wait_converged(NODES, timeout=30)
     # serial: 1 -- each node was drained, upgraded and back before the next one started
-    order = [line.split("[")[1].split("]")[0] for line in cp.stdout.splitlines()
-             if line.startswith("TASK [nlbfarm : Drain, and wait")]
-    assert len(order) == 3, cp.stdout[-3000:]
+    order = ran(cp.stdout, "Drain, and wait")
+    assert [o[-2:] for o in order] == NODES and len(ran(cp.stdout, "Undrain n")) == 3, cp.stdout[-3000:]
+    assert ran(cp.stdout, "Upgrade; the new farmd") == [], "the hitless block ran in a drained upgrade"
     broken, never = split_holds(holds)
     news = sorted(news + never, key=lambda r: r["t"])
     assert held_max(holds) >= HOLD_CONNS * 0.9
@@ -221,16 +280,16 @@ def test_rolling_upgrade_under_load(farm):
     check_exactly_once(lab, news, NODES)
     assert failures(news) == [], failures(news)[:5]
     assert broken == [], broken[:5]
-    print(f"rolling upgrade {old} -> {new}: {took:.0f} s, {len(news)} new connections, "
+    print(f"rolling upgrade with drain {new} -> {newer}: {took:.0f} s, {len(news)} new connections, "
           f"{len(holds)} long-lived, 0 failed, 0 broken")
 
 
 def test_a_refused_configuration_undrains_the_node_and_stops_the_rollout(farm):
     """n1's new configuration fails farmd --check after n1 was drained: the rescue undrains
     it, its old farmd keeps running with the old file and serves again, n2 and n3 are untouched."""
-    lab, tmp, _, _, new = farm
+    lab, tmp, *_, newer = farm
     lab.wait_converged(NODES, timeout=30)
-    inv = write_inventory(farm, new, "inventory-refused.yml")
+    inv = write_inventory(farm, newer, "inventory-refused.yml", nlbfarm_upgrade_drain=True)
     data = yaml.safe_load(inv.read_text())
     n1_vars = data["all"]["children"]["nlbfarm_nodes"]["hosts"]["n1"]
     timing = dict(data["all"]["children"]["nlbfarm_nodes"]["vars"]["nlbfarm_timing"])
@@ -257,9 +316,10 @@ def test_a_refused_configuration_undrains_the_node_and_stops_the_rollout(farm):
 
 
 def test_a_node_that_does_not_come_back_aborts_the_rollout(farm):
-    """n1's new configuration has a health check that never passes: n1 stays out, n2 and n3 are not touched."""
-    lab, tmp, _, _, new = farm
-    inv = write_inventory(farm, new, "inventory-broken.yml")
+    """n1's new configuration has a health check that never passes: after its hitless restart
+    n1 leaves the table, the rollout stops, n2 and n3 are not touched."""
+    lab, tmp, *_, newer = farm
+    inv = write_inventory(farm, newer, "inventory-broken.yml")
     data = yaml.safe_load(inv.read_text())
     data["all"]["children"]["nlbfarm_nodes"]["hosts"]["n1"].update({
         "nlbfarm_healthy_timeout": 12,
@@ -272,12 +332,13 @@ def test_a_node_that_does_not_come_back_aborts_the_rollout(farm):
     (tmp / "broken.out").write_text(cp.stdout + cp.stderr)
     assert cp.returncode != 0, cp.stdout[-3000:]
     assert "n1" in cp.stdout and "serves no connection - n2" not in cp.stdout, cp.stdout[-4000:]
-    # The task that failed is n1's wait for health, and the rescue undrained n1.
+    # The task that failed is n1's wait for health (after its hitless restart: no drain).
     tasks = re.findall(r"^TASK \[(?:nlbfarm : )?(.*?)\]", cp.stdout, re.M)
     fatal = failed_task(cp.stdout, "n1")
     assert fatal.startswith("nlbfarm : Wait until the node is active, in the table and healthy - n1"), \
         cp.stdout[-4000:]
-    assert "Undrain after the failed upgrade - n1" in tasks and "Stop the rollout" in tasks, tasks
+    assert "Stop the rollout" in tasks and ran(cp.stdout, "Drain") == [] and ran(cp.stdout, "Undrain") == [], tasks
+    assert "Upgrade; the new farmd adopts the old one's registration - n1" in tasks, tasks
     assert re.search(r'upgrade of n1 failed at \\?"Wait until the node is active', cp.stdout), cp.stdout[-3000:]
     assert "n1" not in lab.snapshot().drains
     # n2 and n3: same config, and the same farmd processes (never restarted)
@@ -290,3 +351,4 @@ def test_a_node_that_does_not_come_back_aborts_the_rollout(farm):
 
 
 UPGRADE_LOAD_S = 160
+HITLESS_LOAD_S = 100
