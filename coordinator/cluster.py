@@ -53,6 +53,7 @@ MAX_LARGE_VALUE = 1 << 20     # table, applied
 MAX_SMALL_VALUE = 16 << 10    # cluster, members, drain
 MAX_TEXT = 512                # one string field of a member record
 MAX_ADDRESSES = 16
+MAX_FENCE_MS = 300_000        # a member record's fence_ms (timing.lease_ttl is at most 300 s)
 MAX_MEMO = 256                # owner sets a table record remembers
 NODE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 # A lease-bound record must say which lease: 0 means "no lease".
@@ -137,6 +138,12 @@ class Member:
     # stopped and a successor is about to adopt this record (node/handoff.py).
     # Written only when true, so records of agents without it look as before.
     handing_over: bool = False
+    # The longest fence element this agent process may have left in its
+    # kernel, in milliseconds, outside a planned restart (which says
+    # ``handing_over``). Peers that see the process die wait this long before
+    # certifying it dead (node/liveness.py). 0: no figure, no certificate
+    # (records of agents without it look as before).
+    fence_ms: int = 0
 
     def encode(self) -> bytes:
         d = {"id": self.id, "weight": self.weight, "state": self.state,
@@ -145,6 +152,8 @@ class Member:
              "rules": self.rules}
         if self.handing_over:
             d["handing_over"] = True
+        if self.fence_ms:
+            d["fence_ms"] = self.fence_ms
         return json.dumps(d, sort_keys=True).encode()
 
     @classmethod
@@ -164,7 +173,9 @@ class Member:
         handing_over = d.get("handing_over", False)
         if not isinstance(handing_over, bool):
             raise ValueError(f"handing_over must be true or false, got {str(handing_over)[:80]!r}")
-        return cls(node_id, weight, state, tuple(addresses), **fields, handing_over=handing_over)
+        fence_ms = _int(d.get("fence_ms", 0), "fence_ms", 0, MAX_FENCE_MS)
+        return cls(node_id, weight, state, tuple(addresses), **fields, handing_over=handing_over,
+                   fence_ms=fence_ms)
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,21 @@ class FarmStore:
         return self.store.compare_and_swap(member_key(self.prefix, member.id), member.encode(),
                                            expected_revision, lease_id=lease_id)
 
+    def retire_dead(self, node_id: str, member_revision: int, applied_revision: int,
+                    deadline: float | None = None) -> bool:
+        """A peer's certificate of death: delete members/<id> and applied/<id> together, only
+        if neither changed since it was read (applied_revision 0: it must not exist).
+
+        Both go at once, as when their leases expire: peers take the node's
+        buckets right away (see node/liveness.py for when that is safe).
+        """
+        return self.store.delete_if_unchanged(
+            {member_key(self.prefix, node_id): member_revision, applied_key(self.prefix, node_id): applied_revision},
+            deadline=deadline)
+
+    def applied_record(self, node_id: str) -> KV | None:
+        return self.store.get(applied_key(self.prefix, node_id))
+
     def announce(self, member: Member, lease_id: int, deadline: float | None = None) -> int:
         """Rewrite this node's member record (state changes, or re-creating a deleted one)."""
         return self.store.put(member_key(self.prefix, member.id), member.encode(), lease_id=lease_id,

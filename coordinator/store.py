@@ -225,6 +225,13 @@ class Store(abc.ABC):
         """Delete ``key``; ``True`` if it existed."""
 
     @abc.abstractmethod
+    def delete_if_unchanged(self, expected: Mapping[str, int], deadline: float | None = None) -> bool:
+        """Delete every key of ``expected`` in one transaction, only if each key's
+        mod_revision still equals its expected one (0: the key must not exist).
+        ``False`` (nothing deleted) if any did not match, also when a retry
+        finds that the first attempt was applied."""
+
+    @abc.abstractmethod
     def watch_prefix(
         self,
         prefix: str,

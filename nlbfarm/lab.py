@@ -146,7 +146,7 @@ def plug_host(lan: str, ns: str, port: str, cidrs: list[str], port_up: bool = Tr
 @dataclass
 class LabTiming:
     lease_ttl: int = 3
-    fence_timeout: float = 1.0
+    fence_timeout: float = 0.4
     keepalive_interval: float = 0.25
     leave_timeout: float = 10.0
     drain_timeout: float = 60.0

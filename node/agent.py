@@ -11,6 +11,8 @@ Who owns what (one owner for each piece of mutable state):
 * the **module supervisor** (``node/supervisor.py``) owns the application:
   its commands (on its own executor), health checks and restart protection;
 * the etcd **watch** thread only updates ``ClusterCache`` and wakes the loop;
+* the **liveness** watcher (``node/liveness.py``) holds idle connections to
+  the peers' listeners and retires a peer whose agent it certified dead;
 * the gRPC status server and the metrics endpoint only read, apart from
   drain/undrain requests, which are written to etcd like any operator's.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import random
 import secrets
@@ -52,8 +55,9 @@ from nlbfarm.node.handoff import (
     HandoffState, adoption_refusal, boot_id, continuity_refusal, handoff_refusal, handoff_until,
     local_after_adoption, predecessor_alive, process_start, read_state, remove_state, state_path, write_state)
 from nlbfarm.node.lease import LeaseKeeper
+from nlbfarm.node.liveness import LivenessWatch, Verdict, Watched, judge
 from nlbfarm.node.metrics import AgentMetrics
-from nlbfarm.node.peers import Peer, PeerProbe, peer_tls
+from nlbfarm.node.peers import Peer, PeerProbe, foreign_answer, peer_tls
 from nlbfarm.node.supervisor import ModuleSupervisor
 from nlbfarm.node.vip import Vip
 
@@ -97,6 +101,7 @@ class Agent:
         self.keeper = LeaseKeeper(self.me, self.timing, self.farm, self.dp, link_up=self._link_up,
                                   member_present=self._member_present, peers=self._peers,
                                   probe=self.probe, wake=self.wake)
+        self.liveness = LivenessWatch(self._watched_peers, self._identify_peer, self.retire_dead)
         self._watch = None
         self._own_missing_since: float | None = None
         self.leave_started: float | None = None
@@ -116,6 +121,7 @@ class Agent:
                            if cfg.node.state_dir else None)
         self._saved_state: HandoffState | None = None
         self.adopted: HandoffState | None = None
+        self._adopted_fence_ms = 0  # the fence figure the adoption's swap published
         self.restart_requested = threading.Event()
         self.handed_off = False
         self._pid_start = process_start(os.getpid()) or 0
@@ -188,10 +194,18 @@ class Agent:
             return settings
         return None
 
-    def _member(self, state: str, reason: str = "", handing_over: bool = False) -> Member:
+    @property
+    def fence_ms(self) -> int:
+        """The longest fence element this process writes outside a planned restart."""
+        return int(math.ceil(self.cfg.timing.fence_timeout * 1000))
+
+    def _member(self, state: str, reason: str = "", handing_over: bool = False, fence_ms: int = 0) -> Member:
+        if self._adopted_fence_ms and self.dp.fence_expires_at - time.monotonic() <= self.cfg.timing.fence_timeout:
+            self._adopted_fence_ms = 0  # the fence thread rewrote the adopted element since
+        fence_ms = max(fence_ms, self._adopted_fence_ms)
         return Member(self.me, self.cfg.node.weight, state, self.cfg.node.addresses, __version__,
                       self.instance, self.cfg.status.peer_address, reason, self.rules_digest,
-                      handing_over=handing_over)
+                      handing_over=handing_over, fence_ms=max(fence_ms, self.fence_ms))
 
     def _desired_state(self, snap: ClusterSnapshot | None) -> tuple[str, str]:
         leaving = self.leave_started is not None
@@ -295,7 +309,11 @@ class Agent:
                      "the old lease expired before the successor renewed it")
             self.dp.close_fence_of(table, interface)
             return False
-        if not self.farm.swap_member(self._member(record.state, record.reason), state.lease_id, kv.mod_revision):
+        # The record says how long the element in the kernel may live: a
+        # planned restart's is longer than fence_timeout until it is rewritten.
+        long_ms = int(math.ceil(left * 1000)) + 1
+        if not self.farm.swap_member(self._member(record.state, record.reason, fence_ms=long_ms),
+                                     state.lease_id, kv.mod_revision):
             # Whoever changed the record owns what happens next; our kernel
             # must not serve on the predecessor's element meanwhile.
             log.warning("not adopting the previous agent's lease node=%s reason=%r", self.me,
@@ -307,6 +325,7 @@ class Agent:
         # delivers the swap itself.
         self.cache.reset(items, rev)
         self.keeper.adopt(state.lease_id, state.applied_lease, sent, acquire_after=state.acquire_after)
+        self._adopted_fence_ms = long_ms
         self.local = remember_table(local_after_adoption(state, record.state, record.reason),
                                     self.cache.snapshot().table, time.monotonic(), self.timing.table_memory)
         self.adopted = state
@@ -316,6 +335,69 @@ class Agent:
         self.events.publish("adopted", self.me, f"{self.me} adopted lease {state.lease_id:x} from agent "
                             f"{state.instance}", planned=bool(state.handing_over_until))
         return True
+
+    def _shorten_adopted_fence(self) -> None:
+        """After adopting a planned restart's long element: rewrite it to at most fence_timeout
+        (the fence thread's own refresh), then say so in the record.
+
+        In this order: a peer that certifies this process dead in between
+        still waits for the longer figure the swap wrote.
+        """
+        if self._adopted_fence_ms <= self.fence_ms:
+            return
+        self.keeper.refresh_fence_once()
+        if self.dp.fence_expires_at - time.monotonic() > self.cfg.timing.fence_timeout:
+            log.warning("could not shorten the adopted fence element node=%s: peers keep waiting %d ms "
+                        "before certifying this agent dead", self.me, self._adopted_fence_ms)
+            return
+        try:
+            kv, record = self.farm.member_record(self.me)
+            if record is None or record.instance != self.instance:
+                return
+            # A CAS: a state change the loop wrote meanwhile is not overwritten.
+            if not self.farm.swap_member(self._member(record.state, record.reason), kv.lease, kv.mod_revision):
+                return
+        except StoreError as exc:
+            log.warning("could not publish the fence figure node=%s reason=%s", self.me, exc)
+            return
+        self._adopted_fence_ms = 0
+
+    # ---- certificates of death (node/liveness.py) -------------------------------
+
+    def _watched_peers(self) -> list[Watched]:
+        snap = self.cache.snapshot()
+        return [Watched(m.id, m.instance, m.peer) for m in snap.members.values()
+                if m.id != self.me and m.peer and m.instance and m.fence_ms and not m.handing_over]
+
+    def _identify_peer(self, peer: Watched) -> bool:
+        answer = self.probe.ask(peer.id, peer.addr)
+        return answer is not None and foreign_answer(
+            self.me, self.instance, Peer(peer.id, peer.instance, peer.addr), answer) is None
+
+    def retire_dead(self, peer: Watched, refused_at: float) -> tuple[Verdict, float]:
+        """The liveness watcher's certificate: delete a dead peer's records once its fence has closed.
+
+        Rules 1-5 of node/liveness.py, on a fresh read of both records.
+        """
+        now = time.monotonic()
+        try:
+            kv, record = self.farm.member_record(peer.id)
+            verdict, due = judge(record, peer.instance, True, refused_at, now, self.cfg.timing.fence_timeout)
+            if verdict is not Verdict.DEAD:
+                return verdict, due
+            applied = self.farm.applied_record(peer.id)
+            if not self.farm.retire_dead(peer.id, kv.mod_revision, applied.mod_revision if applied else 0,
+                                         deadline=self.timing.late_after):
+                return Verdict.OTHER_INSTANCE, 0.0  # changed meanwhile: judged again on the next refusal
+        except StoreError as exc:
+            log.warning("cannot retire dead peer %s yet reason=%s", peer.id, exc)
+            return Verdict.WAIT, now + 0.5
+        took = time.monotonic() - refused_at
+        log.warning("retired peer node=%s instance=%s: its listener refused %.2fs ago and its fence has closed",
+                    peer.id, peer.instance, took)
+        self.events.publish("peer_retired", peer.id, f"{self.me} retired {peer.id}: its agent died "
+                            f"({took:.2f} s after its listener refused)")
+        return Verdict.DEAD, due
 
     def _wait_for_record_gone(self, state: HandoffState) -> None:
         """Until the predecessor's member record expires (at most its lease TTL and a keepalive)."""
@@ -417,6 +499,7 @@ class Agent:
         """Exit without touching what the successor adopts: VIP, rules, leases, application."""
         if self._watch is not None:
             self._watch.cancel()
+        self.liveness.stop()
         self.probe.close()
         self.store.close()
         self.events.close()
@@ -464,6 +547,9 @@ class Agent:
         self.vip.up()
         self._watch = self.farm.watch(self.cache.on_event, start_revision=self.cache.revision + 1)
         self.keeper.start()
+        self.liveness.start()
+        if self.adopted is not None:
+            self._shorten_adopted_fence()
         if self.adopted is not None:
             self.supervisor.resume(dict(self.adopted.checks))
         else:
@@ -733,6 +819,7 @@ class Agent:
                 break
         if self.state_path:
             remove_state(self.state_path)  # a graceful stop: nothing for a successor to adopt
+        self.liveness.stop()
         self.probe.close()
         self.store.close()
         self.stop_module()

@@ -8,9 +8,9 @@ executes the :class:`Plan`; the lease keeper (``node/lease.py``) asks
 and clock, so every rule below is tried against faults and interleavings.
 
 Timing (``Timing``, derived from the configuration; defaults in brackets:
-lease_ttl T 3 s, fence_timeout Ft 1 s, keepalive_interval K 0.5 s,
+lease_ttl T 3 s, fence_timeout Ft 0.4 s, keepalive_interval K 0.5 s,
 etcd.timeout E 1 s, margin M 0.2 s, probe P = min(0.5, K), fence refresh
-R = min(0.25, K/2)):
+R = min(0.25, K/2, Ft/3)):
 
 * The fence deadline is computed from *send* times of successful keepalives:
   ``last_ok_sent + T - M``. etcd counts the lease from when it *received* that
@@ -83,8 +83,9 @@ class Timing:
 
     @property
     def fence_refresh(self) -> float:
-        """How often the keeper re-writes the fence element."""
-        return min(0.25, self.keepalive_interval / 2)
+        """How often the keeper re-writes the fence element: three times per element life, so
+        that a thread late by two thirds of fence_timeout still finds the fence open."""
+        return min(0.25, self.keepalive_interval / 2, self.fence_timeout / 3)
 
     @property
     def late_after(self) -> float:

@@ -94,6 +94,10 @@ class PeerProbe:
             ch = self._channels[addr] = _tls.channel(addr, self.tls)
         return farm_pb2_grpc.FarmStub(ch)
 
+    def ask(self, node: str, addr: str):
+        """One EtcdReachability call (the answer names the peer's node id and instance), or None."""
+        return self._ask(node, addr)
+
     def _ask(self, node: str, addr: str):
         try:
             return self._stub(addr).EtcdReachability(

@@ -1,7 +1,7 @@
 """Failover and convergence: how long new connections fail after a fault, next to keepalived.
 
 One 3-node lab (prefix ``bnx``, Debian's nginx under the farm module, lab
-timing: ``lease_ttl`` 3 s, ``fence_timeout`` 1 s, ``keepalive_interval``
+timing: ``lease_ttl`` 3 s, ``fence_timeout`` 0.4 s, ``keepalive_interval``
 0.25 s) is reused for every trial. A bounded load client in the client
 namespace opens new HTTP connections to the VIP (4 workers, 10 ms pause, 1 s
 timeout) from 1 s before the fault until the survivors serve every bucket

@@ -20,6 +20,7 @@ exactly that schedule again.
 from __future__ import annotations
 
 import heapq
+import math
 import random
 import threading
 from dataclasses import dataclass, field, replace
@@ -35,7 +36,8 @@ from nlbfarm.coordinator.table import bucket_ranges
 from nlbfarm.node.dataplane import HOLD_SLACK_S, MIN_FENCE_MS, fence_seconds
 from nlbfarm.node.handoff import (
     HandoffState, adoption_refusal, continuity_refusal, handoff_refusal, handoff_until, local_after_adoption)
-from nlbfarm.node.peers import Peer, judge_answers
+from nlbfarm.node.liveness import Verdict, judge
+from nlbfarm.node.peers import Peer, foreign_answer, judge_answers
 
 PREFIX = "/nlbfarm/sim"
 TIMEOUT = object()      # an RPC that got no answer in time
@@ -137,6 +139,12 @@ class Etcd:
         if kind == "delete":
             self._delete([op[1]])
             return True
+        if kind == "txn_delete":  # Store.delete_if_unchanged
+            expected = op[1]
+            if any((s.kv[k][1] if k in s.kv else 0) != rev for k, rev in expected.items()):
+                return False
+            self._delete(sorted(k for k in expected if k in s.kv))
+            return True
         if kind == "read":
             scope = op[1]
             return ({k: v for k, v in s.kv.items() if k.startswith(scope)}, s.revision)
@@ -193,6 +201,9 @@ class SimNode:
         self.state_file: HandoffState | None = None  # survives the agent, not the machine
         self.handoff_delay: float | None = None      # a planned restart was asked for; successor after this
         self.adoptions = 0
+        self.machine_up = True           # False between a crash and the machine's restart
+        self.retired: list[tuple[float, str]] = []  # (time, peer) this node certified dead
+        self.adopted_fence_ms = 0
         self._boot()
 
     # -- agent lifecycle ------------------------------------------------------------------
@@ -206,6 +217,7 @@ class SimNode:
         self.view = LeaseView()
         self.loop_ok = self.clock()
         self.waiting_loop: Proc | None = None
+        self.wake_pending = False
         self.watch_connected = False
         self.own_missing_since = None
         self.watch_rev = 0
@@ -227,10 +239,12 @@ class SimNode:
         self.kernel = Kernel()
         self.boot += 1
         self.state_file = None
+        self.machine_up = False
         self.sim.kernel_changed(self)
 
     def restart(self) -> None:
         self.incarnation += 1
+        self.machine_up = True
         self._boot()
 
     def clock(self) -> float:
@@ -317,11 +331,14 @@ class SimNode:
     # -- the agent's threads -------------------------------------------------------------------
 
     def wake(self) -> None:
+        """``Agent.wake.set()``: a wake while the loop is busy is kept for its next wait."""
         p = self.waiting_loop
         if p is not None and p.waiting:
             p.waiting = False
             p.token += 1
             self.sim.after(0, lambda: self.sim.step(p))
+        else:
+            self.wake_pending = True
 
     def rpc(self, op, timeout=None):
         return ("rpc", op, self.sim.timing.etcd_timeout if timeout is None else timeout)
@@ -353,6 +370,10 @@ class SimNode:
         self.sim.spawn(self, self.keepalive_proc())
         self.sim.spawn(self, self.fence_proc())
         self.sim.spawn(self, self.prober_proc())
+        self.sim.spawn(self, self.liveness_proc())
+        if adopted and self.adopted_fence_ms:
+            yield ("sleep", 0.05)  # the rest of Agent.start(): the VIP, the watch, the threads
+            yield from self.shorten_adopted_fence()
         while True:
             yield ("wait", t.keepalive_interval)
             if self.handoff_delay is not None:
@@ -423,6 +444,81 @@ class SimNode:
         self.sim.after(delay, self.restart)
         return True
 
+    def shorten_adopted_fence(self):
+        """``Agent._shorten_adopted_fence``: rewrite the element, then publish the normal figure by CAS."""
+        t = self.sim.timing
+        self.refresh_fence(fence_deadline(self.view, t, self.lan_up, self.member_present())[0])
+        if self.kernel.fence_expires - self.sim.now > self.local_to_global(t.fence_timeout):
+            return
+        key = f"{PREFIX}/members/{self.id}"
+        cur = yield self.rpc(("get", key))
+        if cur is TIMEOUT or cur is None:
+            return
+        try:
+            record = Member.decode(self.id, cur[0])
+        except ValueError:
+            return
+        if record.instance != self.instance:
+            return
+        self.adopted_fence_ms = 0
+        r = yield self.rpc(("cas", key, self.member(record.state, record.reason).encode(), cur[1], cur[2]))
+        if r is not True:
+            self.adopted_fence_ms = record.fence_ms  # not published: keep saying the longer figure
+
+    def liveness_proc(self):
+        """``LivenessWatch`` and ``Agent.retire_dead``: certify a peer dead when its listener refuses.
+
+        A connection is refused when the peer's machine is up and reachable but
+        its agent process is gone; a paused agent still listens; a crashed
+        machine, or a cut link, does not answer at all.
+        """
+        t = self.sim.timing
+        verified: set[tuple[str, str]] = set()
+        refused: dict[str, tuple[str, float]] = {}
+        while True:
+            yield ("sleep", 0.02)
+            if self.threads_stopped:
+                return
+            snap = self.cache.snapshot()
+            for m in sorted(snap.members.values(), key=lambda m: m.id):
+                if m.id == self.id or not m.peer or not m.fence_ms or m.handing_over:
+                    continue
+                other = self.sim.nodes.get(m.peer.removeprefix("peer:"))
+                if other is None or not other.machine_up or not self.sim.net.peer(self.id, other.id) \
+                        or not self.sim.net.peer(other.id, self.id):
+                    continue  # no answer at all
+                if other.alive or other.answer_as_self:
+                    a = other.answer(self)
+                    if a is not None and foreign_answer(self.id, self.instance, Peer(m.id, m.instance, m.peer),
+                                                        a) is None:
+                        verified.add((m.id, m.instance))
+                    refused.pop(m.id, None)
+                    continue
+                if (m.id, m.instance) in verified and refused.get(m.id, ("",))[0] != m.instance:
+                    refused[m.id] = (m.instance, self.clock())
+            for node_id, (instance, at) in sorted(refused.items()):
+                rec = snap.members.get(node_id)
+                verdict, _due = judge(rec, instance, True, at, self.clock(), t.fence_timeout)
+                if verdict is Verdict.WAIT:
+                    continue
+                del refused[node_id]
+                if verdict is not Verdict.DEAD:
+                    continue
+                mkey, akey = f"{PREFIX}/members/{node_id}", f"{PREFIX}/applied/{node_id}"
+                cur = yield self.rpc(("get", mkey))
+                app = yield self.rpc(("get", akey))
+                if cur is TIMEOUT or app is TIMEOUT or cur is None:
+                    continue
+                try:
+                    fresh = Member.decode(node_id, cur[0])
+                except ValueError:
+                    continue
+                if judge(fresh, instance, True, at, self.clock(), t.fence_timeout)[0] is not Verdict.DEAD:
+                    continue
+                r = yield self.rpc(("txn_delete", {mkey: cur[1], akey: app[1] if app else 0}))
+                if r is True:
+                    self.retired.append((self.sim.now, node_id))
+
     def stop_threads(self) -> None:
         """Every thread but the loop's stops (the loop ends right after)."""
         self.threads_stopped = True
@@ -460,7 +556,8 @@ class SimNode:
             self.close_fence()
             self.sim.kernel_changed(self)
             return False
-        member = Member(self.id, 1, record.state, (), "sim", self.instance, f"peer:{self.id}", record.reason, "")
+        long_ms = int(math.ceil(left * 1000)) + 1
+        member = self.member(record.state, record.reason, fence_ms=long_ms)
         r = yield self.rpc(("cas", f"{PREFIX}/members/{self.id}", member.encode(), cur[1], state.lease_id))
         if r is not True:
             self.close_fence()
@@ -472,6 +569,7 @@ class SimNode:
         self.local = remember_table(local_after_adoption(state, record.state, record.reason),
                                     self.cache.snapshot().table, self.clock(), t.table_memory)
         self.adoptions += 1
+        self.adopted_fence_ms = long_ms if long_ms > int(math.ceil(t.fence_timeout * 1000)) else 0
         return True
 
     def register(self):
@@ -484,8 +582,7 @@ class SimNode:
         applied_lease = yield from self.call(("grant", t.lease_ttl), 5.0)
         if applied_lease is TIMEOUT:
             return False
-        member = Member(self.id, 1, self.desired()[0], (), "sim", self.instance, f"peer:{self.id}",
-                        self.desired()[1], "")
+        member = self.member(*self.desired())
         created = yield from self.call(("create", f"{PREFIX}/members/{self.id}", member.encode(), lease), 5.0)
         if created is not True:
             yield from self.call(("revoke", lease), 1.0)
@@ -502,6 +599,12 @@ class SimNode:
         self.local = remember_table(replace(self.local, published=None, published_revision=0),
                                     self.cache.snapshot().table, self.clock(), t.table_memory)
         return True
+
+    def member(self, state: str, why: str, fence_ms: int = 0, handing_over: bool = False) -> Member:
+        """``Agent._member``: the record names the longest fence element this process may have left."""
+        own = int(math.ceil(self.sim.timing.fence_timeout * 1000))
+        return Member(self.id, 1, state, (), "sim", self.instance, f"peer:{self.id}", why, "",
+                      handing_over=handing_over, fence_ms=max(own, fence_ms, self.adopted_fence_ms))
 
     def desired(self) -> tuple[str, str]:
         if not self.lan_up:
@@ -532,7 +635,7 @@ class SimNode:
         lease = self.view.lease_id
         if plan.member_write is not None:
             st, why = plan.member_write
-            member = Member(self.id, 1, st, (), "sim", self.instance, f"peer:{self.id}", why, "")
+            member = self.member(st, why)
             r = yield from self.call(("put", f"{PREFIX}/members/{self.id}", member.encode(), lease), write)
             if r is NOT_FOUND:
                 self.lease_lost()
@@ -547,7 +650,10 @@ class SimNode:
             return
         k = plan.kernel
         yield ("sleep", self.nft_delay)  # the transaction's own time (slow nft: long)
-        self.commit_ruleset(k.accepting, plan.fence_until is not None, plan.fence_until)
+        # As DataPlane.apply: an open fence's element that cannot outlive the
+        # deadline stays through the rebuild (it is not rewritten to fence_timeout).
+        self.commit_ruleset(k.accepting, plan.fence_until is not None, plan.fence_until,
+                            keep_element=self.kernel.fence_open)
         self.local = plan.next
         self.save_state()
         if plan.publish is not None:
@@ -670,7 +776,7 @@ class Sim:
                  timing: Timing | None = None, skew: float = 0.0):
         self.seed = seed
         self.rng = random.Random(seed)
-        self.timing = timing or Timing(3, 1, 0.5, 1.0)
+        self.timing = timing or Timing(3, 0.4, 0.5, 1.0)
         self.buckets = buckets
         self.schedule = schedule
         self.now = 0.0
@@ -720,6 +826,10 @@ class Sim:
         if kind == "sleep":
             self.after(node.local_to_global(cmd[1]), lambda: self.step(p))
         elif kind == "wait":
+            if node.wake_pending:
+                node.wake_pending = False
+                self.after(0, lambda: self.step(p))
+                return
             p.waiting = True
             p.token += 1
             token = p.token

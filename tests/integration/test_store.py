@@ -248,6 +248,26 @@ def test_compare_and_swap(store, prefix):
     assert store.get(key) == kv2
 
 
+def test_delete_if_unchanged_deletes_all_or_nothing(store, prefix):
+    m, a, absent = prefix + "members/x", prefix + "applied/x", prefix + "applied/y"
+    store.put(m, b"m1")
+    store.put(a, b"a1")
+    km, ka = store.get(m), store.get(a)
+    # One key changed since it was read: nothing goes.
+    store.put(a, b"a2")
+    assert store.delete_if_unchanged({m: km.mod_revision, a: ka.mod_revision}) is False
+    assert store.get(m) == km and store.get(a).value == b"a2"
+    # A key that must not exist, but does: nothing goes.
+    assert store.delete_if_unchanged({m: km.mod_revision, a: 0}) is False
+    assert store.get(m) == km
+    # Both as read (a missing key given as 0): both go, in one revision.
+    ka2 = store.get(a)
+    assert store.delete_if_unchanged({m: km.mod_revision, a: ka2.mod_revision, absent: 0}) is True
+    assert store.get(m) is None and store.get(a) is None and store.get(absent) is None
+    # Again: the keys are gone, the condition fails.
+    assert store.delete_if_unchanged({m: km.mod_revision}) is False
+
+
 def test_racing_cas_has_exactly_one_winner_per_round(etcd_server, store, prefix):
     key = prefix + "race"
     store.put(key, b"init")

@@ -437,3 +437,49 @@ def test_drain_timeout_ends_old_connections(make_lab, tmp_path):
     assert all(r["node"] == "n1" and "Reset" in r["error"] for r in broken), broken[:3]
     assert all(t + 2 < r["t1"] < t + 3 + 4 for r in broken), [round(r["t1"] - t, 1) for r in broken]
     farmctl(lab, "n2", "undrain", "n1")
+
+
+def test_kill_9_of_one_agent_is_certified_and_taken_over_in_well_under_a_second(make_lab, tmp_path):
+    """kill -9 of farmd, the application running, no supervisor: the peers see its listener
+    refuse, wait out its fence (0.4 s by default) and retire its records, long before its
+    lease would expire. New connections fail for under 2 s here (the issue's goal is 0.6 s
+    at p99; ``make bench`` measures it), no connection is accepted twice, and nothing waits
+    for the lease."""
+    from nlbfarm.bench.failover import recovery
+    lab = make_lab(3)
+    assert lab.timing.fence_timeout == 0.4 and lab.timing.lease_ttl == 3
+    load = Load(lab, tmp_path, duration=30)
+    try:
+        load.wait_until(load.t0 + 3)
+        t_fault = time.time()
+        lab.kill("n2", "agent")
+        lab.wait_converged(["n1", "n3"], timeout=10)
+        t_takeover = time.time()
+        news, _holds = load.finish(settle=3)
+    finally:
+        load.stop()
+    rec = recovery(news, t_fault)
+    record("kill -9 of one agent, certified by its peers", {
+        "failed": rec["failed"], "new_connections": len(news), "recovery_s": rec["recovery_s"]})
+    assert rec["recovered"], rec
+    assert rec["recovery_s"] < 2.0, (rec, timeline(lab, ["n1", "n3"]))
+    assert t_takeover - t_fault < lab.timing.lease_ttl, "the survivors waited for the lease"
+    logs = "".join((lab.dir / f"{n}.agent.log").read_text() for n in ("n1", "n3"))
+    assert "retired peer node=n2" in logs, logs[-3000:]
+    check_exactly_once(lab, news, ["n1", "n2", "n3"])
+
+
+def test_a_paused_agent_is_never_certified_dead(make_lab, tmp_path):
+    """SIGSTOP: the agent's listener still accepts connections (its kernel answers), so no peer
+    may certify it dead; its fence closes by itself and the lease decides, as before."""
+    lab = make_lab(3)
+    lab.kill("n2", "agent", sig=signal.SIGSTOP, wait=0)
+    try:
+        deadline = time.time() + lab.timing.lease_ttl + 10
+        while time.time() < deadline and "n2" in lab.snapshot().members:
+            time.sleep(0.1)
+        assert "n2" not in lab.snapshot().members, "n2's lease never expired"
+    finally:
+        lab.kill("n2", "agent", sig=signal.SIGCONT, wait=0)
+    logs = "".join((lab.dir / f"{n}.agent.log").read_text() for n in ("n1", "n3"))
+    assert "retired peer" not in logs

@@ -134,7 +134,8 @@ def test_a_crash_restarted_while_the_fence_lives_is_adopted(tmp_path):
     kernel went on accepting the node's buckets (its app kept serving), and the successor
     adopts the lease and that element, so no connection fails and nothing moves. A fence
     of 3 s here leaves the successor time to start on a loaded 2-core machine; with the
-    default 1 s a slower start registers anew (test_safety.py pins that path)."""
+    default 0.4 s a slower start is certified dead by its peers and registers anew
+    (test_safety.py pins the path without a state file)."""
     with fresh_labs("trstc", tmp_path / "lab") as make:
         lab = make(3, supervise=True, supervise_delay=0.3,
                    timing=LabTiming(lease_ttl=6, fence_timeout=3.0))

@@ -23,7 +23,7 @@ def merged(**sections):
 def test_minimal_config_gets_sane_defaults():
     cfg = parse_config(GOOD)
     assert cfg.cluster.buckets == 4096
-    assert cfg.timing.lease_ttl == 3 and cfg.timing.fence_timeout == 1
+    assert cfg.timing.lease_ttl == 3 and cfg.timing.fence_timeout == 0.4
     assert cfg.status.listen == "127.0.0.1:7400"  # loopback by default
     assert cfg.key_prefix == "/nlbfarm/default"
     assert cfg.nft.table == "nlbfarm"
@@ -104,9 +104,15 @@ def test_farmd_check_exits_nonzero_and_changes_nothing(tmp_path, capsys):
     assert "timing: fence_timeout (2 s) must be less than lease_ttl (2 s)" in err
 
 
+def test_a_fence_shorter_than_two_keepalives_is_refreshed_on_its_own_tick():
+    # The fence thread rewrites the element three times per fence_timeout,
+    # whatever the keepalive interval: the old "2 x keepalive <= fence" rule is gone.
+    cfg = parse_config(merged(timing={"lease_ttl": 5, "fence_timeout": 0.3, "keepalive_interval": 0.8}))
+    from nlbfarm.node.decide import Timing
+    assert Timing.from_config(cfg).fence_refresh == pytest.approx(0.1)
+
+
 @pytest.mark.parametrize("timing, etcd, words", [
-    ({"lease_ttl": 5, "fence_timeout": 1, "keepalive_interval": 0.8}, {},
-     "keepalive_interval (0.8 s) must be at most half of fence_timeout (1 s)"),
     ({"lease_ttl": 3, "fence_timeout": 1}, {"timeout": 1.5},
      "etcd.timeout (1.5 s) must be at most half of timing.lease_ttl - timing.fence_timeout (2 s)"),
 ])
