@@ -389,6 +389,9 @@ class Agent:
             if not self.farm.retire_dead(peer.id, kv.mod_revision, applied.mod_revision if applied else 0,
                                          deadline=self.timing.late_after):
                 return Verdict.OTHER_INSTANCE, 0.0  # changed meanwhile: judged again on the next refusal
+            # Nothing may use the leases now: if the node lives after all, its
+            # next keepalive finds them gone and it starts from nothing.
+            self._revoke_quietly(kv.lease, applied.lease if applied else 0)
         except StoreError as exc:
             log.warning("cannot retire dead peer %s yet reason=%s", peer.id, exc)
             return Verdict.WAIT, now + 0.5

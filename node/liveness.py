@@ -26,12 +26,18 @@ it when the agent dies, and the watcher then asks again at once. The rules
    element for its successor (``node/handoff.py``).
 3. The record gives ``fence_ms`` (agents without it get no certificate).
 4. The refusal came at ``refused_at`` (when its answer arrived, the latest
-   instant the process can have died); the records go no earlier than
-   ``refused_at + max(fence_ms, this node's fence_timeout) + CERT_MARGIN_S``.
+   instant the process can have died), on the first attempt after a
+   connection that was verified (rule 1) when it was made, closed; the
+   records go no earlier than ``refused_at + F + CERT_MARGIN_S + 0.2 % of F``
+   with F = max(fence_ms, this node's fence_timeout) (two machines' clocks
+   may drift apart by up to 0.1 % under NTP). Until then the watcher keeps
+   asking: anything but another refusal cancels the certificate.
 5. They go in one transaction, conditioned on both records' revisions as read
    just before and checked against rules 1-3: a successor that swapped itself
    in (``Agent._adopt``), a hand-off marked meanwhile, or an operator's
    change makes it fail. A successor writes no fence element before its swap.
+   Then both leases are revoked, so that the node, if it lives after all,
+   finds them gone at its next keepalive and starts from nothing.
 
 What a certificate cannot tell: a firewall on the path that answers with a
 reset or ICMP port-unreachable, for the listener's port, both on the idle
@@ -58,6 +64,13 @@ log = logging.getLogger("nlbfarm.liveness")
 # machines' clocks run at slightly different rates, and the kernel counts the
 # element's timeout in jiffies.
 CERT_MARGIN_S = 0.05
+# Two machines' monotonic clocks, each slewed by NTP by up to 500 ppm.
+CLOCK_DRIFT = 2e-3
+# While a certificate waits, the watcher asks again this often.
+RECHECK_S = 0.1
+# A connection that closes sooner than this after it opened (a proxy in
+# front of nothing, a peer that resets at once) waits RETRY_S before the next.
+SHORT_LIVED_S = 1.0
 # How long one connection attempt may take before it counts as "no answer".
 CONNECT_TIMEOUT_S = 0.3
 # After a failed attempt (timeout, unreachable), or a refusal that did not
@@ -101,7 +114,8 @@ def judge(record, instance: str, verified: bool, refused_at: float | None, now: 
         return Verdict.NO_FIGURE, 0.0
     if refused_at is None:
         return Verdict.NOT_REFUSED, 0.0
-    due = refused_at + max(record.fence_ms / 1000, own_fence_timeout) + CERT_MARGIN_S
+    fence_s = max(record.fence_ms / 1000, own_fence_timeout)
+    due = refused_at + fence_s + CERT_MARGIN_S + CLOCK_DRIFT * fence_s
     if now < due:
         return Verdict.WAIT, due
     return Verdict.DEAD, due
@@ -157,7 +171,7 @@ class Watched:
 
 
 class _State:
-    __slots__ = ("peer", "endpoint", "sock", "verified", "refused_at", "next_try", "received")
+    __slots__ = ("peer", "endpoint", "sock", "verified", "refused_at", "next_try", "received", "opened_at")
 
     def __init__(self, peer: Watched, endpoint: tuple[str, int]):
         self.peer = peer
@@ -167,6 +181,7 @@ class _State:
         self.refused_at: float | None = None
         self.next_try = 0.0
         self.received = 0
+        self.opened_at = 0.0
 
 
 class LivenessWatch:
@@ -267,9 +282,18 @@ class LivenessWatch:
         for st in list(self._states.values()):
             now = self.clock()
             if st.refused_at is not None:
+                outcome, sock = connect(st.endpoint)
+                if outcome is not Outcome.REFUSED:
+                    # Something answers (or nothing at all) after all: no certificate.
+                    log.info("peer %s's listener %s answers again (%s): certificate withdrawn", st.peer.id,
+                             st.peer.addr, outcome.value)
+                    if sock is not None:
+                        sock.close()
+                    st.refused_at, st.next_try = None, self.clock()
+                    continue
                 verdict, due = self._retire(st.peer, st.refused_at)
                 if verdict is Verdict.WAIT:
-                    sleep = min(sleep, max(0.0, due - self.clock()))
+                    sleep = min(sleep, RECHECK_S, max(0.0, due - self.clock()))
                     continue
                 if verdict is not Verdict.DEAD:
                     log.info("peer %s's listener refused but it is not retired: %s", st.peer.id, verdict.value)
@@ -283,21 +307,28 @@ class LivenessWatch:
                 sleep = 0.0
         return sleep
 
-    def _attempt(self, st: _State) -> None:
+    def _attempt(self, st: _State, after_close: bool = False) -> None:
+        """Connect. ``after_close``: the first attempt after a verified connection closed, the
+        only one whose refusal certifies (a refusal later could come from whatever now
+        holds the address, or from a firewall)."""
         outcome, sock = connect(st.endpoint)
         now = self.clock()
+        armed, st.verified = st.verified and after_close, False
         if outcome is Outcome.CONNECTED:
-            st.sock, st.received = sock, 0
+            if after_close and now - st.opened_at < SHORT_LIVED_S:
+                sock.close()  # it closed at once last time: do not spin on it
+                st.next_try = now + RETRY_S
+                return
+            st.sock, st.received, st.opened_at = sock, 0, now
             self._sel.register(sock, selectors.EVENT_READ, st)
+            # Every connection is verified after it is made: whoever answers
+            # now listens where this idle connection goes.
+            st.verified = self._identify(st.peer)
             if not st.verified:
-                # After the connection: whoever answers now listens where the
-                # idle connection goes.
-                st.verified = self._identify(st.peer)
-                if not st.verified:
-                    self._drop(st)
-                    st.next_try = now + RETRY_S
+                self._drop(st)
+                st.next_try = now + RETRY_S
             return
-        if outcome is Outcome.REFUSED and st.verified:
+        if outcome is Outcome.REFUSED and armed:
             log.warning("peer %s's listener %s refused: its agent (%s) is dead; retiring it once its fence "
                         "has closed", st.peer.id, st.peer.addr, st.peer.instance)
             st.refused_at = now
@@ -319,7 +350,7 @@ class LivenessWatch:
         # Closed (or a listener that talks too much): ask again at once.
         self._drop(st)
         if st.peer.id in self._states:
-            self._attempt(st)
+            self._attempt(st, after_close=True)
 
     def _drop(self, st: _State) -> None:
         if st.sock is not None:

@@ -518,6 +518,9 @@ class SimNode:
                 r = yield self.rpc(("txn_delete", {mkey: cur[1], akey: app[1] if app else 0}))
                 if r is True:
                     self.retired.append((self.sim.now, node_id))
+                    for lease in (cur[2], app[2] if app else 0):
+                        if lease:
+                            yield self.rpc(("revoke", lease))
 
     def stop_threads(self) -> None:
         """Every thread but the loop's stops (the loop ends right after)."""

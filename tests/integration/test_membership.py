@@ -62,7 +62,7 @@ def test_member_record_is_lease_bound_and_complete(etcd_server, cluster, agents)
     assert json.loads(kv.value) == {"id": "n1", "weight": 1, "state": "active",
                                     "addresses": ["198.18.0.11"], "version": "0.1.0",
                                     "instance": a.instance, "peer": "", "reason": "no checks configured",
-                                    "rules": a.rules_digest}
+                                    "rules": a.rules_digest, "fence_ms": 400}
 
 
 def test_duplicate_node_id_is_refused_and_first_is_undisturbed(etcd_server, cluster, agents):

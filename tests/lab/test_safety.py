@@ -31,7 +31,7 @@ from test_farm_e2e import assert_exactly_once
 from test_faults import LIFETIME, SETTLE_S, Load, _crash_and_rejoin, check_exactly_once, split_holds, timeline
 
 from nlbfarm.analysis import AttemptIndex, failures, read_results, shares
-from nlbfarm.lab import (APP_PORT, CLUSTER_NAME, ETCD_PREFIX, MGMT_ETCD_ADDR, PEER_PORT, VIP, Lab,
+from nlbfarm.lab import (APP_PORT, CLUSTER_NAME, ETCD_PREFIX, MGMT_ETCD_ADDR, PEER_PORT, VIP, Lab, LabTiming,
                          node_addr)
 from nlbfarm.synack import answers_per_syn, read_records
 
@@ -581,9 +581,12 @@ def test_regression_restart_with_live_old_lease_is_refused_then_joins(make_lab, 
     """A farmd restarted at once after kill -9 used to register beside its own live lease
     (or be confused with it). Without a hand-off state file to adopt it (node.state_dir
     "" here; tests/lab/test_restart.py has the adopting restart) it must be refused
-    ("already registered", exit 3) while the old lease lives and join once it expired;
-    no connection is accepted twice meanwhile."""
-    lab = make_lab(3, supervise=True, supervise_delay=0.2, hitless=False)
+    ("already registered", exit 3) while the old registration lives, and join once it
+    is gone: retired by a peer's certificate of death (fence_timeout after the kill) or
+    expired. A 2 s fence here gives the new process time to start inside that window on
+    a loaded machine. No connection is accepted twice meanwhile."""
+    lab = make_lab(3, supervise=True, supervise_delay=0.2, hitless=False,
+                   timing=LabTiming(lease_ttl=4, fence_timeout=2.0))
     ttl = lab.timing.lease_ttl
     old_lease = lab.member_lease("n2")
     before = lab.pid("n2", "agent")
@@ -599,7 +602,7 @@ def test_regression_restart_with_live_old_lease_is_refused_then_joins(make_lab, 
         while time.time() < deadline:
             now = time.time()
             if "gone" not in seen:
-                if lease_alive(lab, old_lease):
+                if lab.member_lease("n2") == old_lease and lease_alive(lab, old_lease):
                     last_alive = now
                 else:
                     seen["gone"] = now
@@ -622,7 +625,7 @@ def test_regression_restart_with_live_old_lease_is_refused_then_joins(make_lab, 
     refused = log_times(log, "already registered")
     assert refused, "the new agent was never refused while the old lease lived:\n" + log[-3000:]
     assert "exited rc=3" in log, log[-3000:]
-    # Refused while the old lease lived, registered only once it was gone.
+    # Refused while the old registration lived, registered only once it was gone.
     assert min(refused) < seen["last_alive"], (refused, seen)
     regs = [t for t in log_times(log, "registered node=n2") if t > t_kill]
     assert regs and min(regs) > seen["last_alive"] - 0.01, (regs, seen)

@@ -10,7 +10,7 @@ import pytest
 
 from nlbfarm.coordinator.cluster import Member
 from nlbfarm.node.liveness import (
-    CERT_MARGIN_S, LivenessWatch, Outcome, Verdict, Watched, connect, ip_endpoint, judge)
+    CERT_MARGIN_S, CLOCK_DRIFT, LivenessWatch, Outcome, Verdict, Watched, connect, ip_endpoint, judge)
 
 REC = Member("n2", 1, instance="i-2", peer="10.0.0.2:7401", fence_ms=400)
 
@@ -24,7 +24,7 @@ REC = Member("n2", 1, instance="i-2", peer="10.0.0.2:7401", fence_ms=400)
     (replace(REC, fence_ms=0), "i-2", True, 0.0, 9.0, Verdict.NO_FIGURE),  # an older agent
     (REC, "i-2", True, None, 9.0, Verdict.NOT_REFUSED),
     (REC, "i-2", True, 1.0, 1.3, Verdict.WAIT),
-    (REC, "i-2", True, 1.0, 1.0 + 0.4 + CERT_MARGIN_S, Verdict.DEAD),
+    (REC, "i-2", True, 1.0, 1.0 + 0.4 + CERT_MARGIN_S + CLOCK_DRIFT * 0.4, Verdict.DEAD),
 ])
 def test_verdicts(record, instance, verified, refused_at, now, verdict):
     assert judge(record, instance, verified, refused_at, now, own_fence_timeout=0.3)[0] is verdict
@@ -32,7 +32,10 @@ def test_verdicts(record, instance, verified, refused_at, now, verdict):
 
 def test_the_wait_is_the_longer_of_the_record_and_this_nodes_fence():
     # A record that claims a shorter fence than this node's own does not hurry it.
-    assert judge(replace(REC, fence_ms=100), "i-2", True, 10.0, 10.0, 0.4) == (Verdict.WAIT, 10.0 + 0.4 + CERT_MARGIN_S)
+    assert judge(replace(REC, fence_ms=100), "i-2", True, 10.0, 10.0, 0.4) == (
+        Verdict.WAIT, 10.0 + 0.4 + CERT_MARGIN_S + CLOCK_DRIFT * 0.4)
+    # The margin grows with the fence: clocks drift apart over a long one.
+    assert judge(replace(REC, fence_ms=299_000), "i-2", True, 0.0, 0.0, 0.4)[1] > 299.5
     # An adopted planned-restart element: the record's longer figure wins.
     assert judge(replace(REC, fence_ms=2500), "i-2", True, 10.0, 12.0, 0.4)[0] is Verdict.WAIT
 
@@ -148,3 +151,95 @@ def test_an_unverified_listener_is_never_certified():
         assert calls == []
     finally:
         w.stop()
+
+
+def _accepting(srv, accepted):
+    def run():
+        while True:
+            try:
+                accepted.append(srv.accept()[0])
+            except OSError:
+                return
+    threading.Thread(target=run, daemon=True).start()
+
+
+def test_a_listener_back_while_the_certificate_waits_withdraws_it():
+    """Refused once, then something listens again before the fence is over (a successor,
+    an address that moved): no retirement."""
+    srv = _listener()
+    port = srv.getsockname()[1]
+    accepted = []
+    _accepting(srv, accepted)
+    peer = Watched("n2", "i-2", f"127.0.0.1:{port}")
+    calls = []
+
+    def retire(p, refused_at):
+        verdict = judge(replace(REC, peer=peer.addr, fence_ms=1500), p.instance, True, refused_at,
+                        time.monotonic(), 0.2)
+        calls.append(verdict[0])
+        return verdict
+
+    w = LivenessWatch(lambda: [peer], lambda p: True, retire)
+    w.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not accepted and time.monotonic() < deadline:
+            time.sleep(0.01)
+        srv.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread; the port stops listening
+        srv.close()
+        accepted[0].close()
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls, "the refusal was not noticed"
+        again = socket.socket()
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))
+        again.listen(8)
+        time.sleep(2.5)
+        assert not w.certified(), "the certificate survived a listener that answers"
+        assert Verdict.DEAD not in calls
+        again.close()
+    finally:
+        w.stop()
+
+
+def test_a_refusal_long_after_the_last_connection_certifies_nothing():
+    """Only the first attempt after a verified connection closed counts: a refusal on a later
+    retry (after a timeout, say) may come from whatever holds the address by then."""
+    srv = _listener()
+    port = srv.getsockname()[1]
+    srv.close()   # never connected, never verified
+    peer = Watched("n2", "i-2", f"127.0.0.1:{port}")
+    calls = []
+    w = LivenessWatch(lambda: [peer], lambda p: True, lambda p, t: calls.append(t) or (Verdict.DEAD, t))
+    w.start()
+    try:
+        time.sleep(2.5)
+        assert calls == []
+    finally:
+        w.stop()
+
+
+def test_a_listener_that_closes_at_once_is_not_hammered():
+    srv = _listener()
+    port = srv.getsockname()[1]
+    accepted = []
+
+    def run():
+        while True:
+            try:
+                c = srv.accept()[0]
+            except OSError:
+                return
+            accepted.append(1)
+            c.close()
+    threading.Thread(target=run, daemon=True).start()
+    peer = Watched("n2", "i-2", f"127.0.0.1:{port}")
+    w = LivenessWatch(lambda: [peer], lambda p: True, lambda p, t: (Verdict.OTHER_INSTANCE, 0.0))
+    w.start()
+    try:
+        time.sleep(3.0)
+        assert len(accepted) <= 8, f"{len(accepted)} connections in 3 s"
+    finally:
+        w.stop()
+        srv.close()
