@@ -122,6 +122,7 @@ class Agent:
         self._saved_state: HandoffState | None = None
         self.adopted: HandoffState | None = None
         self._adopted_fence_ms = 0  # the fence figure the adoption's swap published
+        self._adopted_until = 0.0   # by when the adopted element has surely expired
         self.restart_requested = threading.Event()
         self.handed_off = False
         self._pid_start = process_start(os.getpid()) or 0
@@ -200,8 +201,8 @@ class Agent:
         return int(math.ceil(self.cfg.timing.fence_timeout * 1000))
 
     def _member(self, state: str, reason: str = "", handing_over: bool = False, fence_ms: int = 0) -> Member:
-        if self._adopted_fence_ms and self.dp.fence_expires_at - time.monotonic() <= self.cfg.timing.fence_timeout:
-            self._adopted_fence_ms = 0  # the fence thread rewrote the adopted element since
+        if self._adopted_fence_ms and time.monotonic() > self._adopted_until:
+            self._adopted_fence_ms = 0  # the adopted element has surely expired by now
         fence_ms = max(fence_ms, self._adopted_fence_ms)
         return Member(self.me, self.cfg.node.weight, state, self.cfg.node.addresses, __version__,
                       self.instance, self.cfg.status.peer_address, reason, self.rules_digest,
@@ -326,6 +327,7 @@ class Agent:
         self.cache.reset(items, rev)
         self.keeper.adopt(state.lease_id, state.applied_lease, sent, acquire_after=state.acquire_after)
         self._adopted_fence_ms = long_ms
+        self._adopted_until = time.monotonic() + long_ms / 1000
         self.local = remember_table(local_after_adoption(state, record.state, record.reason),
                                     self.cache.snapshot().table, time.monotonic(), self.timing.table_memory)
         self.adopted = state
@@ -345,8 +347,13 @@ class Agent:
         """
         if self._adopted_fence_ms <= self.fence_ms:
             return
-        self.keeper.refresh_fence_once()
-        if self.dp.fence_expires_at - time.monotonic() > self.cfg.timing.fence_timeout:
+        try:
+            # Only a write that went in replaced the long element (a failed
+            # one forgets fence_expires_at but not the kernel's element).
+            rewritten = self.dp.refresh_fence(self.keeper.fence_deadline()[0])
+        except DataPlaneError:
+            rewritten = False
+        if not rewritten or self.dp.fence_expires_at - time.monotonic() > self.cfg.timing.fence_timeout:
             log.warning("could not shorten the adopted fence element node=%s: peers keep waiting %d ms "
                         "before certifying this agent dead", self.me, self._adopted_fence_ms)
             return
@@ -355,7 +362,9 @@ class Agent:
             if record is None or record.instance != self.instance:
                 return
             # A CAS: a state change the loop wrote meanwhile is not overwritten.
+            self._adopted_fence_ms = 0
             if not self.farm.swap_member(self._member(record.state, record.reason), kv.lease, kv.mod_revision):
+                self._adopted_fence_ms = record.fence_ms  # not published: keep saying the longer figure
                 return
         except StoreError as exc:
             log.warning("could not publish the fence figure node=%s reason=%s", self.me, exc)

@@ -264,6 +264,7 @@ class LivenessWatch:
         """One pass over the peers: connect, verify, probe, retire. Returns how long to sleep."""
         now = self.clock()
         wanted = {p.id: p for p in self._peers()}
+        self._unusable &= {(p.id, p.addr) for p in wanted.values()}  # bounded by the member list
         for node_id in list(self._states):
             if wanted.get(node_id) != self._states[node_id].peer:
                 self._drop(self._states.pop(node_id))
