@@ -203,10 +203,9 @@ class Agent:
     def _member(self, state: str, reason: str = "", handing_over: bool = False, fence_ms: int = 0) -> Member:
         if self._adopted_fence_ms and time.monotonic() > self._adopted_until:
             self._adopted_fence_ms = 0  # the adopted element has surely expired by now
-        fence_ms = max(fence_ms, self._adopted_fence_ms)
         return Member(self.me, self.cfg.node.weight, state, self.cfg.node.addresses, __version__,
                       self.instance, self.cfg.status.peer_address, reason, self.rules_digest,
-                      handing_over=handing_over, fence_ms=max(fence_ms, self.fence_ms))
+                      handing_over=handing_over, fence_ms=max(fence_ms, self._adopted_fence_ms, self.fence_ms))
 
     def _desired_state(self, snap: ClusterSnapshot | None) -> tuple[str, str]:
         leaving = self.leave_started is not None
@@ -362,10 +361,9 @@ class Agent:
             if record is None or record.instance != self.instance:
                 return
             # A CAS: a state change the loop wrote meanwhile is not overwritten.
-            self._adopted_fence_ms = 0
-            if not self.farm.swap_member(self._member(record.state, record.reason), kv.lease, kv.mod_revision):
-                self._adopted_fence_ms = record.fence_ms  # not published: keep saying the longer figure
-                return
+            normal = replace(self._member(record.state, record.reason), fence_ms=self.fence_ms)
+            if not self.farm.swap_member(normal, kv.lease, kv.mod_revision):
+                return  # not published: keep saying the longer figure
         except StoreError as exc:
             log.warning("could not publish the fence figure node=%s reason=%s", self.me, exc)
             return
@@ -388,10 +386,14 @@ class Agent:
 
         Rules 1-5 of node/liveness.py, on a fresh read of both records.
         """
-        now = time.monotonic()
+        now, ft = time.monotonic(), self.cfg.timing.fence_timeout
+        # The cached record first: while the certificate waits, etcd is not asked.
+        verdict, due = judge(self.cache.snapshot().members.get(peer.id), peer.instance, True, refused_at, now, ft)
+        if verdict is not Verdict.DEAD:
+            return verdict, due
         try:
             kv, record = self.farm.member_record(peer.id)
-            verdict, due = judge(record, peer.instance, True, refused_at, now, self.cfg.timing.fence_timeout)
+            verdict, due = judge(record, peer.instance, True, refused_at, now, ft)
             if verdict is not Verdict.DEAD:
                 return verdict, due
             applied = self.farm.applied_record(peer.id)
@@ -562,7 +564,6 @@ class Agent:
         self.liveness.start()
         if self.adopted is not None:
             self._shorten_adopted_fence()
-        if self.adopted is not None:
             self.supervisor.resume(dict(self.adopted.checks))
         else:
             self.supervisor.run("start")

@@ -262,7 +262,6 @@ class LivenessWatch:
 
     def step(self) -> float:
         """One pass over the peers: connect, verify, probe, retire. Returns how long to sleep."""
-        now = self.clock()
         wanted = {p.id: p for p in self._peers()}
         self._unusable &= {(p.id, p.addr) for p in wanted.values()}  # bounded by the member list
         for node_id in list(self._states):

@@ -96,9 +96,6 @@ class PeerProbe:
 
     def ask(self, node: str, addr: str):
         """One EtcdReachability call (the answer names the peer's node id and instance), or None."""
-        return self._ask(node, addr)
-
-    def _ask(self, node: str, addr: str):
         try:
             return self._stub(addr).EtcdReachability(
                 farm_pb2.EtcdReachabilityRequest(asking_node=self.me), timeout=self.timeout)
@@ -130,7 +127,7 @@ class PeerProbe:
         missing = sorted(p.id for p in peers if not p.addr)
         if missing:
             return False, f"no peer address for {','.join(missing)}"
-        jobs = {p.id: self._pool.submit(self._ask, p.id, p.addr) for p in peers}
+        jobs = {p.id: self._pool.submit(self.ask, p.id, p.addr) for p in peers}
         return judge_answers(self.me, self.instance, peers, {n: j.result() for n, j in jobs.items()})
 
     def close(self) -> None:

@@ -449,20 +449,18 @@ class EtcdStore(Store):
         return self._call(f"delete key={key}", lambda c, retry: c.delete(key), deadline)
 
     def delete_if_unchanged(self, expected, deadline: float | None = None) -> bool:
-        expected = dict(expected)
-        if not expected:
+        items = sorted(expected.items())
+        if not items:
             raise ValueError("delete_if_unchanged needs at least one key")
 
         def fn(c, retry):
             compare = [c.transactions.version(k) == 0 if rev == 0 else c.transactions.mod(k) == rev
-                       for k, rev in sorted(expected.items())]
+                       for k, rev in items]
             ok, _responses = c.transaction(
-                compare=compare,
-                success=[c.transactions.delete(k) for k, rev in sorted(expected.items()) if rev],
-                failure=[])
+                compare=compare, success=[c.transactions.delete(k) for k, rev in items if rev], failure=[])
             return bool(ok)
 
-        return self._call(f"delete_if_unchanged keys={','.join(sorted(expected))}", fn, deadline)
+        return self._call(f"delete_if_unchanged keys={','.join(k for k, _ in items)}", fn, deadline)
 
     # -- watches -------------------------------------------------------------
 

@@ -63,12 +63,18 @@ def test_member_record_fence_ms_is_checked():
             Member.decode("n2", raw)
 
 
-def _listener():
+def _listener(port: int = 0):
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", 0))
+    srv.bind(("127.0.0.1", port))
     srv.listen(8)
     return srv
+
+
+def _wait_for(pred, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def test_connect_tells_refused_from_no_answer():
@@ -117,17 +123,14 @@ def test_a_listener_that_goes_away_is_certified_and_retired_after_the_fence():
     w = LivenessWatch(lambda: [peer], lambda p: True, retire)
     w.start()
     try:
-        deadline = time.monotonic() + 5
-        while not accepted and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_for(lambda: accepted)
         assert accepted, "the watcher never connected"
         time.sleep(0.2)
         assert not retired
         died = time.monotonic()
         srv.close()
         accepted[0].close()   # what the dead process's kernel does
-        while not retired and time.monotonic() < died + 5:
-            time.sleep(0.01)
+        _wait_for(lambda: retired)
         assert retired, "the refusal was never certified"
         refused_at, at = retired[0]
         assert refused_at - died < 0.5          # noticed at once, not on a poll
@@ -182,19 +185,13 @@ def test_a_listener_back_while_the_certificate_waits_withdraws_it():
     w = LivenessWatch(lambda: [peer], lambda p: True, retire)
     w.start()
     try:
-        deadline = time.monotonic() + 5
-        while not accepted and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_for(lambda: accepted)
         srv.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread; the port stops listening
         srv.close()
         accepted[0].close()
-        while not calls and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_for(lambda: calls)
         assert calls, "the refusal was not noticed"
-        again = socket.socket()
-        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        again.bind(("127.0.0.1", port))
-        again.listen(8)
+        again = _listener(port)
         time.sleep(2.5)
         assert not w.certified(), "the certificate survived a listener that answers"
         assert Verdict.DEAD not in calls
