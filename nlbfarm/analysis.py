@@ -72,13 +72,20 @@ class AttemptIndex:
         for i, r in enumerate(results):
             self._by_port[r["port"]].append(i)
 
-    def attempt(self, port: int, t: float) -> int | None:
-        """Index of the attempt on ``port`` that held it at time ``t``, or None."""
+    def attempt(self, port: int, t: float, taken: frozenset | set = frozenset()) -> int | None:
+        """Index of the attempt on ``port`` that held it at time ``t``, or None.
+
+        ``taken``: attempts already matched to an accept. The client's kernel
+        may hand the same port to the next connection within a millisecond
+        (the first one closed): an accept then belongs to the attempt not yet
+        accepted, not to the earlier one whose end it still falls within.
+        """
         candidates = [i for i in self._by_port.get(port, ())
                       if self.results[i]["t"] <= t <= _end(self.results[i]) + CLOCK_SLACK_S]
         if not candidates:
             return None
-        return min(candidates, key=lambda i: (_end(self.results[i]) < t, _end(self.results[i])))
+        fresh = [i for i in candidates if i not in taken]
+        return min(fresh or candidates, key=lambda i: (_end(self.results[i]) < t, _end(self.results[i])))
 
     def ended_attempt(self, port: int, t: float) -> int | None:
         """Index of the attempt on ``port`` that had last ended by time ``t``, or None."""
@@ -97,10 +104,12 @@ def match_accepts(results: list[dict], accepts: list[Accept]) -> list[list[str]]
     """For each client result (in order), the nodes whose accept log shows that connection."""
     index = AttemptIndex(results)
     matched: list[list[str]] = [[] for _ in results]
-    for a in accepts:
-        i = index.ended_attempt(a.port, a.t) if a.peer_gone else index.attempt(a.port, a.t)
+    taken: set[int] = set()
+    for a in sorted(accepts, key=lambda a: a.t):
+        i = index.ended_attempt(a.port, a.t) if a.peer_gone else index.attempt(a.port, a.t, taken)
         if i is not None:
             matched[i].append(a.node)
+            taken.add(i)
     return matched
 
 

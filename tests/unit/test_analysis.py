@@ -23,6 +23,17 @@ def test_regression_port_reused_by_an_attempt_that_read_its_clock_before_the_fir
     assert match_accepts([first, second], accepts) == [["n2"], ["n2"]]
 
 
+def test_regression_port_reused_while_the_first_attempts_span_still_covers_the_second_accept():
+    # From a CI run (test_link_cut): the first attempt took 1.22 ms, the client's
+    # kernel gave its port to the next one 1.0 ms after it started, and that one
+    # was accepted 0.7 ms later, inside both spans. The old matcher gave both
+    # accepts to the first attempt (the earlier end) and reported a double accept.
+    first = rec(1796411275.5304768, 47797, 1.22)
+    second = rec(1796411275.5314996, 47797, 0.92)
+    accepts = [Accept(1796411275.53087, "c", 47797, "n1"), Accept(1796411275.531621, "c", 47797, "n1")]
+    assert match_accepts([first, second], accepts) == [["n1"], ["n1"]]
+
+
 def test_two_accepts_inside_one_attempt_that_nothing_else_covers_are_both_reported():
     results = [rec(10.0, 5000, 5.0)]
     accepts = [Accept(10.001, "c", 5000, "n1"), Accept(10.002, "c", 5000, "n2")]
