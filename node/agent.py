@@ -55,7 +55,7 @@ from nlbfarm.node.handoff import (
     HandoffState, adoption_refusal, boot_id, continuity_refusal, handoff_refusal, handoff_until,
     local_after_adoption, predecessor_alive, process_start, read_state, remove_state, state_path, write_state)
 from nlbfarm.node.lease import LeaseKeeper
-from nlbfarm.node.liveness import LivenessWatch, Verdict, Watched, judge
+from nlbfarm.node.liveness import Back, BackChannel, LivenessWatch, Verdict, Watched, ip_endpoint, judge
 from nlbfarm.node.metrics import AgentMetrics
 from nlbfarm.node.peers import Peer, PeerProbe, foreign_answer, peer_tls
 from nlbfarm.node.supervisor import ModuleSupervisor
@@ -101,7 +101,7 @@ class Agent:
         self.keeper = LeaseKeeper(self.me, self.timing, self.farm, self.dp, link_up=self._link_up,
                                   member_present=self._member_present, peers=self._peers,
                                   probe=self.probe, wake=self.wake)
-        self.liveness = LivenessWatch(self._watched_peers, self._identify_peer, self.retire_dead)
+        self.liveness = self._liveness_watch()
         self._watch = None
         self._own_missing_since: float | None = None
         self.leave_started: float | None = None
@@ -371,6 +371,19 @@ class Agent:
 
     # ---- certificates of death (node/liveness.py) -------------------------------
 
+    def _liveness_watch(self) -> LivenessWatch:
+        """The watcher, with rule 5's evidence from this node's own peer listener.
+
+        Without a peer listener no peer's agent connects here, so this node
+        certifies nobody (every verdict is UNCORROBORATED).
+        """
+        listen = self.cfg.status.peer_listen or ""
+        port = listen.rpartition(":")[2]
+        back = BackChannel(int(port)).open_from if port.isdigit() else (lambda ip: False)
+        own = ip_endpoint(self.cfg.status.peer_address)
+        return LivenessWatch(self._watched_peers, self._identify_peer, self.retire_dead, back,
+                             source=own[0] if own else None)
+
     def _watched_peers(self) -> list[Watched]:
         snap = self.cache.snapshot()
         return [Watched(m.id, m.instance, m.peer) for m in snap.members.values()
@@ -381,19 +394,25 @@ class Agent:
         return answer is not None and foreign_answer(
             self.me, self.instance, Peer(peer.id, peer.instance, peer.addr), answer) is None
 
-    def retire_dead(self, peer: Watched, refused_at: float) -> tuple[Verdict, float]:
+    def retire_dead(self, peer: Watched, refused_at: float, back: Back,
+                    back_open_at: float | None = None) -> tuple[Verdict, float]:
         """The liveness watcher's certificate: delete a dead peer's records once its fence has closed.
 
-        Rules 1-5 of node/liveness.py, on a fresh read of both records.
+        Rules 1-6 of node/liveness.py, on a fresh read of both records.
         """
         now, ft = time.monotonic(), self.cfg.timing.fence_timeout
         # The cached record first: while the certificate waits, etcd is not asked.
-        verdict, due = judge(self.cache.snapshot().members.get(peer.id), peer.instance, True, refused_at, now, ft)
+        verdict, due = judge(self.cache.snapshot().members.get(peer.id), peer.instance, True, refused_at, now, ft,
+                             back, back_open_at)
+        if verdict is Verdict.STILL_CONNECTED:
+            log.warning("peer %s's listener %s refuses, but its agent's own connection to this node is open: "
+                        "it lives, not retired (does a firewall reject the peer port? filter it with drop)",
+                        peer.id, peer.addr)
         if verdict is not Verdict.DEAD:
             return verdict, due
         try:
             kv, record = self.farm.member_record(peer.id)
-            verdict, due = judge(record, peer.instance, True, refused_at, now, ft)
+            verdict, due = judge(record, peer.instance, True, refused_at, now, ft, back, back_open_at)
             if verdict is not Verdict.DEAD:
                 return verdict, due
             applied = self.farm.applied_record(peer.id)

@@ -32,18 +32,27 @@ it when the agent dies, and the watcher then asks again at once. The rules
    with F = max(fence_ms, this node's fence_timeout) (two machines' clocks
    may drift apart by up to 0.1 % under NTP). Until then the watcher keeps
    asking: anything but another refusal cancels the certificate.
-5. They go in one transaction, conditioned on both records' revisions as read
+5. The peer's agent held its own idle connection to this node's listener
+   (its watcher's, from the record's IP address) while the connection that
+   closed was verified, and that one is gone too (``back``, from the kernel's
+   socket table). A process that dies loses all its sockets at once; one
+   behind a firewall that rejects the peer port keeps the connection it
+   opened. Seen open again later than ``BACK_GRACE_S`` after the refusal,
+   it cancels the certificate; seen open within that grace, the fence counts
+   from when it was last seen open (the process lived until then).
+6. They go in one transaction, conditioned on both records' revisions as read
    just before and checked against rules 1-3: a successor that swapped itself
    in (``Agent._adopt``), a hand-off marked meanwhile, or an operator's
    change makes it fail. A successor writes no fence element before its swap.
    Then both leases are revoked, so that the node, if it lives after all,
    finds them gone at its next keepalive and starts from nothing.
 
-What a certificate cannot tell: a firewall on the path that answers with a
-reset or ICMP port-unreachable, for the listener's port, both on the idle
-connection and to new ones, looks like death. Peers would then take the
-node's buckets while it serves; it closes its fence as soon as its watch
-shows its records gone. Filter the peer port with ``drop``, never ``reject``.
+What a certificate cannot tell: something on the path that resets both idle
+connections (this node's to the peer's listener and the peer's to this
+node's) and refuses new ones looks like death. A firewall that rejects the
+peer port does not: it leaves the connection the live peer opened. Filter
+the peer port with ``drop`` anyway: a rejected port costs a certificate
+attempt and a warning every time the idle connection closes.
 """
 from __future__ import annotations
 
@@ -53,6 +62,7 @@ import ipaddress
 import logging
 import selectors
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -81,6 +91,13 @@ RETRY_S = 1.0
 MAX_IDLE_BYTES = 64 << 10
 # The watcher re-reads the member list this often while nothing happens.
 IDLE_WAKE_S = 1.0
+# How long after the refusal the dead process's own connection to this node
+# may still look open (its kernel closes it in the same instant, but its FIN
+# travels separately).
+BACK_GRACE_S = 0.1
+# A socket-table query gives up after this long (it only lists sockets on the
+# peer listener's port, but bounds the time and memory of a huge table anyway).
+DIAG_TIMEOUT_S = 0.2
 
 
 class Verdict(enum.Enum):
@@ -92,15 +109,28 @@ class Verdict(enum.Enum):
     HANDING_OVER = "a planned restart is under way: a successor adopts the record"
     NO_FIGURE = "the record gives no fence_ms (an agent without certificates)"
     NOT_REFUSED = "its listener did not refuse"
+    UNCORROBORATED = "its agent's own connection to this node was never seen"
+    STILL_CONNECTED = ("its agent's own connection to this node is still open: it lives "
+                       "(does a firewall reject the peer port?)")
+
+
+class Back(enum.Enum):
+    """The peer agent's own idle connection to this node's listener (rule 5)."""
+
+    NEVER_SEEN = "never seen while the closed connection was verified"
+    OPEN = "open"
+    CLOSED = "gone"
 
 
 def judge(record, instance: str, verified: bool, refused_at: float | None, now: float,
-          own_fence_timeout: float) -> tuple[Verdict, float]:
+          own_fence_timeout: float, back: Back, back_open_at: float | None = None) -> tuple[Verdict, float]:
     """May the node of ``record`` be retired now? Returns the verdict and, for WAIT, when.
 
     ``instance``: the agent process whose listener refused; ``verified``: it
     answered at the record's peer address as itself; ``refused_at``: when the
-    refusal arrived (None: none).
+    refusal arrived (None: none); ``back``: its agent's connection to this
+    node, as the kernel lists it now; ``back_open_at``: when it was last seen
+    open since the refusal (the process lived then: its fence counts from there).
     """
     if record is None:
         return Verdict.GONE, 0.0
@@ -114,10 +144,15 @@ def judge(record, instance: str, verified: bool, refused_at: float | None, now: 
         return Verdict.NO_FIGURE, 0.0
     if refused_at is None:
         return Verdict.NOT_REFUSED, 0.0
+    if back is Back.NEVER_SEEN:
+        return Verdict.UNCORROBORATED, 0.0
+    if back is Back.OPEN and now - refused_at >= BACK_GRACE_S:
+        return Verdict.STILL_CONNECTED, 0.0
     fence_s = max(record.fence_ms / 1000, own_fence_timeout)
-    due = refused_at + fence_s + CERT_MARGIN_S + CLOCK_DRIFT * fence_s
-    if now < due:
-        return Verdict.WAIT, due
+    alive_at = max(refused_at, back_open_at) if back_open_at is not None else refused_at
+    due = alive_at + fence_s + CERT_MARGIN_S + CLOCK_DRIFT * fence_s
+    if now < due or back is not Back.CLOSED:
+        return Verdict.WAIT, max(due, refused_at + BACK_GRACE_S)
     return Verdict.DEAD, due
 
 
@@ -142,11 +177,22 @@ class Outcome(enum.Enum):
     NO_ANSWER = "no answer"
 
 
-def connect(endpoint: tuple[str, int], timeout: float = CONNECT_TIMEOUT_S) -> tuple[Outcome, socket.socket | None]:
-    """One connection attempt: a connected non-blocking socket, a refusal, or no answer."""
+def connect(endpoint: tuple[str, int], timeout: float = CONNECT_TIMEOUT_S,
+            source: str | None = None) -> tuple[Outcome, socket.socket | None]:
+    """One connection attempt: a connected non-blocking socket, a refusal, or no answer.
+
+    ``source``: this node's own peer address, so that the peer finds this
+    connection in its socket table by the IP of this node's record (rule 5);
+    if it is not local here (an address translated on the way), any.
+    """
     family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
     s.settimeout(timeout)
+    if source is not None and (":" in source) == (family == socket.AF_INET6):
+        try:
+            s.bind((source, 0))
+        except OSError:
+            pass
     try:
         s.connect(endpoint)
     except ConnectionRefusedError:
@@ -161,6 +207,100 @@ def connect(endpoint: tuple[str, int], timeout: float = CONNECT_TIMEOUT_S) -> tu
     return Outcome.CONNECTED, s
 
 
+# sock_diag (linux/inet_diag.h): list the TCP sockets on one local port.
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_INET_DIAG_REQ_BYTECODE = 1
+_INET_DIAG_BC_S_EQ = 11
+_TCPF_ESTABLISHED = 1 << 1
+_DIAG_MSG_LEN = 72
+_NETLINK_SOCK_DIAG = 4
+
+
+def _diag_request(family: int, local_port: int) -> bytes:
+    """A dump of the established TCP sockets of ``family`` whose local port is ``local_port``.
+
+    The filter is the kernel's bytecode for ``sport = local_port`` (as ``ss``
+    builds it): the kernel skips every other socket, so a busy node's table
+    of client connections costs nothing here.
+    """
+    bytecode = struct.pack("=BBH", _INET_DIAG_BC_S_EQ, 8, 12) + struct.pack("=BBH", 0, 0, local_port)
+    attr = struct.pack("=HH", 4 + len(bytecode), _INET_DIAG_REQ_BYTECODE) + bytecode
+    req = struct.pack("=BBBxI", family, socket.IPPROTO_TCP, 0, _TCPF_ESTABLISHED) + bytes(48)
+    body = req + attr
+    return struct.pack("=IHHII", 16 + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + body
+
+
+def _remote_of(msg: bytes, family: int) -> str | None:
+    """The remote address of one inet_diag_msg."""
+    if len(msg) < _DIAG_MSG_LEN:
+        return None
+    dst = msg[4 + 4 + 16:4 + 4 + 32]
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, dst[:4])
+    ip = ipaddress.ip_address(dst)
+    return str(ip.ipv4_mapped or ip)
+
+
+class BackChannel:
+    """Rule 5's evidence: does a peer hold an established connection to this node's listener?
+
+    Asks the kernel's socket table (sock_diag) for the established TCP
+    sockets on the listener's local port and looks for the peer's IP among
+    their remote addresses. IPv4 peers may show as IPv4-mapped IPv6
+    addresses on a dual-stack listener.
+    """
+
+    def __init__(self, local_port: int, timeout: float = DIAG_TIMEOUT_S):
+        self.local_port = local_port
+        self.timeout = timeout
+
+    def open_from(self, ip: str) -> bool | None:
+        """True/False; None: the socket table could not be read in time."""
+        try:
+            want = str(ipaddress.ip_address(ip))
+        except ValueError:
+            return None
+        families = (socket.AF_INET, socket.AF_INET6) if ":" not in want else (socket.AF_INET6,)
+        for family in families:
+            found = self._dump_has(family, want)
+            if found is None or found:
+                return found
+        return False
+
+    def _dump_has(self, family: int, want: str) -> bool | None:
+        end = time.monotonic() + self.timeout
+        try:
+            s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
+        except OSError:
+            return None
+        try:
+            s.sendall(_diag_request(family, self.local_port))
+            while True:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                s.settimeout(left)
+                data = s.recv(65536)
+                off = 0
+                while off + 16 <= len(data):
+                    length, kind = struct.unpack_from("=IH", data, off)
+                    if length < 16:
+                        return None
+                    if kind == _NLMSG_DONE:
+                        return False
+                    if kind == _NLMSG_ERROR:
+                        return None
+                    if kind == _SOCK_DIAG_BY_FAMILY and _remote_of(data[off + 16:off + length], family) == want:
+                        return True
+                    off += (length + 3) & ~3
+        except (OSError, ValueError):
+            return None
+        finally:
+            s.close()
+
+
 @dataclass(frozen=True)
 class Watched:
     """A peer's agent process as its member record names it."""
@@ -171,14 +311,18 @@ class Watched:
 
 
 class _State:
-    __slots__ = ("peer", "endpoint", "sock", "verified", "refused_at", "next_try", "received", "opened_at")
+    __slots__ = ("peer", "endpoint", "sock", "verified", "back_seen", "refused_back_seen", "refused_at",
+                 "back_open_at", "next_try", "received", "opened_at")
 
     def __init__(self, peer: Watched, endpoint: tuple[str, int]):
         self.peer = peer
         self.endpoint = endpoint
         self.sock: socket.socket | None = None
         self.verified = False
+        self.back_seen = False          # the peer's connection to us, seen while this one was verified
+        self.refused_back_seen = False  # back_seen of the verified connection whose close led to the refusal
         self.refused_at: float | None = None
+        self.back_open_at: float | None = None  # the peer's connection here last seen open since the refusal
         self.next_try = 0.0
         self.received = 0
         self.opened_at = 0.0
@@ -189,17 +333,23 @@ class LivenessWatch:
 
     ``peers()`` lists the peers' agent processes (from the member records);
     ``identify(peer)`` asks one (EtcdReachability) and returns True if it
-    answered as that node and instance; ``retire(peer, refused_at)`` applies
-    :func:`judge` to a fresh read and deletes the records if it says DEAD,
-    returning the verdict (``Agent.retire_dead``).
+    answered as that node and instance; ``back_open(ip)`` tells whether the
+    peer at ``ip`` holds a connection to this node's listener (True/False,
+    None: unknown, :class:`BackChannel`); ``retire(peer, refused_at, back,
+    back_open_at)`` applies :func:`judge` to a fresh read and deletes the records if it says
+    DEAD, returning the verdict (``Agent.retire_dead``). ``source``: this
+    node's own peer IP, which its connections come from.
     """
 
     def __init__(self, peers: Callable[[], list[Watched]], identify: Callable[[Watched], bool],
-                 retire: Callable[[Watched, float], tuple[Verdict, float]],
+                 retire: Callable[[Watched, float, Back, float | None], tuple[Verdict, float]],
+                 back_open: Callable[[str], bool | None], source: str | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self._peers = peers
         self._identify = identify
         self._retire = retire
+        self._back_open = back_open
+        self.source = source
         self.clock = clock
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -282,7 +432,7 @@ class LivenessWatch:
         for st in list(self._states.values()):
             now = self.clock()
             if st.refused_at is not None:
-                outcome, sock = connect(st.endpoint)
+                outcome, sock = connect(st.endpoint, source=self.source)
                 if outcome is not Outcome.REFUSED:
                     # Something answers (or nothing at all) after all: no certificate.
                     log.info("peer %s's listener %s answers again (%s): certificate withdrawn", st.peer.id,
@@ -291,7 +441,8 @@ class LivenessWatch:
                         sock.close()
                     st.refused_at, st.next_try = None, self.clock()
                     continue
-                verdict, due = self._retire(st.peer, st.refused_at)
+                back = self._back(st)
+                verdict, due = self._retire(st.peer, st.refused_at, back, st.back_open_at)
                 if verdict is Verdict.WAIT:
                     sleep = min(sleep, RECHECK_S, max(0.0, due - self.clock()))
                     continue
@@ -301,6 +452,8 @@ class LivenessWatch:
                 st.next_try = now + RETRY_S
             if st.sock is None and now >= st.next_try:
                 self._attempt(st)
+            elif st.sock is not None and st.verified and not st.back_seen:
+                st.back_seen = self._back_open(st.endpoint[0]) is True
             if st.sock is None:
                 sleep = min(sleep, max(0.0, st.next_try - self.clock()))
             if st.refused_at is not None:
@@ -311,9 +464,10 @@ class LivenessWatch:
         """Connect. ``after_close``: the first attempt after a verified connection closed, the
         only one whose refusal certifies (a refusal later could come from whatever now
         holds the address, or from a firewall)."""
-        outcome, sock = connect(st.endpoint)
+        outcome, sock = connect(st.endpoint, source=self.source)
         now = self.clock()
         armed, st.verified = st.verified and after_close, False
+        back_seen, st.back_seen = st.back_seen, False
         if outcome is Outcome.CONNECTED:
             if after_close and now - st.opened_at < SHORT_LIVED_S:
                 sock.close()  # it closed at once last time: do not spin on it
@@ -327,13 +481,24 @@ class LivenessWatch:
             if not st.verified:
                 self._drop(st)
                 st.next_try = now + RETRY_S
+                return
+            st.back_seen = self._back_open(st.endpoint[0]) is True
             return
         if outcome is Outcome.REFUSED and armed:
             log.warning("peer %s's listener %s refused: its agent (%s) is dead; retiring it once its fence "
                         "has closed", st.peer.id, st.peer.addr, st.peer.instance)
-            st.refused_at = now
+            st.refused_at, st.refused_back_seen, st.back_open_at = now, back_seen, None
             return
         st.next_try = now + RETRY_S
+
+    def _back(self, st: _State) -> Back:
+        """Rule 5 for a waiting certificate: the peer's own connection to this node, now."""
+        if not st.refused_back_seen:
+            return Back.NEVER_SEEN
+        if self._back_open(st.endpoint[0]) is False:
+            return Back.CLOSED
+        st.back_open_at = self.clock()  # alive (or unknown) until now: the fence counts from here
+        return Back.OPEN
 
     def _readable(self, st: _State) -> None:
         if st.sock is None:

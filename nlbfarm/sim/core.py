@@ -36,7 +36,7 @@ from nlbfarm.coordinator.table import bucket_ranges
 from nlbfarm.node.dataplane import HOLD_SLACK_S, MIN_FENCE_MS, fence_seconds
 from nlbfarm.node.handoff import (
     HandoffState, adoption_refusal, continuity_refusal, handoff_refusal, handoff_until, local_after_adoption)
-from nlbfarm.node.liveness import Verdict, judge
+from nlbfarm.node.liveness import Back, Verdict, judge
 from nlbfarm.node.peers import Peer, foreign_answer, judge_answers
 
 PREFIX = "/nlbfarm/sim"
@@ -197,6 +197,7 @@ class SimNode:
         self.nft_delay = 0.002
         self.alive = False
         self.answer_as_self = False      # misconfigured wildcard peer address: dials lead back here
+        self.rejects_peer = False        # a firewall on this node rejects the peer port (resets, alive)
         self.boot = 1                    # the machine's boot: a crash starts a new one
         self.state_file: HandoffState | None = None  # survives the agent, not the machine
         self.handoff_delay: float | None = None      # a planned restart was asked for; successor after this
@@ -474,7 +475,7 @@ class SimNode:
         """
         t = self.sim.timing
         verified: set[tuple[str, str]] = set()
-        refused: dict[str, tuple[str, float]] = {}
+        refused: dict[str, list] = {}   # node -> [instance, refused_at, back_seen, back_open_at]
         while True:
             yield ("sleep", 0.02)
             if self.threads_stopped:
@@ -487,7 +488,7 @@ class SimNode:
                 if other is None or not other.machine_up or not self.sim.net.peer(self.id, other.id) \
                         or not self.sim.net.peer(other.id, self.id):
                     continue  # no answer at all
-                if other.alive or other.answer_as_self:
+                if (other.alive and not other.rejects_peer) or other.answer_as_self:
                     a = other.answer(self)
                     if a is not None and foreign_answer(self.id, self.instance, Peer(m.id, m.instance, m.peer),
                                                         a) is None:
@@ -495,13 +496,26 @@ class SimNode:
                     refused.pop(m.id, None)
                     continue
                 if (m.id, m.instance) in verified and refused.get(m.id, ("",))[0] != m.instance:
-                    refused[m.id] = (m.instance, self.clock())
-            for node_id, (instance, at) in sorted(refused.items()):
+                    # Rule 5: the peer's own watcher connected here while it was verified.
+                    refused[m.id] = [m.instance, self.clock(), True, None]
+            for node_id, entry in sorted(refused.items()):
+                instance, at, back_seen, _ = entry
                 rec = snap.members.get(node_id)
-                verdict, _due = judge(rec, instance, True, at, self.clock(), t.fence_timeout)
+                other = self.sim.nodes.get(node_id)
+                # A live agent (any process on that machine, as the socket table
+                # shows connections by address) keeps its connection here: a firewall
+                # that rejects the peer port does not close it; a dead one's kernel did.
+                back = Back.NEVER_SEEN if not back_seen else \
+                    Back.OPEN if other is not None and other.alive else Back.CLOSED
+                if back is Back.OPEN:
+                    entry[3] = self.clock()
+                verdict, _due = judge(rec, instance, True, at, self.clock(), t.fence_timeout, back, entry[3])
                 if verdict is Verdict.WAIT:
                     continue
                 del refused[node_id]
+                # As LivenessWatch: only the first attempt after a verified connection
+                # closed certifies; another needs a new verified connection first.
+                verified.discard((node_id, instance))
                 if verdict is not Verdict.DEAD:
                     continue
                 mkey, akey = f"{PREFIX}/members/{node_id}", f"{PREFIX}/applied/{node_id}"
@@ -513,7 +527,8 @@ class SimNode:
                     fresh = Member.decode(node_id, cur[0])
                 except ValueError:
                     continue
-                if judge(fresh, instance, True, at, self.clock(), t.fence_timeout)[0] is not Verdict.DEAD:
+                if judge(fresh, instance, True, at, self.clock(), t.fence_timeout, back,
+                         entry[3])[0] is not Verdict.DEAD:
                     continue
                 r = yield self.rpc(("txn_delete", {mkey: cur[1], akey: app[1] if app else 0}))
                 if r is True:
@@ -742,7 +757,7 @@ class SimNode:
         """What this agent answers a peer (EtcdReachability)."""
         if self.answer_as_self:
             return asker.answer_self()
-        if not self.alive or self.paused:
+        if not self.alive or self.paused or self.rejects_peer:
             return None
         voting = answers_reachable(self.view, self.sim.timing, self.clock())
         return Answer(self.id, self.instance, voting is not None, bool(voting))

@@ -32,6 +32,7 @@ KINDS = {
     "poison": "hostile records under the prefix",
     "wildcard": "peer addresses that lead back to the asker",
     "skew": "clock-rate skew (up to 0.5%)",
+    "reject_peer": "a firewall rejects a live node's peer port (resets, as a dead agent's would)",
 }
 
 SETTLE = 8.0       # faults start once the farm has converged
@@ -88,9 +89,10 @@ def _scenario(rng: random.Random, nodes: int) -> list[dict]:
               other=other)]
 
 
-# What random_schedule draws from. Planned restarts have their own draw
-# (handoff_schedule): adding a kind here would change every seed's schedule.
-RANDOM_KINDS = sorted(k for k in KINDS if k != "handoff")
+# What random_schedule draws from. Planned restarts and rejected peer ports
+# have their own draws (handoff_schedule, certificate_schedule): adding a kind
+# here would change every seed's schedule.
+RANDOM_KINDS = sorted(k for k in KINDS if k not in ("handoff", "reject_peer"))
 
 
 def random_schedule(seed: int, nodes: int = 3, kinds: list[str] | None = None) -> list[dict]:
@@ -134,6 +136,23 @@ def handoff_schedule(seed: int, nodes: int = 3) -> list[dict]:
     for f in random_schedule(seed, nodes)[:rng.randint(0, 2)]:
         f = dict(f, at=round(out[0]["at"] + rng.uniform(-2.0, 3.0), 3))
         out.append(f)
+    return sorted(out, key=lambda f: f["at"])
+
+
+def certificate_schedule(seed: int, nodes: int = 3) -> list[dict]:
+    """A firewall rejects a live node's peer port (resets, as a dead agent's kernel sends),
+    sometimes while that node or another is killed, with up to two random faults around it:
+    a certificate must come from a death, never from the reset alone."""
+    rng = random.Random(seed * 15485863 + 11)
+    n = f"n{rng.randint(1, nodes)}"
+    at = round(rng.uniform(SETTLE, SETTLE + 6), 3)
+    out = [{"kind": "reject_peer", "at": at, "for": round(rng.uniform(1.0, 8.0), 3), "node": n}]
+    if rng.random() < 0.5:
+        victim = rng.choice([n, f"n{rng.randint(1, nodes)}"])
+        out.append({"kind": "kill", "at": round(at + rng.uniform(-1.0, 4.0), 3),
+                    "for": round(rng.uniform(0.3, 5.0), 3), "node": victim})
+    for f in random_schedule(seed, nodes)[:rng.randint(0, 2)]:
+        out.append(dict(f, at=round(at + rng.uniform(-2.0, 3.0), 3)))
     return sorted(out, key=lambda f: f["at"])
 
 
@@ -218,6 +237,8 @@ def _start(sim: Sim, f: dict) -> None:
     elif kind == "poison":
         for w in f["which"]:
             _poison(sim, w)
+    elif kind == "reject_peer":
+        n.rejects_peer = True
 
 
 def _end(sim: Sim, f: dict) -> None:
@@ -256,6 +277,8 @@ def _end(sim: Sim, f: dict) -> None:
                 sim.after(0, lambda p=item[1], v=item[2]: sim.step(p, v))
     elif kind in ("kill", "crash"):
         n.restart()
+    elif kind == "reject_peer":
+        n.rejects_peer = False
     elif kind == "restore":
         sim.etcd.s = f.pop("_saved")
         sim.etcd.restart()  # a restored etcd starts: a new leader extends every lease

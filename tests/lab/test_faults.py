@@ -469,6 +469,34 @@ def test_kill_9_of_one_agent_is_certified_and_taken_over_in_well_under_a_second(
     check_exactly_once(lab, news, ["n1", "n2", "n3"])
 
 
+def test_regression_a_firewall_that_rejects_the_peer_port_of_a_live_node_is_no_certificate(make_lab, tmp_path):
+    """An operator's reject rule on n2's peer port: its peers' connections there are reset and
+    refused, exactly what a dead agent's kernel does. n2's own connections to its peers stay
+    open, so they know it lives (rule 5): nobody retires it, nothing is accepted twice."""
+    from nlbfarm.lab import PEER_PORT
+    lab = make_lab(3)
+    load = Load(lab, tmp_path, duration=12)
+    try:
+        load.wait_until(load.t0 + 2)
+        lab.run("n2", ["nft", "add table inet fwtest; add chain inet fwtest in { type filter hook input "
+                       f"priority 0; policy accept; }}; add rule inet fwtest in tcp dport {PEER_PORT} reject with tcp reset"])
+        # Reset the peers' idle connections to n2 (a rejected port usually shows itself when
+        # such a connection closes): they dial again at once and are refused.
+        lab.run("n2", ["ss", "-K", "-t", "state", "established", f"( sport = :{PEER_PORT} )"])
+        time.sleep(4)
+        snap = lab.snapshot()
+        news, _holds = load.finish(settle=2)
+    finally:
+        load.stop()
+        lab.run("n2", ["nft", "delete table inet fwtest"], check=False)
+    assert "n2" in snap.members, "a live node was retired"
+    logs = "".join((lab.dir / f"{n}.agent.log").read_text() for n in ("n1", "n3"))
+    assert "retired peer" not in logs
+    assert "its agent's own connection to this node is open" in logs, logs[-3000:]
+    assert failures(news) == [], failures(news)[:5]
+    check_exactly_once(lab, news, ["n1", "n2", "n3"])
+
+
 def test_a_paused_agent_is_never_certified_dead(make_lab, tmp_path):
     """SIGSTOP: the agent's listener still accepts connections (its kernel answers), so no peer
     may certify it dead; its fence closes by itself and the lease decides, as before."""

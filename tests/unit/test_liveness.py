@@ -10,9 +10,24 @@ import pytest
 
 from nlbfarm.coordinator.cluster import Member
 from nlbfarm.node.liveness import (
-    CERT_MARGIN_S, CLOCK_DRIFT, LivenessWatch, Outcome, Verdict, Watched, connect, ip_endpoint, judge)
+    BACK_GRACE_S, CERT_MARGIN_S, CLOCK_DRIFT, Back, BackChannel, LivenessWatch, Outcome, Verdict, Watched, connect,
+    ip_endpoint, judge)
 
 REC = Member("n2", 1, instance="i-2", peer="10.0.0.2:7401", fence_ms=400)
+
+
+def ALWAYS_BACK(ip):
+    return True
+
+
+class FakeBack:
+    """Rule 5's evidence, as a test sets it: whether the peer's connection to us is open."""
+
+    def __init__(self, open_: bool = True):
+        self.open = open_
+
+    def open_from(self, ip):
+        return self.open
 
 
 @pytest.mark.parametrize("record, instance, verified, refused_at, now, verdict", [
@@ -27,17 +42,38 @@ REC = Member("n2", 1, instance="i-2", peer="10.0.0.2:7401", fence_ms=400)
     (REC, "i-2", True, 1.0, 1.0 + 0.4 + CERT_MARGIN_S + CLOCK_DRIFT * 0.4, Verdict.DEAD),
 ])
 def test_verdicts(record, instance, verified, refused_at, now, verdict):
-    assert judge(record, instance, verified, refused_at, now, own_fence_timeout=0.3)[0] is verdict
+    assert judge(record, instance, verified, refused_at, now, own_fence_timeout=0.3, back=Back.CLOSED)[0] is verdict
+
+
+@pytest.mark.parametrize("back, now, verdict", [
+    (Back.NEVER_SEEN, 9.0, Verdict.UNCORROBORATED),      # nothing to corroborate the refusal with
+    (Back.OPEN, 1.0 + BACK_GRACE_S, Verdict.STILL_CONNECTED),  # alive behind a rejecting firewall
+    (Back.OPEN, 9.0, Verdict.STILL_CONNECTED),
+    (Back.OPEN, 1.0 + BACK_GRACE_S / 2, Verdict.WAIT),   # the dead process's FIN may trail the refusal
+    (Back.CLOSED, 1.3, Verdict.WAIT),
+    (Back.CLOSED, 9.0, Verdict.DEAD),
+])
+def test_regression_a_refusal_needs_the_peers_own_connection_gone_too(back, now, verdict):
+    assert judge(REC, "i-2", True, 1.0, now, 0.3, back)[0] is verdict
+
+
+def test_regression_a_death_just_after_a_firewalls_reset_counts_from_when_it_was_last_seen_alive():
+    """Refused at 1.0 by a rejecting firewall, the peer's connection here still open at 1.09,
+    then it dies: its last fence element may have been written at 1.09, so not before that
+    plus the fence."""
+    due = 1.09 + 0.4 + CERT_MARGIN_S + CLOCK_DRIFT * 0.4
+    assert judge(REC, "i-2", True, 1.0, 1.5, 0.3, Back.CLOSED, back_open_at=1.09) == (Verdict.WAIT, due)
+    assert judge(REC, "i-2", True, 1.0, due, 0.3, Back.CLOSED, back_open_at=1.09)[0] is Verdict.DEAD
 
 
 def test_the_wait_is_the_longer_of_the_record_and_this_nodes_fence():
     # A record that claims a shorter fence than this node's own does not hurry it.
-    assert judge(replace(REC, fence_ms=100), "i-2", True, 10.0, 10.0, 0.4) == (
+    assert judge(replace(REC, fence_ms=100), "i-2", True, 10.0, 10.0, 0.4, Back.CLOSED) == (
         Verdict.WAIT, 10.0 + 0.4 + CERT_MARGIN_S + CLOCK_DRIFT * 0.4)
     # The margin grows with the fence: clocks drift apart over a long one.
-    assert judge(replace(REC, fence_ms=299_000), "i-2", True, 0.0, 0.0, 0.4)[1] > 299.5
+    assert judge(replace(REC, fence_ms=299_000), "i-2", True, 0.0, 0.0, 0.4, Back.CLOSED)[1] > 299.5
     # An adopted planned-restart element: the record's longer figure wins.
-    assert judge(replace(REC, fence_ms=2500), "i-2", True, 10.0, 12.0, 0.4)[0] is Verdict.WAIT
+    assert judge(replace(REC, fence_ms=2500), "i-2", True, 10.0, 12.0, 0.4, Back.CLOSED)[0] is Verdict.WAIT
 
 
 @pytest.mark.parametrize("addr, endpoint", [
@@ -113,14 +149,15 @@ def test_a_listener_that_goes_away_is_certified_and_retired_after_the_fence():
     peer = Watched("n2", "i-2", f"127.0.0.1:{port}")
     record = replace(REC, peer=peer.addr)
     retired: list[tuple[float, float]] = []
+    back = FakeBack()
 
-    def retire(p, refused_at):
-        verdict, due = judge(record, p.instance, True, refused_at, time.monotonic(), 0.2)
+    def retire(p, refused_at, back, back_open_at=None):
+        verdict, due = judge(record, p.instance, True, refused_at, time.monotonic(), 0.2, back)
         if verdict is Verdict.DEAD:
             retired.append((refused_at, time.monotonic()))
         return verdict, due
 
-    w = LivenessWatch(lambda: [peer], lambda p: True, retire)
+    w = LivenessWatch(lambda: [peer], lambda p: True, retire, back.open_from)
     w.start()
     try:
         _wait_for(lambda: accepted)
@@ -130,6 +167,7 @@ def test_a_listener_that_goes_away_is_certified_and_retired_after_the_fence():
         died = time.monotonic()
         srv.close()
         accepted[0].close()   # what the dead process's kernel does
+        back.open = False     # ... to its own connection to this node as well
         _wait_for(lambda: retired)
         assert retired, "the refusal was never certified"
         refused_at, at = retired[0]
@@ -145,7 +183,8 @@ def test_an_unverified_listener_is_never_certified():
     port = srv.getsockname()[1]
     peer = Watched("n2", "i-2", f"127.0.0.1:{port}")
     calls = []
-    w = LivenessWatch(lambda: [peer], lambda p: False, lambda p, t: calls.append(t) or (Verdict.DEAD, t))
+    w = LivenessWatch(lambda: [peer], lambda p: False, lambda p, t, b, o: calls.append(t) or (Verdict.DEAD, t),
+                      ALWAYS_BACK)
     w.start()
     try:
         time.sleep(0.3)
@@ -175,20 +214,22 @@ def test_a_listener_back_while_the_certificate_waits_withdraws_it():
     _accepting(srv, accepted)
     peer = Watched("n2", "i-2", f"127.0.0.1:{port}")
     calls = []
+    back = FakeBack()
 
-    def retire(p, refused_at):
+    def retire(p, refused_at, back, back_open_at=None):
         verdict = judge(replace(REC, peer=peer.addr, fence_ms=1500), p.instance, True, refused_at,
-                        time.monotonic(), 0.2)
+                        time.monotonic(), 0.2, back)
         calls.append(verdict[0])
         return verdict
 
-    w = LivenessWatch(lambda: [peer], lambda p: True, retire)
+    w = LivenessWatch(lambda: [peer], lambda p: True, retire, back.open_from)
     w.start()
     try:
         _wait_for(lambda: accepted)
         srv.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread; the port stops listening
         srv.close()
         accepted[0].close()
+        back.open = False
         _wait_for(lambda: calls)
         assert calls, "the refusal was not noticed"
         again = _listener(port)
@@ -208,7 +249,8 @@ def test_a_refusal_long_after_the_last_connection_certifies_nothing():
     srv.close()   # never connected, never verified
     peer = Watched("n2", "i-2", f"127.0.0.1:{port}")
     calls = []
-    w = LivenessWatch(lambda: [peer], lambda p: True, lambda p, t: calls.append(t) or (Verdict.DEAD, t))
+    w = LivenessWatch(lambda: [peer], lambda p: True, lambda p, t, b, o: calls.append(t) or (Verdict.DEAD, t),
+                      ALWAYS_BACK)
     w.start()
     try:
         time.sleep(2.5)
@@ -232,11 +274,100 @@ def test_a_listener_that_closes_at_once_is_not_hammered():
             c.close()
     threading.Thread(target=run, daemon=True).start()
     peer = Watched("n2", "i-2", f"127.0.0.1:{port}")
-    w = LivenessWatch(lambda: [peer], lambda p: True, lambda p, t: (Verdict.OTHER_INSTANCE, 0.0))
+    w = LivenessWatch(lambda: [peer], lambda p: True, lambda p, t, b, o: (Verdict.OTHER_INSTANCE, 0.0), ALWAYS_BACK)
     w.start()
     try:
         time.sleep(3.0)
         assert len(accepted) <= 8, f"{len(accepted)} connections in 3 s"
     finally:
         w.stop()
+        srv.close()
+
+
+def test_regression_a_firewall_that_rejects_the_peer_port_certifies_nothing():
+    """The listener refuses (a reject rule sends resets, as a dead process's kernel would) but
+    the peer's own connection to this node stays open: it lives, so no retirement."""
+    srv = _listener()
+    port = srv.getsockname()[1]
+    accepted = []
+    _accepting(srv, accepted)
+    peer = Watched("n2", "i-2", f"127.0.0.1:{port}")
+    verdicts = []
+
+    def retire(p, refused_at, back, back_open_at=None):
+        verdict = judge(replace(REC, peer=peer.addr), p.instance, True, refused_at, time.monotonic(), 0.2, back)
+        verdicts.append(verdict[0])
+        return verdict
+
+    w = LivenessWatch(lambda: [peer], lambda p: True, retire, FakeBack(True).open_from)
+    w.start()
+    try:
+        _wait_for(lambda: accepted)
+        time.sleep(0.2)
+        srv.shutdown(socket.SHUT_RDWR)
+        srv.close()
+        accepted[0].close()
+        _wait_for(lambda: Verdict.STILL_CONNECTED in verdicts, timeout=3.0)
+        assert Verdict.STILL_CONNECTED in verdicts, verdicts
+        assert Verdict.DEAD not in verdicts
+        time.sleep(1.5)
+        assert Verdict.DEAD not in verdicts
+        assert not w.certified()
+    finally:
+        w.stop()
+
+
+def test_the_back_channel_sees_a_peers_connection_and_its_close():
+    """BackChannel on the kernel's real socket table: established from that address, or not."""
+    srv = _listener()
+    port = srv.getsockname()[1]
+    back = BackChannel(port)
+    assert back.open_from("127.0.0.1") is False
+    c = socket.create_connection(("127.0.0.1", port))
+    a, _ = srv.accept()
+    try:
+        assert back.open_from("127.0.0.1") is True
+        assert back.open_from("127.0.0.2") is False      # another address
+        assert BackChannel(port + 1 if port < 65535 else port - 1).open_from("127.0.0.1") is False
+        c.close()   # the peer's kernel closes it: our side is CLOSE_WAIT, no longer established
+        time.sleep(0.05)
+        assert back.open_from("127.0.0.1") is False
+    finally:
+        a.close()
+        srv.close()
+    assert back.open_from("not an address") is None
+
+
+def test_the_back_channel_sees_ipv4_peers_on_a_dual_stack_listener():
+    srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    srv.bind(("::", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    c = socket.create_connection(("127.0.0.1", port))
+    a, _ = srv.accept()
+    try:
+        assert BackChannel(port).open_from("127.0.0.1") is True   # listed as ::ffff:127.0.0.1
+    finally:
+        c.close()
+        a.close()
+        srv.close()
+
+
+def test_the_watchers_connections_come_from_its_own_peer_address():
+    """So that the peer finds them by the IP of this node's record (rule 5)."""
+    srv = _listener()
+    port = srv.getsockname()[1]
+    try:
+        outcome, s = connect(("127.0.0.1", port), source="127.0.0.3")
+        assert outcome is Outcome.CONNECTED
+        a, addr = srv.accept()
+        assert addr[0] == "127.0.0.3"
+        s.close()
+        a.close()
+        # An address that is not local here (translated on the way): any source.
+        outcome, s = connect(("127.0.0.1", port), source="192.0.2.77")
+        assert outcome is Outcome.CONNECTED
+        s.close()
+    finally:
         srv.close()

@@ -231,6 +231,26 @@ def test_a_crash_or_a_pause_is_never_certified():
         assert not sim.violations
 
 
+def test_regression_a_firewall_that_rejects_a_live_nodes_peer_port_is_no_certificate():
+    """Resets on the peer port look like a dead agent's; the live agent's own connection to
+    its peers stays open (rule 5), so nobody retires it while it serves."""
+    from nlbfarm.sim.faults import run
+    for seed in range(12):
+        n = f"n{1 + seed % 3}"
+        res = run(seed, [{"kind": "reject_peer", "at": 9.0 + seed * 0.05, "for": 6.0, "node": n}], nodes=3,
+                  timing=DEFAULT)
+        assert res.ok, (seed, res.violations[:1], res.error)
+    from nlbfarm.sim.core import Sim
+    sim = Sim(5, [], nodes=3, timing=DEFAULT)
+    sim.run(10.0)
+    sim.nodes["n2"].rejects_peer = True
+    sim.run(16.0)
+    assert not [r for node in sim.nodes.values() for r in node.retired]
+    from nlbfarm.sim.core import PREFIX
+    assert f"{PREFIX}/members/n2" in sim.etcd.s.kv
+    assert not sim.violations
+
+
 def test_a_successor_killed_while_it_holds_a_planned_restarts_long_element():
     """The adopted element outlives fence_timeout until the successor rewrites it: its swap
     publishes the longer figure, so a peer certifying it dead in between waits for that."""
