@@ -34,7 +34,7 @@ from dataclasses import replace
 
 from nlbfarm import __version__
 from nlbfarm.config import Config, load_config
-from nlbfarm.coordinator.cluster import ClusterSettings, ClusterSnapshot, Member, expand
+from nlbfarm.coordinator.cluster import MAX_FENCE_MS, ClusterSettings, ClusterSnapshot, Member, expand
 from nlbfarm.coordinator.farm import ClusterCache, FarmStore
 from nlbfarm.coordinator.rules import bucket_for, digest as rules_digest, match as match_rule
 from nlbfarm.coordinator.rules import resolve as resolve_rules
@@ -488,11 +488,18 @@ class Agent:
                                   link_up=self._link_up(), member_present=self.me in snap.members)
         why = refusal.value if refusal else ""
         if not why:
-            kv, record = self.farm.member_record(self.me)
-            if record is None or record.instance != self.instance or kv.lease != view.lease_id:
-                why = "the member record is not this process's"
-            elif not self.farm.swap_member(replace(record, handing_over=True), view.lease_id, kv.mod_revision):
-                why = "the member record changed while it was marked"
+            try:
+                kv, record = self.farm.member_record(self.me)
+                if record is None or record.instance != self.instance or kv.lease != view.lease_id:
+                    why = "the member record is not this process's"
+                elif not self.farm.swap_member(replace(record, handing_over=True), view.lease_id, kv.mod_revision):
+                    why = "the member record changed while it was marked"
+            except StoreError as exc:
+                # Nothing is stopped yet, so the agent goes on. A mark that went in
+                # with its reply lost stays until the next member write (which never
+                # says handing_over): until then peers wait for the lease instead of
+                # certifying a kill -9, the safe side.
+                why = f"etcd did not answer: {exc}"
         if why:
             log.error("restart refused node=%s reason=%r: the agent goes on; SIGTERM stops it with a drain",
                       self.me, why)
@@ -830,6 +837,14 @@ class Agent:
                 self.local = replace(self.local, accepting=frozenset(), draining={})
             except DataPlaneError as exc:
                 log.error("could not close the fence node=%s reason=%s", self.me, exc)
+        # Revoking the leases below deletes this node's records, and peers take
+        # its buckets at once: an element that could not be closed must have
+        # expired by itself first (at most fence_ms, as a certificate assumes).
+        left = self.dp.fence_expires_at - time.monotonic() if self.dp.fence_expires_at else 0.0
+        if left > 0:
+            log.warning("fence element still open node=%s: waiting %.2fs for it to expire before "
+                        "releasing the lease", self.me, left)
+            time.sleep(min(left, MAX_FENCE_MS / 1000))
         if self.vip.down():
             try:
                 self.dp.teardown(self.cfg.nft.table)

@@ -12,6 +12,7 @@ class RecordingDataPlane:
     def __init__(self):
         self.current = None
         self.history = []
+        self.fence_expires_at = 0.0   # no kernel element: nothing outlives a close
 
     def apply(self, spec, fence_until=None):
         if spec == self.current:

@@ -216,3 +216,36 @@ def test_reregistration_after_lost_lease_uses_a_fresh_view(etcd_server, cluster,
     assert "waiting for y to apply generation 3" in sentences[-1], sentences
     assert all(accepted(spec) == 0 for spec in x.dp.history[after_recovery:]), sentences
     x.store.revoke_lease(y_lease)
+
+
+def test_regression_sigusr2_during_an_etcd_blip_refuses_the_restart_and_goes_on(etcd_server, cluster, agents):
+    """A StoreError while the hand-off marks the member record used to escape the loop and stop
+    the agent. Nothing is stopped before that mark, so the restart is refused and farmd goes on."""
+    from nlbfarm.errors import StoreUnavailable
+    x = Agent(config(etcd_server.endpoint, cluster, node="x", buckets=64), dataplane=RecordingDataPlane(),
+              vip=NoVip())
+    agents.append(x)
+    x.start()
+    deadline = time.monotonic() + 10
+    while accepted(x.dp.current) < 64 and time.monotonic() < deadline:
+        x.last_sentence = x.cycle()
+        time.sleep(0.05)
+    assert accepted(x.dp.current) == 64, x.last_sentence
+
+    def blip(node_id):
+        raise StoreUnavailable("etcd unreachable: op=get key=members/x (injected)")
+
+    real, x.farm.member_record = x.farm.member_record, blip
+    try:
+        sentence = x._hand_off()
+    finally:
+        x.farm.member_record = real
+    assert sentence.startswith("restart refused: etcd did not answer"), sentence
+    assert not x.handed_off
+    before = x.keeper.view().last_ok_sent
+    time.sleep(2.5 * x.timing.keepalive_interval)
+    assert x.keeper.view().last_ok_sent > before, "the keeper stopped"
+    kv, record = x.farm.member_record("x")
+    assert record.instance == x.instance and not record.handing_over
+    x.keeper.stop()
+    x.liveness.stop()
