@@ -194,10 +194,35 @@ class ClusterCache:
         with self._lock:
             return key in self._items
 
+    def forked(self, items: dict[str, tuple], revision: int) -> str | None:
+        """A full read whose history is not this cache's: the first key that says so, or None.
+
+        In one linear history, every key of a later read last written at or
+        below the revision this cache has reached was in the cache with that
+        very mod_revision and value. A restore to a snapshot whose revision is *higher*
+        (a second restore, of a backup taken before the first) passes the
+        watch's "revision went back" test; this catches it.
+        """
+        with self._lock:
+            if revision < self._revision:
+                return None  # an older read (it raced a newer one): reset() keeps the cache
+            for key, item in items.items():
+                # The same revision number may name another write in the other
+                # history: the value must be the same too.
+                cur = self._items.get(key)
+                if item[1] <= self._revision and (cur is None or cur[:2] != item[:2]):
+                    return key
+        return None
+
     def on_event(self, ev) -> None:
         if ev.kind == "resync":
-            self.reset({k: (kv.value, kv.mod_revision, kv.lease) for k, kv in ev.snapshot.items()},
-                       ev.mod_revision, authoritative=ev.rewound)
+            items = {k: (kv.value, kv.mod_revision, kv.lease) for k, kv in ev.snapshot.items()}
+            fork = None if ev.rewound else self.forked(items, ev.mod_revision)
+            if fork is not None:
+                log.warning("etcd's history changed under the watch (key %s, revision %d, disagrees with what "
+                            "this node saw up to revision %d: a restore?): re-reading everything and trusting no "
+                            "applied record until its node writes it again", fork, ev.mod_revision, self._revision)
+            self.reset(items, ev.mod_revision, authoritative=ev.rewound or fork is not None)
             return
         if not ev.key.startswith(self.prefix + "/"):
             return

@@ -64,3 +64,25 @@ def test_a_resync_after_etcd_went_back_replaces_the_cache():
     assert set(c._items) == {f"{P}/b"} and c.revision == 8
     c.on_event(put(f"{P}/c", 9))
     assert f"{P}/c" in c._items
+
+
+def test_regression_a_resync_from_another_history_at_a_higher_revision_replaces_the_cache_as_a_rewind():
+    """A second restore, of a backup taken before the first: its revision is higher than the
+    cache's, so "the revision went back" misses it, but a key it says was last written at or
+    below the cache's revision disagrees with what the cache saw. Treated as a rewind: nothing
+    rolled back is trusted (trust_after) until rewritten."""
+    c = ClusterCache(P, threading.Event())
+    c.reset({f"{P}/table": (b"gen 7", 20, 0), f"{P}/applied/n1": (b"gen 7", 21, 5)}, 23)
+    snap = {f"{P}/table": KV(f"{P}/table", b"gen 9", 20), f"{P}/applied/n1": KV(f"{P}/applied/n1", b"gen 9", 30, 5)}
+    assert c.forked({k: (kv.value, kv.mod_revision, kv.lease) for k, kv in snap.items()}, 34) == f"{P}/table"
+    c.on_event(WatchEvent("resync", P, b"", 34, snapshot=snap))
+    assert c._items[f"{P}/table"][0] == b"gen 9" and c.trust_after == 34
+
+
+def test_a_resync_that_continues_the_same_history_is_no_rewind():
+    c = ClusterCache(P, threading.Event())
+    c.reset({f"{P}/table": (b"gen 7", 20, 0), f"{P}/applied/n1": (b"gen 7", 21, 5)}, 23)
+    # Written after the cache's revision, or deleted since: a watch that missed events.
+    snap = {f"{P}/table": KV(f"{P}/table", b"gen 7", 20), f"{P}/applied/n2": KV(f"{P}/applied/n2", b"x", 30, 6)}
+    c.on_event(WatchEvent("resync", P, b"", 34, snapshot=snap))
+    assert c.trust_after == 0 and c.revision == 34
