@@ -102,6 +102,7 @@ class Agent:
                                   member_present=self._member_present, peers=self._peers,
                                   probe=self.probe, wake=self.wake)
         self.liveness = self._liveness_watch()
+        self._seen_watched: frozenset[Watched] = frozenset()
         self._watch = None
         self._own_missing_since: float | None = None
         self.leave_started: float | None = None
@@ -384,8 +385,8 @@ class Agent:
         return LivenessWatch(self._watched_peers, self._identify_peer, self.retire_dead, back,
                              source=own[0] if own else None)
 
-    def _watched_peers(self) -> list[Watched]:
-        snap = self.cache.snapshot()
+    def _watched_peers(self, snap: ClusterSnapshot | None = None) -> list[Watched]:
+        snap = snap if snap is not None else self.cache.snapshot()
         return [Watched(m.id, m.instance, m.peer) for m in snap.members.values()
                 if m.id != self.me and m.peer and m.instance and m.fence_ms and not m.handing_over]
 
@@ -755,6 +756,12 @@ class Agent:
                                         f"{nid} {self._seen_members[nid]} -> {members[nid]}: {reasons[nid]}",
                                         old=self._seen_members[nid], new=members[nid])
         self._seen_members = members
+        watched = frozenset(self._watched_peers(snap))
+        if watched != self._seen_watched:
+            # A peer (re)started or changed: the watcher connects to it now, not
+            # at its next idle wake-up, so that a death soon after is certified.
+            self._seen_watched = watched
+            self.liveness.poke()
         for m in snap.members.values():
             if m.rules and m.rules != self.rules_digest and m.id not in self._rules_warned:
                 self._rules_warned.add(m.id)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 EVENT_KINDS = ("member_joined", "member_left", "member_state", "table_changed", "check_transition",
                "node_state", "drain_requested", "undrain_requested", "module_action", "adopted",
-               "handoff_refused", "missed")
+               "handoff_refused", "peer_retired", "missed")
 
 
 @dataclass(frozen=True)

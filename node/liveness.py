@@ -26,8 +26,9 @@ it when the agent dies, and the watcher then asks again at once. The rules
    element for its successor (``node/handoff.py``).
 3. The record gives ``fence_ms`` (agents without it get no certificate).
 4. The refusal came at ``refused_at`` (when its answer arrived, the latest
-   instant the process can have died), on the first attempt after a
-   connection that was verified (rule 1) when it was made, closed; the
+   instant the process can have died), within ``ARMED_WINDOW_S`` after a
+   connection that was verified (rule 1) when it was made closed, with no
+   verified answer in between; the
    records go no earlier than ``refused_at + F + CERT_MARGIN_S + 0.2 % of F``
    with F = max(fence_ms, this node's fence_timeout) (two machines' clocks
    may drift apart by up to 0.1 % under NTP). Until then the watcher keeps
@@ -81,6 +82,15 @@ RECHECK_S = 0.1
 # A connection that closes sooner than this after it opened (a proxy in
 # front of nothing, a peer that resets at once) waits RETRY_S before the next.
 SHORT_LIVED_S = 1.0
+# After a verified connection closed, a refusal within this long certifies
+# (rule 4), as long as nothing verified answered in between: a process that
+# dies closes its descriptors one by one, so its listener may still complete
+# a handshake for an instant after the idle connection's close arrived (and
+# then answer nothing).
+ARMED_WINDOW_S = 1.0
+# Within that window, after a connection that nothing answered, ask again
+# this soon.
+ARMED_RETRY_S = 0.05
 # How long one connection attempt may take before it counts as "no answer".
 CONNECT_TIMEOUT_S = 0.3
 # After a failed attempt (timeout, unreachable), or a refusal that did not
@@ -312,7 +322,8 @@ class Watched:
 
 class _State:
     __slots__ = ("peer", "endpoint", "sock", "verified", "back_seen", "refused_back_seen", "refused_at",
-                 "back_open_at", "next_try", "received", "opened_at")
+                 "back_open_at", "next_try", "received", "opened_at", "armed_until", "armed_back_seen",
+                 "closed_lived")
 
     def __init__(self, peer: Watched, endpoint: tuple[str, int]):
         self.peer = peer
@@ -326,6 +337,9 @@ class _State:
         self.next_try = 0.0
         self.received = 0
         self.opened_at = 0.0
+        self.armed_until = 0.0         # a refusal before this certifies (a verified connection closed)
+        self.armed_back_seen = False   # back_seen of that connection
+        self.closed_lived: float | None = None  # how long the connection that just closed lived
 
 
 class LivenessWatch:
@@ -460,18 +474,19 @@ class LivenessWatch:
                 sleep = 0.0
         return sleep
 
-    def _attempt(self, st: _State, after_close: bool = False) -> None:
-        """Connect. ``after_close``: the first attempt after a verified connection closed, the
-        only one whose refusal certifies (a refusal later could come from whatever now
-        holds the address, or from a firewall)."""
+    def _attempt(self, st: _State) -> None:
+        """Connect. A refusal certifies only while armed: within ``ARMED_WINDOW_S`` after a
+        verified connection closed, with nothing verified answering in between (a refusal
+        later could come from whatever holds the address by then, or from a firewall)."""
         outcome, sock = connect(st.endpoint, source=self.source)
         now = self.clock()
-        armed, st.verified = st.verified and after_close, False
-        back_seen, st.back_seen = st.back_seen, False
+        armed = now < st.armed_until
+        st.verified = st.back_seen = False
+        lived, st.closed_lived = st.closed_lived, None
         if outcome is Outcome.CONNECTED:
-            if after_close and now - st.opened_at < SHORT_LIVED_S:
+            if lived is not None and lived < SHORT_LIVED_S:
                 sock.close()  # it closed at once last time: do not spin on it
-                st.next_try = now + RETRY_S
+                st.armed_until, st.next_try = 0.0, now + RETRY_S
                 return
             st.sock, st.received, st.opened_at = sock, 0, now
             self._sel.register(sock, selectors.EVENT_READ, st)
@@ -480,14 +495,21 @@ class LivenessWatch:
             st.verified = self._identify(st.peer)
             if not st.verified:
                 self._drop(st)
-                st.next_try = now + RETRY_S
+                # Nothing answered: a dying listener, or someone else's. Still
+                # armed, ask again soon: the refusal comes once it is gone.
+                st.next_try = now + (ARMED_RETRY_S if armed else RETRY_S)
                 return
+            st.armed_until = 0.0
             st.back_seen = self._back_open(st.endpoint[0]) is True
             return
         if outcome is Outcome.REFUSED and armed:
             log.warning("peer %s's listener %s refused: its agent (%s) is dead; retiring it once its fence "
                         "has closed", st.peer.id, st.peer.addr, st.peer.instance)
-            st.refused_at, st.refused_back_seen, st.back_open_at = now, back_seen, None
+            st.refused_at, st.refused_back_seen, st.back_open_at = now, st.armed_back_seen, None
+            st.armed_until = 0.0
+            return
+        if armed:
+            st.next_try = now + ARMED_RETRY_S  # no answer: a dying listener's full backlog, say
             return
         st.next_try = now + RETRY_S
 
@@ -514,8 +536,12 @@ class LivenessWatch:
             return
         # Closed (or a listener that talks too much): ask again at once.
         self._drop(st)
+        now = self.clock()
+        if st.verified:
+            st.armed_until, st.armed_back_seen = now + ARMED_WINDOW_S, st.back_seen
+        st.closed_lived = now - st.opened_at
         if st.peer.id in self._states:
-            self._attempt(st, after_close=True)
+            self._attempt(st)
 
     def _drop(self, st: _State) -> None:
         if st.sock is not None:

@@ -78,6 +78,17 @@ def foreign_answer(me: str, my_instance: str, peer: Peer, answer) -> str | None:
     return None
 
 
+# A peer that restarts must be reachable again at once: gRPC's default
+# reconnect backoff (1 s, growing to 120 s) after a peer's death left this
+# node unable to identify its successor (no certificate of death for it, and
+# no rule E vote) for as long as the backoff lasted.
+PEER_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
 class PeerProbe:
     def __init__(self, me: str, timeout: float, tls: _tls.ClientTLS | None = None, instance: str = ""):
         self.me = me
@@ -91,7 +102,7 @@ class PeerProbe:
     def _stub(self, addr: str):
         ch = self._channels.get(addr)
         if ch is None:
-            ch = self._channels[addr] = _tls.channel(addr, self.tls)
+            ch = self._channels[addr] = _tls.channel(addr, self.tls, PEER_CHANNEL_OPTIONS)
         return farm_pb2_grpc.FarmStub(ch)
 
     def ask(self, node: str, addr: str):

@@ -10,7 +10,7 @@ import pytest
 
 from nlbfarm.coordinator.cluster import Member
 from nlbfarm.node.liveness import (
-    BACK_GRACE_S, CERT_MARGIN_S, CLOCK_DRIFT, Back, BackChannel, LivenessWatch, Outcome, Verdict, Watched, connect,
+    ARMED_WINDOW_S, BACK_GRACE_S, CERT_MARGIN_S, CLOCK_DRIFT, SHORT_LIVED_S, Back, BackChannel, LivenessWatch, Outcome, Verdict, Watched, connect,
     ip_endpoint, judge)
 
 REC = Member("n2", 1, instance="i-2", peer="10.0.0.2:7401", fence_ms=400)
@@ -371,3 +371,42 @@ def test_the_watchers_connections_come_from_its_own_peer_address():
         s.close()
     finally:
         srv.close()
+
+
+def test_regression_a_listener_that_still_completes_handshakes_as_its_process_dies_is_certified():
+    """A dying process closes its descriptors one by one: the idle connection's close can
+    arrive while its listener still completes a handshake (and then answers nothing). The
+    watcher stays armed for ARMED_WINDOW_S and certifies the refusal that follows; it used
+    to take that connection as the one attempt that counts and wait for the lease."""
+    srv = _listener()
+    port = srv.getsockname()[1]
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(srv.accept()[0]), daemon=True).start()
+    peer = Watched("n2", "i-2", f"127.0.0.1:{port}")
+    dead = threading.Event()
+    back = FakeBack()
+    retired = []
+
+    def retire(p, refused_at, back_state, back_open_at=None):
+        verdict, due = judge(replace(REC, peer=peer.addr), p.instance, True, refused_at, time.monotonic(), 0.2,
+                             back_state, back_open_at)
+        if verdict is Verdict.DEAD:
+            retired.append(refused_at)
+        return verdict, due
+
+    w = LivenessWatch(lambda: [peer], lambda p: not dead.is_set(), retire, back.open_from)
+    w.start()
+    try:
+        _wait_for(lambda: accepted)
+        time.sleep(SHORT_LIVED_S + 0.1)   # an idle connection that lived (not one closed at once)
+        died = time.monotonic()
+        dead.set()
+        back.open = False
+        accepted[0].close()       # the idle connection's close arrives first ...
+        time.sleep(0.15)          # ... while the listener still takes handshakes (nobody accepts)
+        srv.close()
+        _wait_for(lambda: retired, timeout=3.0)
+        assert retired, "the refusal after the half-dead listener was not certified"
+        assert retired[0] - died < ARMED_WINDOW_S
+    finally:
+        w.stop()
