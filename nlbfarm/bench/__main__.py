@@ -70,9 +70,15 @@ def run_all(names, quick: bool, progress) -> dict:
     return out
 
 
-def write_report(data: dict, outdir: Path) -> Path:
+def result_stem(data: dict, only: bool = False) -> str:
+    """``<date>``, or ``<date>-<names>`` for a ``--only`` run (it must not replace the full run's files)."""
+    return f"{data['date']}-{'-'.join(data['benchmarks'])}" if only else data["date"]
+
+
+def write_report(data: dict, outdir: Path, only: bool = False) -> Path:
     date = data["date"]
-    plotdir = outdir / date
+    stem = result_stem(data, only)
+    plotdir = outdir / stem
     plotdir.mkdir(parents=True, exist_ok=True)
     lines = [f"# nlbfarm benchmarks, {date}", "",
              f"Machine: {describe_machine(data['machine'])}. All figures of one `make bench` run; "
@@ -86,7 +92,7 @@ def write_report(data: dict, outdir: Path) -> Path:
         mod = importlib.import_module(f"nlbfarm.bench.{name}")
         plots = []
         try:
-            plots = [f"{date}/{p}" for p in mod.plot(result, plotdir)]
+            plots = [f"{stem}/{p}" for p in mod.plot(result, plotdir)]
         except Exception as exc:  # noqa: BLE001 - a missing plot must not lose the figures
             lines += [f"(plots failed: {type(exc).__name__}: {exc})", ""]
         lines += [mod.report(result, plots).rstrip(), ""]
@@ -94,7 +100,7 @@ def write_report(data: dict, outdir: Path) -> Path:
         if notes:
             lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
         lines += [f"({result.get('seconds', 0)} s)", ""]
-    path = outdir / f"{date}.md"
+    path = outdir / f"{stem}.md"
     path.write_text("\n".join(lines))
     return path
 
@@ -118,15 +124,29 @@ def summary_table(data: dict) -> str:
     return "\n".join(rows)
 
 
-def update_readme(data: dict, readme: Path, report: Path) -> None:
+def update_readme(data: dict, readme: Path, report: Path, only: bool = False) -> None:
+    """Rewrite the README's summary block; ``only`` (a ``--only`` run): replace just the rows of the
+    benchmarks that ran, keep the others, and say which rows come from which run."""
     text = readme.read_text()
-    block = (f"<!-- bench:begin -->\nMeasured {data['date']} on {describe_machine(data['machine'])} "
-             f"by `make bench`; full report: [{report.as_posix()}]({report.as_posix()}).\n\n"
-             f"{summary_table(data)}\n<!-- bench:end -->")
-    new, n = re.subn(r"<!-- bench:begin -->.*?<!-- bench:end -->", lambda _: block, text, flags=re.S)
-    if n != 1:
+    m = re.search(r"<!-- bench:begin -->(.*?)<!-- bench:end -->", text, flags=re.S)
+    if m is None:
         raise SystemExit(f"{readme}: no <!-- bench:begin --> ... <!-- bench:end --> block to update")
-    readme.write_text(new)
+    head = (f"Measured {data['date']} on {describe_machine(data['machine'])} by `make bench`; full report: "
+            f"[{report.as_posix()}]({report.as_posix()}).")
+    table = summary_table(data)
+    if only:
+        titles = {_title(n) for n in data["benchmarks"]}
+        old_lines = m.group(1).strip().splitlines()
+        old_head = [ln for ln in old_lines if not ln.startswith("|")]
+        kept = [ln for ln in old_lines if ln.startswith("| ") and not ln.startswith("| benchmark |")
+                and ln.split(" | ")[0][2:] not in titles]
+        rows = table.splitlines()
+        table = "\n".join(rows[:2] + kept + rows[2:])
+        head = (" ".join(h for h in old_head if h.strip() and not h.startswith("Rows of ")) + "\n\n"
+                f"Rows of {', '.join(sorted(titles))}: measured {data['date']} by `python -m nlbfarm.bench "
+                f"--only {','.join(data['benchmarks'])}`; report: [{report.as_posix()}]({report.as_posix()}).")
+    block = f"<!-- bench:begin -->\n{head}\n\n{table}\n<!-- bench:end -->"
+    readme.write_text(text[:m.start()] + block + text[m.end():])
 
 
 def main(argv=None) -> int:
@@ -151,13 +171,13 @@ def main(argv=None) -> int:
     data = run_all(names, args.quick, progress)
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    js = outdir / f"{data['date']}.json"
+    js = outdir / f"{result_stem(data, bool(args.only))}.json"
     # Keep the raw results small: no tracebacks of failed runs beyond their tail.
     js.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    report = write_report(data, outdir)
+    report = write_report(data, outdir, only=bool(args.only))
     progress(f"wrote {js} and {report}")
     if args.readme:
-        update_readme(data, Path(args.readme), report)
+        update_readme(data, Path(args.readme), report, only=bool(args.only))
         progress(f"updated the summary in {args.readme}")
     failed = [n for n, r in data["benchmarks"].items() if not r.get("ok")]
     if failed:

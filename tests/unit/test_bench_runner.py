@@ -53,3 +53,17 @@ def test_readme_block_is_replaced_and_required(fakes, tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="bench:begin"):
         update_readme(data, readme, tmp_path / "r.md")
+
+
+def test_an_only_run_replaces_just_its_own_rows(fakes, tmp_path):
+    data = run_all(("fake_ok",), quick=True, progress=lambda m: None)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:begin -->\nMeasured 2026-01-01 by `make bench`; full report: [a](a).\n\n"
+                      "| benchmark | metric | result | compared with |\n|---|---|---|---|\n"
+                      "| Other | x | 1 | y |\n| Fake fake_ok | rate | 0.50x | baseline |\n<!-- bench:end -->\noutro\n")
+    update_readme(data, readme, tmp_path / "r.md", only=True)
+    text = readme.read_text()
+    assert "| Other | x | 1 | y |" in text and "0.50x" not in text
+    assert "| Fake fake_ok | rate | 0.98x | baseline |" in text
+    assert "Measured 2026-01-01" in text and "Rows of Fake fake_ok: measured" in text
+    assert text.count("| benchmark |") == 1 and text.endswith("outro\n")
