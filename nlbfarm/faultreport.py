@@ -30,8 +30,9 @@ def render(figures: dict) -> str:
         if f is None:
             continue
         new = f"{f['failed']} of {f['new_connections']}" if "new_connections" in f else str(f["failed"])
-        broken = (f"{f['broken']} of {f['long_lived']}" if "long_lived" in f else str(f["broken"]))
-        if f.get("broken_on_victim") is not None and f["broken"]:
+        # A trial without long-lived connections (the certified kill -9) has no broken figure.
+        broken = (f"{f['broken']} of {f['long_lived']}" if "long_lived" in f else str(f.get("broken", "-")))
+        if f.get("broken_on_victim") is not None and f.get("broken"):
             broken += " (all on the failed node)" if f["broken_on_victim"] == f["broken"] else ""
         rows.append(f"| {name} | {new} | {broken} | {f['recovery_s']} | {f['measured']} |")
     return "\n".join(rows)
