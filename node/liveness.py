@@ -39,8 +39,8 @@ it when the agent dies, and the watcher then asks again at once. The rules
    socket table). A process that dies loses all its sockets at once; one
    behind a firewall that rejects the peer port keeps the connection it
    opened. Seen open again later than ``BACK_GRACE_S`` after the refusal,
-   it cancels the certificate; seen open within that grace, the fence counts
-   from when it was last seen open (the process lived until then).
+   it cancels the certificate; the fence counts from when it was first seen
+   gone (the process may have lived until then).
 6. They go in one transaction, conditioned on both records' revisions as read
    just before and checked against rules 1-3: a successor that swapped itself
    in (``Agent._adopt``), a hand-off marked meanwhile, or an operator's
@@ -139,8 +139,8 @@ def judge(record, instance: str, verified: bool, refused_at: float | None, now: 
     ``instance``: the agent process whose listener refused; ``verified``: it
     answered at the record's peer address as itself; ``refused_at``: when the
     refusal arrived (None: none); ``back``: its agent's connection to this
-    node, as the kernel lists it now; ``back_open_at``: when it was last seen
-    open since the refusal (the process lived then: its fence counts from there).
+    node, as the kernel lists it now; ``back_open_at``: when it was first seen
+    gone (the process may have lived until then: its fence counts from there).
     """
     if record is None:
         return Verdict.GONE, 0.0
@@ -333,7 +333,7 @@ class _State:
         self.back_seen = False          # the peer's connection to us, seen while this one was verified
         self.refused_back_seen = False  # back_seen of the verified connection whose close led to the refusal
         self.refused_at: float | None = None
-        self.back_open_at: float | None = None  # the peer's connection here last seen open since the refusal
+        self.back_open_at: float | None = None  # when the peer's connection here was first seen gone
         self.next_try = 0.0
         self.received = 0
         self.opened_at = 0.0
@@ -518,8 +518,13 @@ class LivenessWatch:
         if not st.refused_back_seen:
             return Back.NEVER_SEEN
         if self._back_open(st.endpoint[0]) is False:
+            # The first time it is seen gone bounds the death: the fence counts
+            # from here. Not from the last time it was seen open: this watcher
+            # may have stalled in between while the peer lived on.
+            if st.back_open_at is None:
+                st.back_open_at = self.clock()
             return Back.CLOSED
-        st.back_open_at = self.clock()  # alive (or unknown) until now: the fence counts from here
+        st.back_open_at = None
         return Back.OPEN
 
     def _readable(self, st: _State) -> None:

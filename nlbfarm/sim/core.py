@@ -507,8 +507,12 @@ class SimNode:
                 # that rejects the peer port does not close it; a dead one's kernel did.
                 back = Back.NEVER_SEEN if not back_seen else \
                     Back.OPEN if other is not None and other.alive else Back.CLOSED
-                if back is Back.OPEN:
+                # As LivenessWatch._back: the fence counts from when the connection
+                # was first seen gone (the watcher may have been paused meanwhile).
+                if back is Back.CLOSED and entry[3] is None:
                     entry[3] = self.clock()
+                elif back is not Back.CLOSED:
+                    entry[3] = None
                 verdict, _due = judge(rec, instance, True, at, self.clock(), t.fence_timeout, back, entry[3])
                 if verdict is Verdict.WAIT:
                     continue

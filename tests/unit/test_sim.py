@@ -273,3 +273,16 @@ def test_a_successor_killed_while_it_holds_a_planned_restarts_long_element():
         sim.run(t + offset + 6)   # any double ownership raises Violation inside run()
         assert not sim.violations, offset
         assert sim.served(), offset
+
+
+def test_regression_a_certifier_paused_between_a_firewalls_reset_and_the_peers_death():
+    """Seed 4630 of a 5000-seed run: n4's peer port rejected (resets), n1 paused, then n4
+    killed. n1 resumed, saw n4's connection gone and dated the death from before its pause:
+    it retired n4 while n4's fence was open. The fence now counts from when the connection
+    was first seen gone."""
+    from nlbfarm.sim.faults import run, variant
+    nodes, timing = variant(4630)
+    res = run(4630, [{"at": 12.151, "for": 7.806, "kind": "reject_peer", "node": "n4"},
+                     {"at": 12.29, "delay": 1.5214222872998413, "for": 1.106, "kind": "pause", "node": "n1"},
+                     {"at": 13.35, "for": 1.12, "kind": "kill", "node": "n4"}], nodes=nodes, timing=timing)
+    assert res.ok, res.violations[:1]
