@@ -396,7 +396,7 @@ class Agent:
             self.me, self.instance, Peer(peer.id, peer.instance, peer.addr), answer) is None
 
     def retire_dead(self, peer: Watched, refused_at: float, back: Back,
-                    back_open_at: float | None = None) -> tuple[Verdict, float]:
+                    back_gone_at: float | None = None) -> tuple[Verdict, float]:
         """The liveness watcher's certificate: delete a dead peer's records once its fence has closed.
 
         Rules 1-6 of node/liveness.py, on a fresh read of both records.
@@ -404,7 +404,7 @@ class Agent:
         now, ft = time.monotonic(), self.cfg.timing.fence_timeout
         # The cached record first: while the certificate waits, etcd is not asked.
         verdict, due = judge(self.cache.snapshot().members.get(peer.id), peer.instance, True, refused_at, now, ft,
-                             back, back_open_at)
+                             back, back_gone_at)
         if verdict is Verdict.STILL_CONNECTED:
             log.warning("peer %s's listener %s refuses, but its agent's own connection to this node is open: "
                         "it lives, not retired (does a firewall reject the peer port? filter it with drop)",
@@ -413,7 +413,7 @@ class Agent:
             return verdict, due
         try:
             kv, record = self.farm.member_record(peer.id)
-            verdict, due = judge(record, peer.instance, True, refused_at, now, ft, back, back_open_at)
+            verdict, due = judge(record, peer.instance, True, refused_at, now, ft, back, back_gone_at)
             if verdict is not Verdict.DEAD:
                 return verdict, due
             applied = self.farm.applied_record(peer.id)

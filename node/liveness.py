@@ -133,13 +133,13 @@ class Back(enum.Enum):
 
 
 def judge(record, instance: str, verified: bool, refused_at: float | None, now: float,
-          own_fence_timeout: float, back: Back, back_open_at: float | None = None) -> tuple[Verdict, float]:
+          own_fence_timeout: float, back: Back, back_gone_at: float | None = None) -> tuple[Verdict, float]:
     """May the node of ``record`` be retired now? Returns the verdict and, for WAIT, when.
 
     ``instance``: the agent process whose listener refused; ``verified``: it
     answered at the record's peer address as itself; ``refused_at``: when the
     refusal arrived (None: none); ``back``: its agent's connection to this
-    node, as the kernel lists it now; ``back_open_at``: when it was first seen
+    node, as the kernel lists it now; ``back_gone_at``: when it was first seen
     gone (the process may have lived until then: its fence counts from there).
     """
     if record is None:
@@ -159,7 +159,7 @@ def judge(record, instance: str, verified: bool, refused_at: float | None, now: 
     if back is Back.OPEN and now - refused_at >= BACK_GRACE_S:
         return Verdict.STILL_CONNECTED, 0.0
     fence_s = max(record.fence_ms / 1000, own_fence_timeout)
-    alive_at = max(refused_at, back_open_at) if back_open_at is not None else refused_at
+    alive_at = max(refused_at, back_gone_at) if back_gone_at is not None else refused_at
     due = alive_at + fence_s + CERT_MARGIN_S + CLOCK_DRIFT * fence_s
     if now < due or back is not Back.CLOSED:
         return Verdict.WAIT, max(due, refused_at + BACK_GRACE_S)
@@ -321,8 +321,8 @@ class Watched:
 
 
 class _State:
-    __slots__ = ("peer", "endpoint", "sock", "verified", "back_seen", "refused_back_seen", "refused_at",
-                 "back_open_at", "next_try", "received", "opened_at", "armed_until", "armed_back_seen",
+    __slots__ = ("peer", "endpoint", "sock", "verified", "back_seen", "refused_at",
+                 "back_gone_at", "next_try", "received", "opened_at", "armed_until", "armed_back_seen",
                  "closed_lived")
 
     def __init__(self, peer: Watched, endpoint: tuple[str, int]):
@@ -331,14 +331,13 @@ class _State:
         self.sock: socket.socket | None = None
         self.verified = False
         self.back_seen = False          # the peer's connection to us, seen while this one was verified
-        self.refused_back_seen = False  # back_seen of the verified connection whose close led to the refusal
         self.refused_at: float | None = None
-        self.back_open_at: float | None = None  # when the peer's connection here was first seen gone
+        self.back_gone_at: float | None = None  # when the peer's connection here was first seen gone
         self.next_try = 0.0
         self.received = 0
         self.opened_at = 0.0
         self.armed_until = 0.0         # a refusal before this certifies (a verified connection closed)
-        self.armed_back_seen = False   # back_seen of that connection
+        self.armed_back_seen = False   # back_seen of that connection (rule 5 for its refusal)
         self.closed_lived: float | None = None  # how long the connection that just closed lived
 
 
@@ -350,7 +349,7 @@ class LivenessWatch:
     answered as that node and instance; ``back_open(ip)`` tells whether the
     peer at ``ip`` holds a connection to this node's listener (True/False,
     None: unknown, :class:`BackChannel`); ``retire(peer, refused_at, back,
-    back_open_at)`` applies :func:`judge` to a fresh read and deletes the records if it says
+    back_gone_at)`` applies :func:`judge` to a fresh read and deletes the records if it says
     DEAD, returning the verdict (``Agent.retire_dead``). ``source``: this
     node's own peer IP, which its connections come from.
     """
@@ -456,7 +455,7 @@ class LivenessWatch:
                     st.refused_at, st.next_try = None, self.clock()
                     continue
                 back = self._back(st)
-                verdict, due = self._retire(st.peer, st.refused_at, back, st.back_open_at)
+                verdict, due = self._retire(st.peer, st.refused_at, back, st.back_gone_at)
                 if verdict is Verdict.WAIT:
                     sleep = min(sleep, RECHECK_S, max(0.0, due - self.clock()))
                     continue
@@ -505,7 +504,7 @@ class LivenessWatch:
         if outcome is Outcome.REFUSED and armed:
             log.warning("peer %s's listener %s refused: its agent (%s) is dead; retiring it once its fence "
                         "has closed", st.peer.id, st.peer.addr, st.peer.instance)
-            st.refused_at, st.refused_back_seen, st.back_open_at = now, st.armed_back_seen, None
+            st.refused_at, st.back_gone_at = now, None
             st.armed_until = 0.0
             return
         if armed:
@@ -515,16 +514,16 @@ class LivenessWatch:
 
     def _back(self, st: _State) -> Back:
         """Rule 5 for a waiting certificate: the peer's own connection to this node, now."""
-        if not st.refused_back_seen:
+        if not st.armed_back_seen:
             return Back.NEVER_SEEN
         if self._back_open(st.endpoint[0]) is False:
             # The first time it is seen gone bounds the death: the fence counts
             # from here. Not from the last time it was seen open: this watcher
             # may have stalled in between while the peer lived on.
-            if st.back_open_at is None:
-                st.back_open_at = self.clock()
+            if st.back_gone_at is None:
+                st.back_gone_at = self.clock()
             return Back.CLOSED
-        st.back_open_at = None
+        st.back_gone_at = None
         return Back.OPEN
 
     def _readable(self, st: _State) -> None:

@@ -475,7 +475,7 @@ class SimNode:
         """
         t = self.sim.timing
         verified: set[tuple[str, str]] = set()
-        refused: dict[str, list] = {}   # node -> [instance, refused_at, back_seen, back_open_at]
+        refused: dict[str, list] = {}   # node -> [instance, refused_at, back_gone_at]
         while True:
             yield ("sleep", 0.02)
             if self.threads_stopped:
@@ -496,24 +496,24 @@ class SimNode:
                     refused.pop(m.id, None)
                     continue
                 if (m.id, m.instance) in verified and refused.get(m.id, ("",))[0] != m.instance:
-                    # Rule 5: the peer's own watcher connected here while it was verified.
-                    refused[m.id] = [m.instance, self.clock(), True, None]
+                    # Rule 5's "seen" holds: a verified peer is alive, so its watcher
+                    # connected here (the sim has no lost or late connection).
+                    refused[m.id] = [m.instance, self.clock(), None]
             for node_id, entry in sorted(refused.items()):
-                instance, at, back_seen, _ = entry
+                instance, at, _ = entry
                 rec = snap.members.get(node_id)
                 other = self.sim.nodes.get(node_id)
                 # A live agent (any process on that machine, as the socket table
                 # shows connections by address) keeps its connection here: a firewall
                 # that rejects the peer port does not close it; a dead one's kernel did.
-                back = Back.NEVER_SEEN if not back_seen else \
-                    Back.OPEN if other is not None and other.alive else Back.CLOSED
+                back = Back.OPEN if other is not None and other.alive else Back.CLOSED
                 # As LivenessWatch._back: the fence counts from when the connection
                 # was first seen gone (the watcher may have been paused meanwhile).
-                if back is Back.CLOSED and entry[3] is None:
-                    entry[3] = self.clock()
+                if back is Back.CLOSED and entry[2] is None:
+                    entry[2] = self.clock()
                 elif back is not Back.CLOSED:
-                    entry[3] = None
-                verdict, _due = judge(rec, instance, True, at, self.clock(), t.fence_timeout, back, entry[3])
+                    entry[2] = None
+                verdict, _due = judge(rec, instance, True, at, self.clock(), t.fence_timeout, back, entry[2])
                 if verdict is Verdict.WAIT:
                     continue
                 del refused[node_id]
@@ -532,7 +532,7 @@ class SimNode:
                 except ValueError:
                     continue
                 if judge(fresh, instance, True, at, self.clock(), t.fence_timeout, back,
-                         entry[3])[0] is not Verdict.DEAD:
+                         entry[2])[0] is not Verdict.DEAD:
                     continue
                 r = yield self.rpc(("txn_delete", {mkey: cur[1], akey: app[1] if app else 0}))
                 if r is True:

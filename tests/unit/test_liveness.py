@@ -62,8 +62,8 @@ def test_regression_a_death_just_after_a_firewalls_reset_counts_from_when_it_was
     then it dies: its last fence element may have been written at 1.09, so not before that
     plus the fence."""
     due = 1.09 + 0.4 + CERT_MARGIN_S + CLOCK_DRIFT * 0.4
-    assert judge(REC, "i-2", True, 1.0, 1.5, 0.3, Back.CLOSED, back_open_at=1.09) == (Verdict.WAIT, due)
-    assert judge(REC, "i-2", True, 1.0, due, 0.3, Back.CLOSED, back_open_at=1.09)[0] is Verdict.DEAD
+    assert judge(REC, "i-2", True, 1.0, 1.5, 0.3, Back.CLOSED, back_gone_at=1.09) == (Verdict.WAIT, due)
+    assert judge(REC, "i-2", True, 1.0, due, 0.3, Back.CLOSED, back_gone_at=1.09)[0] is Verdict.DEAD
 
 
 def test_the_wait_is_the_longer_of_the_record_and_this_nodes_fence():
@@ -151,7 +151,7 @@ def test_a_listener_that_goes_away_is_certified_and_retired_after_the_fence():
     retired: list[tuple[float, float]] = []
     back = FakeBack()
 
-    def retire(p, refused_at, back, back_open_at=None):
+    def retire(p, refused_at, back, back_gone_at=None):
         verdict, due = judge(record, p.instance, True, refused_at, time.monotonic(), 0.2, back)
         if verdict is Verdict.DEAD:
             retired.append((refused_at, time.monotonic()))
@@ -216,7 +216,7 @@ def test_a_listener_back_while_the_certificate_waits_withdraws_it():
     calls = []
     back = FakeBack()
 
-    def retire(p, refused_at, back, back_open_at=None):
+    def retire(p, refused_at, back, back_gone_at=None):
         verdict = judge(replace(REC, peer=peer.addr, fence_ms=1500), p.instance, True, refused_at,
                         time.monotonic(), 0.2, back)
         calls.append(verdict[0])
@@ -294,7 +294,7 @@ def test_regression_a_firewall_that_rejects_the_peer_port_certifies_nothing():
     peer = Watched("n2", "i-2", f"127.0.0.1:{port}")
     verdicts = []
 
-    def retire(p, refused_at, back, back_open_at=None):
+    def retire(p, refused_at, back, back_gone_at=None):
         verdict = judge(replace(REC, peer=peer.addr), p.instance, True, refused_at, time.monotonic(), 0.2, back)
         verdicts.append(verdict[0])
         return verdict
@@ -387,9 +387,9 @@ def test_regression_a_listener_that_still_completes_handshakes_as_its_process_di
     back = FakeBack()
     retired = []
 
-    def retire(p, refused_at, back_state, back_open_at=None):
+    def retire(p, refused_at, back_state, back_gone_at=None):
         verdict, due = judge(replace(REC, peer=peer.addr), p.instance, True, refused_at, time.monotonic(), 0.2,
-                             back_state, back_open_at)
+                             back_state, back_gone_at)
         if verdict is Verdict.DEAD:
             retired.append(refused_at)
         return verdict, due
