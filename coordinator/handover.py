@@ -65,7 +65,10 @@ every other member it knows, over the peer API, whether *they* reach etcd:
 
 * if every peer answers "no" (at least one peer, none unanswered), the node
   keeps extending its fence for one more short window and serves exactly the
-  buckets it has (it takes none), until etcd answers again;
+  buckets it has (it takes none), until etcd answers again. Only a probe that
+  began before the fence's deadline (the lease's, or the last window's)
+  counts: rule E extends a fence and never reopens one, since a node whose
+  deadline passed may have lost its lease and its buckets to a peer;
 * if any peer reaches etcd, or does not answer, the node is cut off and step 3
   applies: its fence closes before its lease can expire.
 
@@ -75,14 +78,15 @@ is registered (an agent that is not does not vote). An address that leads
 back to the asker (a wildcard ``peer_listen``) therefore never confirms.
 
 Timing (every window is derived in ``node/decide.py``): a peer answers "yes"
-while one of its keepalives succeeded within ``2 * keepalive_interval +
-etcd.timeout``; a node asks every keepalive tick while its own keepalive is
+while one of its keepalives succeeded within ``2 * keepalive_interval`` (the
+age at which its own keepalive is late); a node asks every keepalive tick while its own keepalive is
 late, and a unanimous "no" extends its fence deadline to the probe's start +
 ``fence_timeout + keepalive_interval + 2 * probe + fence refresh + margin``. When etcd comes back after being stopped, a new
 leader extends every lease, so no lease expires before the nodes' keepalives
 resume and no bucket moves. If etcd stayed up but unreachable for longer than
-the TTL, leases may have expired: a node whose keepalive succeeds after being
-stale for the fresh window (so it may have said "no") therefore takes no
+the TTL, leases may have expired: a node whose keepalive succeeds when its
+last success is older than the fresh window (so it may have said "no"),
+whether keepalives failed meanwhile or were only slow, therefore takes no
 bucket whose previous owner vanished, in any table it remembers, until the
 rule E window plus a margin has passed: by then a still-cut-off node heard
 "a peer reaches etcd" and its fence ran out. This acquire grace also follows

@@ -151,6 +151,7 @@ class LabTiming:
     leave_timeout: float = 10.0
     drain_timeout: float = 60.0
     stop_drain_timeout: float = 30.0
+    etcd_timeout: float = 0.5  # farmd's etcd.timeout (its default is 1.0)
 
 
 @dataclass
@@ -684,7 +685,7 @@ class Lab:
                         "mac_mode": self.mac_mode, "rules": [dict(r) for r in self.rules],
                         "unmatched": self.unmatched},
             "etcd": {"endpoints": [f"{MGMT_ETCD_ADDR}:2379"] if self.mgmt_active else self.etcd_endpoints(),
-                     "prefix": ETCD_PREFIX, "timeout": 0.5, "retry_deadline": 5.0},
+                     "prefix": ETCD_PREFIX, "timeout": t.etcd_timeout, "retry_deadline": 5.0},
             "timing": {"lease_ttl": t.lease_ttl, "fence_timeout": t.fence_timeout,
                        "keepalive_interval": t.keepalive_interval, "leave_timeout": t.leave_timeout,
                        "drain_timeout": t.drain_timeout, "stop_drain_timeout": t.stop_drain_timeout},

@@ -27,10 +27,17 @@ R = min(0.25, K/2, Ft/3)):
 * The switch from the keepalive deadline to rule E must happen before the
   kernel element shrinks below Ft: ``2K + P + R + Ft + M <= T``
   (``Timing.problems`` names it; config validation refuses timings that break it).
-* A node answers peers "I reach etcd" while ``now - last_ok_sent < 2K + E``
-  (the fresh window), and only once registered.
-* A node whose keepalive succeeds after it was stale for at least the fresh
-  window (so it may have answered "no" to someone), or that just registered,
+* A node answers peers "I reach etcd" while ``now - last_ok_sent < 2K``
+  (the fresh window, the age at which its own keepalive is late), and only
+  once registered. A unanimous "no" must be possible before the asker's
+  deadline: a peer's last success may come up to K after the asker's, it
+  says "no" 2K later, the next probe comes within K + P, and the fence must be
+  rewritten within R: ``4K + P + R + M <= T`` (``Timing.problems``).
+* A probe counts only if its last answer came before the fence's deadline
+  (the lease's, or the last rule E window's): rule E extends a fence and
+  never reopens one.
+* A node whose keepalive succeeds when its last success had grown older than
+  the fresh window (so it may have answered "no" to someone), or that just registered,
   takes no bucket whose previous owner vanished for ``W_E + M``
   (the acquire grace): a peer that counted on its "no" has surely stopped by then.
 * A node holds two leases refreshed together: one for ``members/``, one for
@@ -94,8 +101,14 @@ class Timing:
 
     @property
     def fresh_window(self) -> float:
-        """Peers are told "I reach etcd" while the last success is younger than this."""
-        return 2 * self.keepalive_interval + self.etcd_timeout
+        """Peers are told "I reach etcd" while the last success is younger than this: the
+        same age at which this node's own keepalive counts as late. A longer window
+        (it was 2K + etcd.timeout) let the peers' "no" come after the asker's
+        deadline when the nodes' keepalive ticks were out of step, and the farm went
+        dark in an etcd outage for everyone with the default timings. A "no" from a
+        node whose etcd merely answers slowly is safe: its next success starts the
+        acquire grace (``after_keepalive_ok``)."""
+        return self.late_after
 
     @property
     def rule_e_window(self) -> float:
@@ -131,6 +144,11 @@ class Timing:
                 f"2 x keepalive_interval + probe ({p:g} s) + fence refresh ({r:g} s) + fence_timeout + "
                 f"{m:g} s margin must be at most lease_ttl: {2 * k + p + r + ft + m:g} > {t:g}; with these "
                 "values rule E cannot take over before the fence closes in an etcd outage")
+        if 4 * k + p + r + m > t:
+            out.append(
+                f"4 x keepalive_interval + probe ({p:g} s) + fence refresh ({r:g} s) + {m:g} s margin must be "
+                f"at most lease_ttl: {4 * k + p + r + m:g} > {t:g}; with these values the peers' \"etcd is down "
+                "for me too\" can come after a node's fence deadline, and the farm goes dark in an etcd outage")
         return out
 
 
@@ -169,14 +187,17 @@ def after_adopt(lease_id: int, applied_lease: int, sent: float, now: float, timi
 
 
 def after_keepalive_ok(view: LeaseView, sent: float, now: float, timing: "Timing") -> LeaseView:
-    """A keepalive sent at ``sent`` succeeded.
+    """A keepalive sent at ``sent`` succeeded; ``now`` is when this view replaces the old.
 
-    After being stale for the fresh window this node may have told a peer
-    "no" (it counted on that under rule E): take no vanished owner's bucket
-    until that peer has surely stopped.
+    If the last success became older than the fresh window before ``now``,
+    this node may have told a peer "no" (``answers_reachable`` goes by that
+    age alone), and the peer may be serving under rule E, counting on it:
+    take no vanished owner's bucket until that peer has surely stopped.
+    No keepalive need have failed for this: with etcd slow, each keepalive
+    succeeds, only late (seed 4940 of the simulation).
     """
     acquire_after = view.acquire_after
-    if view.stale_since is not None and sent - (view.last_ok_sent or sent) >= timing.fresh_window:
+    if view.last_ok_sent is not None and now - view.last_ok_sent >= timing.fresh_window:
         acquire_after = max(acquire_after, now + timing.acquire_grace)
     return replace(view, last_ok_sent=max(sent, view.last_ok_sent or sent), stale_since=None,
                    acquire_after=acquire_after)
@@ -187,12 +208,30 @@ def after_keepalive_failed(view: LeaseView, sent: float) -> LeaseView:
 
 
 def after_probe(view: LeaseView, started: float, last_ok_at_start: float | None,
-                down_for_all: bool) -> LeaseView:
-    """A rule E probe that began at ``started`` ended. Only a unanimous "down" counts,
-    and only if no keepalive succeeded meanwhile (then it is moot)."""
-    if down_for_all and view.last_ok_sent == last_ok_at_start:
-        return replace(view, consensus_at=started)
-    return view
+                down_for_all: bool, timing: "Timing", now: float) -> LeaseView:
+    """A rule E probe that began at ``started`` ended at ``now``. Only a unanimous
+    "down" counts, only if no keepalive succeeded meanwhile (then it is moot),
+    and only if the lease (or an earlier rule E window) still held the fence
+    open when the last answer came: rule E extends a fence, it never reopens
+    one. A node whose deadline passed may have lost its lease, and its buckets
+    may be served by a peer that then, in a later etcd outage for everyone,
+    answers "no" as well (seed 2173 of the simulation). The answers count by
+    ``now``, not by ``started``: a prober stalled between the two (a stopped
+    process, a queue of asks) hears answers given after its deadline.
+    """
+    if not down_for_all or view.last_ok_sent != last_ok_at_start:
+        return view
+    if now >= held_until(view, timing):
+        return view
+    return replace(view, consensus_at=started)
+
+
+def held_until(view: LeaseView, timing: "Timing") -> float:
+    """How long the lease, or rule E, lets this node serve (before link and record checks)."""
+    until = view.last_ok_sent + timing.lease_ttl - timing.margin
+    if view.consensus_at is not None and view.consensus_at > view.last_ok_sent:
+        until = max(until, view.consensus_at + timing.rule_e_window)
+    return until
 
 
 class FenceReason(enum.Enum):
@@ -220,12 +259,8 @@ def fence_deadline(view: LeaseView, timing: Timing, link_up: bool,
         return None, FenceReason.LINK_DOWN
     if view.loop_stuck:
         return None, FenceReason.LOOP_STUCK
-    until = view.last_ok_sent + timing.lease_ttl - timing.margin
-    why = FenceReason.OPEN
-    if view.consensus_at is not None and view.consensus_at > view.last_ok_sent:
-        e_until = view.consensus_at + timing.rule_e_window
-        if e_until > until:
-            until, why = e_until, FenceReason.RULE_E
+    until = held_until(view, timing)
+    why = FenceReason.RULE_E if until > view.last_ok_sent + timing.lease_ttl - timing.margin else FenceReason.OPEN
     return until, why
 
 

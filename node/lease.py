@@ -77,7 +77,11 @@ class LeaseKeeper:
 
     def reachability(self) -> tuple[bool, bool, float]:
         """(votes, reaches etcd, age of the last success) for a peer that asks."""
-        v, now = self.view(), self.clock()
+        # View and clock under the lock that _succeeded holds: an answer given
+        # from the old view is never later than the "now" its successor is
+        # judged at (after_keepalive_ok's acquire grace relies on that).
+        with self._lock:
+            v, now = self._view, self.clock()
         answer = answers_reachable(v, self.timing, now)
         age = now - v.last_ok_sent if v.last_ok_sent is not None else -1.0
         return answer is not None, bool(answer), age
@@ -234,5 +238,6 @@ class LeaseKeeper:
             log.warning("etcd %s node=%s", state, self.me)
         self._etcd_state = state
         with self._lock:
-            self._view = after_probe(self._view, started, v.last_ok_sent, down_for_all)
+            self._view = after_probe(self._view, started, v.last_ok_sent, down_for_all, self.timing,
+                                     self.clock())
         self._wake.set()

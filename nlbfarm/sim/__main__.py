@@ -15,13 +15,15 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from nlbfarm.sim.faults import KINDS, UNSERVED_BOUND, certificate_schedule, handoff_schedule, run, variant
+from nlbfarm.sim.faults import (KINDS, UNSERVED_BOUND, certificate_schedule, handoff_schedule, outage_schedule,
+                                 run, variant)
 
 BEGIN, END = "<!-- safety:begin -->", "<!-- safety:end -->"
 
 
 # Every HANDOFF_EVERY-th seed also plays a planned-restart schedule (handoff_schedule),
-# and the seeds halfway between a rejected-peer-port schedule (certificate_schedule).
+# the seeds halfway between a rejected-peer-port schedule (certificate_schedule),
+# and the seeds just after each an etcd outage that must stay served (outage_schedule).
 HANDOFF_EVERY = 4
 
 
@@ -33,6 +35,8 @@ def _one(seed: int) -> dict:
         runs.append(run(seed, handoff_schedule(seed, nodes), nodes=nodes, timing=timing))
     if seed % HANDOFF_EVERY == HANDOFF_EVERY // 2:
         runs.append(run(seed, certificate_schedule(seed, nodes), nodes=nodes, timing=timing))
+    if seed % HANDOFF_EVERY == 1:
+        runs.append(run(seed, outage_schedule(seed, nodes), nodes=nodes, timing=timing))
     worst = next((r for r in runs if not r.ok), runs[0])
     return {"seed": seed, "ok": all(r.ok for r in runs), "violations": worst.violations, "error": worst.error,
             "unserved": max(r.unserved_after_heal for r in runs),

@@ -205,6 +205,7 @@ class SimNode:
         self.machine_up = True           # False between a crash and the machine's restart
         self.retired: list[tuple[float, str]] = []  # (time, peer) this node certified dead
         self.adopted_fence_ms = 0
+        self.phase_shift: dict[str, float] = {}  # thread -> seconds its next tick comes later
         self._boot()
 
     # -- agent lifecycle ------------------------------------------------------------------
@@ -222,6 +223,7 @@ class SimNode:
         self.watch_connected = False
         self.own_missing_since = None
         self.watch_rev = 0
+        self.watch_sent_rev = 0
         self.watch_last_delivery = 0.0
         self.threads_stopped = False
         self.sentences: list[str] = []
@@ -300,6 +302,7 @@ class SimNode:
             return
         t = max(self.sim.now + self.sim.latency(), self.watch_last_delivery + 1e-6)
         self.watch_last_delivery = t
+        self.watch_sent_rev = max([self.watch_sent_rev] + [ev.mod_revision for ev in events])
         inc = self.incarnation
         self.sim.at(t, lambda: self._deliver(events, inc))
 
@@ -322,7 +325,10 @@ class SimNode:
                     and self.sim.etcd.up:
                 self.sim.etcd.watchers[self.id] = self
                 items, rev = self.sim.etcd.apply(("read", PREFIX + "/"))
-                rewound = rev < self.watch_rev
+                # Against what the stream already carried, delivered or still on
+                # its way: EtcdStore's watch thread reads and delivers in turn,
+                # so it never compares with a revision older than one it passed on.
+                rewound = rev < max(self.watch_rev, self.watch_sent_rev)
                 self.watch_connected = True
                 self.watch_last_delivery = self.sim.now
                 snap = {k: KV(k, v, r, le) for k, (v, r, le) in items.items()}
@@ -703,7 +709,7 @@ class SimNode:
     def keepalive_proc(self):
         t = self.sim.timing
         while True:
-            yield ("sleep", t.keepalive_interval)
+            yield ("sleep", t.keepalive_interval + self.take_phase("keepalive"))
             if self.threads_stopped:
                 return
             v = self.view
@@ -728,6 +734,10 @@ class SimNode:
                 self.view = after_keepalive_ok(self.view, sent, self.clock(), t)
             self.wake()
 
+    def take_phase(self, thread: str) -> float:
+        """A one-off shift of a thread's tick (the "phase" fault): agents started apart."""
+        return self.phase_shift.pop(thread, 0.0)
+
     def fence_proc(self):
         t = self.sim.timing
         while True:
@@ -740,7 +750,7 @@ class SimNode:
     def prober_proc(self):
         t = self.sim.timing
         while True:
-            yield ("sleep", t.keepalive_interval)
+            yield ("sleep", t.keepalive_interval + self.take_phase("prober"))
             if self.threads_stopped:
                 return
             v = self.view
@@ -754,7 +764,7 @@ class SimNode:
             peers += [Peer(n, "", "") for n in sorted(snap.orphans() - {self.id})]
             answers = yield ("ask", [p for p in peers if p.addr])
             down, _why = judge_answers(self.id, self.instance, peers, answers)
-            self.view = after_probe(self.view, started, v.last_ok_sent, down)
+            self.view = after_probe(self.view, started, v.last_ok_sent, down, t, self.clock())
             self.wake()
 
     def answer(self, asker: "SimNode") -> Answer | None:
@@ -892,18 +902,27 @@ class Sim:
         self.after(lat, arrive)
 
     def _ask(self, p: Proc, peers: list[Peer]) -> None:
+        """Each peer answers when the ask reaches it; the prober reads them all when the
+        last one is in, or at its timeout, and records the verdict when it next runs
+        (later, if it is paused meanwhile)."""
         node = p.node
         answers: dict = {}
         timeout = node.local_to_global(self.timing.probe_timeout)
-        for peer in peers:
-            other = self.nodes.get(peer.addr.removeprefix("peer:"))
-            if other is None or not self.net.peer(node.id, other.id) or not self.net.peer(other.id, node.id):
-                continue
-            a = other.answer(node)
-            if a is not None:
-                answers[peer.id] = a
-        self.after(min(timeout, 2 * self.latency()) if len(answers) == len(peers) else timeout,
-                   lambda: self.step(p, answers))
+        reachable = [peer for peer in peers
+                     if (other := self.nodes.get(peer.addr.removeprefix("peer:"))) is not None
+                     and self.net.peer(node.id, other.id) and self.net.peer(other.id, node.id)]
+        lat = self.latency()
+        for peer in reachable:
+            other = self.nodes[peer.addr.removeprefix("peer:")]
+
+            def arrive(peer=peer, other=other):
+                a = other.answer(node)
+                if a is not None:
+                    answers[peer.id] = a
+            self.after(lat, arrive)
+        everyone = len(reachable) == len(peers) and all(
+            self.nodes[peer.addr.removeprefix("peer:")].answer(node) is not None for peer in reachable)
+        self.after(min(timeout, 2 * lat + 1e-6) if everyone else timeout, lambda: self.step(p, answers))
 
     # -- invariants ---------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ KINDS = {
     "wildcard": "peer addresses that lead back to the asker",
     "skew": "clock-rate skew (up to 0.5%)",
     "reject_peer": "a firewall rejects a live node's peer port (resets, as a dead agent's would)",
+    "phase": "agents' keepalive and probe ticks out of step (started apart)",
 }
 
 SETTLE = 8.0       # faults start once the farm has converged
@@ -92,7 +93,7 @@ def _scenario(rng: random.Random, nodes: int) -> list[dict]:
 # What random_schedule draws from. Planned restarts and rejected peer ports
 # have their own draws (handoff_schedule, certificate_schedule): adding a kind
 # here would change every seed's schedule.
-RANDOM_KINDS = sorted(k for k in KINDS if k not in ("handoff", "reject_peer"))
+RANDOM_KINDS = sorted(k for k in KINDS if k not in ("handoff", "reject_peer", "phase"))
 
 
 def random_schedule(seed: int, nodes: int = 3, kinds: list[str] | None = None) -> list[dict]:
@@ -153,6 +154,19 @@ def certificate_schedule(seed: int, nodes: int = 3) -> list[dict]:
                     "for": round(rng.uniform(0.3, 5.0), 3), "node": victim})
     for f in random_schedule(seed, nodes)[:rng.randint(0, 2)]:
         out.append(dict(f, at=round(at + rng.uniform(-2.0, 3.0), 3)))
+    return sorted(out, key=lambda f: f["at"])
+
+
+def outage_schedule(seed: int, nodes: int = 3) -> list[dict]:
+    """etcd down for everyone, with the agents' ticks out of step as after starts at
+    different times: every bucket must stay served all through the outage (static
+    stability), not only after it. No other fault, so nothing excuses a dark bucket."""
+    rng = random.Random(seed * 32452843 + 7)
+    out = [{"kind": "phase", "at": round(rng.uniform(1.0, 3.0), 3), "for": 0.0, "node": f"n{i}",
+            "keepalive": round(rng.uniform(0.0, 1.0), 3), "prober": round(rng.uniform(0.0, 1.0), 3)}
+           for i in range(1, nodes + 1)]
+    out.append({"kind": "etcd_outage", "at": round(rng.uniform(SETTLE, SETTLE + 4), 3),
+                "for": round(rng.uniform(2.0, 8.0), 3), "node": "n1", "stable": True})
     return sorted(out, key=lambda f: f["at"])
 
 
@@ -239,6 +253,10 @@ def _start(sim: Sim, f: dict) -> None:
             _poison(sim, w)
     elif kind == "reject_peer":
         n.rejects_peer = True
+    elif kind == "phase":
+        # Fractions of the keepalive interval, so that a replay means the same at every timing.
+        k = sim.timing.keepalive_interval
+        n.phase_shift = {"keepalive": f.get("keepalive", 0.0) * k, "prober": f.get("prober", 0.0) * k}
 
 
 def _end(sim: Sim, f: dict) -> None:
@@ -340,6 +358,19 @@ def run(seed: int, schedule: list[dict] | None = None, nodes: int = 3,
         elif first_served[0] is None:
             sim.after(0.05, sample)
     sim.at(healed, sample)
+    dark_at: list[tuple[float, int]] = []
+    for f in plays:
+        if f.get("stable"):
+            # Static stability: sampled through the outage, after the keepers noticed
+            # nothing yet had to change (a bucket dark here is a failed connection).
+            def check(end=f["at"] + f["for"]):
+                h = sim.holders()
+                dark = [b for b in range(sim.buckets) if len(h.get(b, ())) != 1]
+                if dark and not dark_at:
+                    dark_at.append((sim.now, len(dark)))
+                if sim.now + 0.01 < end:
+                    sim.after(0.01, check)
+            sim.at(f["at"], check)
     try:
         sim.run(healed + HEAL_WINDOW)
     except Violation as exc:
@@ -347,6 +378,11 @@ def run(seed: int, schedule: list[dict] | None = None, nodes: int = 3,
         return res
     except Exception as exc:  # noqa: BLE001 - a crash in a decision core is a failure too
         res.ok, res.error = False, f"{type(exc).__name__}: {exc}"
+        return res
+    if dark_at:
+        res.ok = False
+        res.error = (f"{dark_at[0][1]} buckets dark at t={dark_at[0][0]:.2f} while etcd was down for everyone "
+                     "(static stability)")
         return res
     if first_served[0] is None:
         res.ok = False

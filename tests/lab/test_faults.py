@@ -368,6 +368,29 @@ def test_etcd_down_for_everyone_for_60s(make_lab, tmp_path):
     _static(lab, tmp_path, "etcd fully stopped for 60 s", outage)
 
 
+def test_regression_etcd_down_for_everyone_at_the_default_timings(make_lab, tmp_path):
+    # The simulation found the farm going dark in an etcd outage with the
+    # default keepalive (0.5 s) and etcd.timeout (1 s) when the agents' ticks
+    # were out of step: the peers' "etcd is down for me too" came after a
+    # node's fence deadline. The lab's own timings (0.25 s, 0.5 s) left enough
+    # room; the defaults did not.
+    lab = make_lab(3, timing=LabTiming(keepalive_interval=0.5, etcd_timeout=1.0))
+
+    def outage():
+        # Put n2's ticks out of step with the others' first: each short stop
+        # (well inside fence_timeout) delays its keepalive and probe ticks.
+        for _ in range(2):
+            lab.kill("n2", "agent", sig=signal.SIGSTOP, wait=0)
+            time.sleep(0.2)
+            lab.kill("n2", "agent", sig=signal.SIGCONT, wait=0)
+            time.sleep(1.0)
+        lab.stop_etcd()
+        time.sleep(12)
+        lab.start_etcd()
+    outage.duration = 15
+    _static(lab, tmp_path, "etcd fully stopped for 12 s, default timings", outage)
+
+
 def test_etcd_cluster_loses_leader_then_quorum(make_lab, tmp_path):
     lab = make_lab(3, etcd_members=3)
 

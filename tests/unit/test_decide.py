@@ -141,7 +141,7 @@ def test_regression_default_timings_keep_rule_e_ahead_of_the_fence():
     v = lease(age=T.late_after)
     v = after_keepalive_failed(v, NOW - T.late_after + T.keepalive_interval)
     started = NOW  # the probe starts once the keepalive is late
-    v = after_probe(v, started, v.last_ok_sent, True)
+    v = after_probe(v, started, v.last_ok_sent, True, T, started + 0.01)
     until, why = fence_deadline(v, T, True)
     assert why is FenceReason.RULE_E and until - (NOW + T.probe_timeout + T.fence_refresh) >= T.fence_timeout
 
@@ -233,10 +233,47 @@ def test_keepalive_transitions():
     v = lease(age=0.0)
     v = after_keepalive_failed(v, NOW + 0.5)
     assert v.stale_since == NOW + 0.5
-    v2 = after_keepalive_ok(v, NOW + 1.0, NOW + 1.0, T)
+    v2 = after_keepalive_ok(v, NOW + 0.9, NOW + 0.9, T)  # T.fresh_window is 1.0
     assert v2.stale_since is None and v2.acquire_after == v.acquire_after  # stale < fresh window: no grace
     v3 = after_keepalive_ok(v, NOW + 3.0, NOW + 3.0, T)
     assert v3.acquire_after == NOW + 3.0 + T.acquire_grace  # it may have told a peer "no"
+
+
+def test_regression_slow_keepalives_that_never_fail_still_take_the_acquire_grace():
+    # Simulation seed 4940: etcd slow for everyone, each keepalive succeeded
+    # (none failed), only after the fresh window. Meanwhile the node answered a
+    # cut-off peer "no" from the age of its last success; the peer kept serving
+    # under rule E, and this node took its buckets at once when its lease ran out.
+    v = lease(age=0.0)
+    v2 = after_keepalive_ok(v, NOW + 0.5, NOW + T.fresh_window + 0.1, T)  # sent in time, answered late
+    assert answers_reachable(v, T, NOW + T.fresh_window) is False  # what it told a peer meanwhile
+    assert v2.acquire_after == NOW + T.fresh_window + 0.1 + T.acquire_grace
+    v3 = after_keepalive_ok(v, NOW + 0.5, NOW + T.fresh_window - 0.1, T)  # never said "no"
+    assert v3.acquire_after == v.acquire_after
+
+
+def test_regression_rule_e_extends_a_fence_and_never_reopens_one():
+    # Simulation seed 2173: a node cut off from etcd closed its fence when its
+    # lease ran out, and a peer took its buckets. Later etcd was slow for
+    # everyone; every peer answered "no", and rule E reopened the cut-off
+    # node's fence over buckets the peer was serving.
+    v = lease(age=0.0)
+    lease_until = NOW + T.lease_ttl - T.margin
+    late = after_probe(v, lease_until + 0.01, v.last_ok_sent, True, T, lease_until + 0.02)
+    assert late.consensus_at is None
+    assert fence_deadline(late, T, True) == (lease_until, FenceReason.OPEN)
+    # Begun in time, but the answers came after the deadline (the prober stalled).
+    stalled = after_probe(v, lease_until - 0.3, v.last_ok_sent, True, T, lease_until + 0.5)
+    assert stalled.consensus_at is None
+    # A probe while the lease still holds extends it, and the next one, inside
+    # that window after the lease's own deadline, extends it again.
+    first = after_probe(v, lease_until - 0.5, v.last_ok_sent, True, T, lease_until - 0.49)
+    assert fence_deadline(first, T, True) == (lease_until - 0.5 + T.rule_e_window, FenceReason.RULE_E)
+    second = after_probe(first, lease_until + 1.0, v.last_ok_sent, True, T, lease_until + 1.01)
+    assert fence_deadline(second, T, True) == (lease_until + 1.0 + T.rule_e_window, FenceReason.RULE_E)
+    end = lease_until - 0.5 + T.rule_e_window
+    gap = after_probe(first, end, v.last_ok_sent, True, T, end + 0.01)
+    assert gap.consensus_at == first.consensus_at  # after that window ended: no reopening
 
 
 def test_remember_table_keeps_the_last_three_and_recent_ones():

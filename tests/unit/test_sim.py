@@ -286,3 +286,60 @@ def test_regression_a_certifier_paused_between_a_firewalls_reset_and_the_peers_d
                      {"at": 12.29, "delay": 1.5214222872998413, "for": 1.106, "kind": "pause", "node": "n1"},
                      {"at": 13.35, "for": 1.12, "kind": "kill", "node": "n4"}], nodes=nodes, timing=timing)
     assert res.ok, res.violations[:1]
+
+
+def test_regression_etcd_slow_for_everyone_while_a_node_is_cut_off():
+    """Seed 4940 of a 5000-seed run: n4 cut off from etcd, then etcd slow for everyone.
+    The peers' keepalives all succeeded, but late; meanwhile they told n4 "no", n4 kept
+    serving under rule E, and n1 took n4's buckets as soon as its lease ran out. A slow
+    success now starts the acquire grace just as a failed keepalive did."""
+    from nlbfarm.sim.faults import run, variant
+    nodes, timing = variant(4940)
+    res = run(4940, [{"at": 10.909, "dir": "to", "for": 5.943, "kind": "etcd_cut", "node": "n4"},
+                     {"at": 10.963, "delay": 1.2398688223376972, "for": 4.122, "kind": "slow_nft", "node": "n4"},
+                     {"at": 11.37, "delay": 0.446, "for": 1.648, "kind": "etcd_slow", "node": "n1"},
+                     {"at": 16.263, "for": 1.564, "kind": "lan_down", "node": "n3"}], nodes=nodes, timing=timing)
+    assert res.ok, res.violations[:1]
+
+
+def test_regression_rule_e_reopened_the_fence_of_a_node_whose_lease_had_run_out():
+    """Seed 2173 of a 5000-seed run: n4 cut off from etcd closed its fence, its lease
+    expired and n1 took its buckets. Then etcd turned slow for everyone, every peer told
+    n4 "no", and rule E reopened n4's fence. A probe now counts only while the fence holds."""
+    from nlbfarm.sim.faults import run, variant
+    nodes, timing = variant(2173)
+    res = run(2173, [{"at": 10.872, "dir": "both", "for": 4.392, "kind": "etcd_cut", "node": "n4"},
+                     {"at": 10.987, "for": 4.766, "kind": "restore", "node": "n1"},
+                     {"at": 11.796, "delay": 2.295387197093632, "for": 3.893, "kind": "slow_nft", "node": "n4"},
+                     {"at": 13.938, "delay": 0.823, "for": 1.993, "kind": "etcd_slow", "node": "n2"}],
+              nodes=nodes, timing=timing)
+    assert res.ok, res.violations[:1]
+
+
+def test_regression_etcd_down_for_everyone_with_keepalives_out_of_step_stays_served():
+    """Seed 15 of the outage schedules, default timings: with the agents' keepalive ticks
+    out of step, a peer's "etcd is down for me too" (after 2K + etcd.timeout then) came
+    after the asker's fence deadline, and 21 buckets went dark while etcd was down for
+    everyone. Peers now say "no" once their own keepalive is late (2K)."""
+    from nlbfarm.sim.faults import run, variant
+    nodes, timing = variant(15)
+    assert timing == Timing(3, 0.4, 0.5, 1.0)  # the defaults
+    res = run(15, [{"kind": "phase", "at": 1.412, "for": 0.0, "node": "n1", "keepalive": 0.62, "prober": 0.441},
+                   {"kind": "phase", "at": 2.305, "for": 0.0, "node": "n2", "keepalive": 0.21, "prober": 0.455},
+                   {"kind": "phase", "at": 2.835, "for": 0.0, "node": "n3", "keepalive": 0.425, "prober": 0.032},
+                   {"kind": "etcd_outage", "at": 9.794, "for": 4.667, "node": "n1", "stable": True}],
+              nodes=nodes, timing=timing)
+    assert res.ok, res.error
+
+
+def test_outage_schedules_stay_served_at_every_timing():
+    """Static stability across the variants: 40 outage schedules (8 per timing) keep
+    every bucket served all through an etcd outage for everyone."""
+    from nlbfarm.sim.faults import outage_schedule, run, variant
+    bad = []
+    for seed in range(40):
+        nodes, timing = variant(seed)
+        res = run(seed, outage_schedule(seed, nodes), nodes=nodes, timing=timing)
+        if not res.ok:
+            bad.append((seed, res.error))
+    assert bad == []
