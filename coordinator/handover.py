@@ -65,9 +65,9 @@ every other member it knows, over the peer API, whether *they* reach etcd:
 
 * if every peer answers "no" (at least one peer, none unanswered), the node
   keeps extending its fence for one more short window and serves exactly the
-  buckets it has (it takes none), until etcd answers again. Only a probe that
-  began before the fence's deadline (the lease's, or the last window's)
-  counts: rule E extends a fence and never reopens one, since a node whose
+  buckets it has (it takes none), until etcd answers again. Only a probe
+  whose last answer came before the fence's deadline (the lease's, or the
+  last window's) counts: rule E extends a fence and never reopens one, since a node whose
   deadline passed may have lost its lease and its buckets to a peer;
 * if any peer reaches etcd, or does not answer, the node is cut off and step 3
   applies: its fence closes before its lease can expire.
