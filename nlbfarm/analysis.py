@@ -113,6 +113,25 @@ def match_accepts(results: list[dict], accepts: list[Accept]) -> list[list[str]]
     return matched
 
 
+def match_syns(results: list[dict], syns: dict[tuple, list[float]]) -> dict[int, list[tuple]]:
+    """Which captured SYNs each client result sent: result index -> SYN keys.
+
+    ``syns`` maps a SYN (client address, client port, initial sequence number)
+    to the times it was seen (retransmits keep the ISN). A SYN belongs to the
+    attempt that held its port when it was first sent; when the client's kernel
+    hands the port to the next attempt within a millisecond, the first attempt's
+    span still covers the second SYN, which then goes to the attempt that has
+    none yet (as ``match_accepts`` does for accepts).
+    """
+    index = AttemptIndex(results)
+    own: dict[int, list[tuple]] = {}
+    for key, times in sorted(syns.items(), key=lambda kv: min(kv[1])):
+        i = index.attempt(key[1], min(times), own.keys())
+        if i is not None:
+            own.setdefault(i, []).append(key)
+    return own
+
+
 def _end(result: dict) -> float:
     return result["t"] + result["ms"] / 1000
 

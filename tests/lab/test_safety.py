@@ -30,7 +30,7 @@ from labkit import fresh_labs
 from test_farm_e2e import assert_exactly_once
 from test_faults import LIFETIME, SETTLE_S, Load, _crash_and_rejoin, check_exactly_once, split_holds, timeline
 
-from nlbfarm.analysis import AttemptIndex, failures, read_results, shares
+from nlbfarm.analysis import failures, match_syns, read_results, shares
 from nlbfarm.lab import (APP_PORT, CLUSTER_NAME, ETCD_PREFIX, MGMT_ETCD_ADDR, PEER_PORT, VIP, Lab, LabTiming,
                          node_addr)
 from nlbfarm.synack import answers_per_syn, read_records
@@ -142,12 +142,7 @@ def check_one_synack_per_syn(lab: Lab, cap: SynAckCapture, summary: dict, news: 
     # Every attempt of the load client sent a SYN we saw, and each answered one was
     # SYN-ACKed by exactly the node that served it. A SYN (a new ISN) belongs to
     # the attempt that held its port when it was first sent.
-    index = AttemptIndex(news)
-    own: dict[int, list[tuple]] = {}
-    for key, times in syns.items():
-        i = index.attempt(key[1], min(times))
-        if i is not None:
-            own.setdefault(i, []).append(key)
+    own = match_syns(news, syns)
     unseen, wrong = [], []
     for i, r in enumerate(news):
         if not r["port"]:

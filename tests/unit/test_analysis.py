@@ -1,5 +1,5 @@
-"""Matching the nodes' accept logs to the client's connection records."""
-from nlbfarm.analysis import Accept, match_accepts
+"""Matching the nodes' accept logs and the captured SYNs to the client's connection records."""
+from nlbfarm.analysis import Accept, match_accepts, match_syns
 
 
 def rec(t, port, ms, node="n1"):
@@ -83,3 +83,20 @@ def test_accept_log_lines_with_and_without_the_gone_field(tmp_path):
     log.write_text("1.5 10.0.0.1 5000\n2.5 10.0.0.1 5001 gone\n3.5 10.0.0.9 5002\n4.5 10.0.0.1 5003 junk x\n")
     got = read_accepts({"n1": log}, "10.0.0.1")
     assert [(a.port, a.peer_gone) for a in got] == [(5000, False), (5001, True)]
+
+
+def test_regression_port_reused_within_two_milliseconds_each_syn_goes_to_its_own_attempt():
+    # CI, test_regression_restart_with_live_old_lease_is_refused_then_joins: the
+    # client's kernel gave port 34325 to the next attempt 1.6 ms after the first
+    # began, inside the first attempt's span; both SYNs went to the first, and
+    # the second attempt was reported as sending no SYN at all.
+    results = [{"t": 912.4418566, "port": 34325, "node": "n2", "error": None, "ms": 2.01},
+               {"t": 912.4434922, "port": 34325, "node": "n2", "error": None, "ms": 2.24}]
+    syns = {("198.18.0.50", 34325, 111): [912.44190], ("198.18.0.50", 34325, 222): [912.44352]}
+    assert match_syns(results, syns) == {0: [("198.18.0.50", 34325, 111)], 1: [("198.18.0.50", 34325, 222)]}
+
+
+def test_a_retransmitted_syn_and_a_syn_outside_every_span():
+    results = [{"t": 10.0, "port": 5000, "node": "n1", "error": None, "ms": 1500.0}]
+    syns = {("c", 5000, 7): [10.001, 11.0], ("c", 5000, 8): [20.0]}
+    assert match_syns(results, syns) == {0: [("c", 5000, 7)]}
