@@ -523,6 +523,22 @@ def render_event(e: dict) -> str:
     return f"{when} {e['kind']:<17}{who}: {e['message']}"
 
 
+def cmd_version(args) -> int:
+    """This farmctl's version and, unless --client, the version of the agent it talks to."""
+    from nlbfarm import __version__
+    out = {"client": __version__}
+    if not args.json:
+        print(f"farmctl {__version__}", flush=True)  # even when the agent does not answer
+    if not args.client:
+        v = fetch_node(args.conn, args.rpc_timeout)
+        out["agent"] = {"node_id": v["node_id"], "version": v["version"], "target": args.conn.target}
+        if not args.json:
+            print(f"farmd {v['version']} on {v['node_id']} ({args.conn.target})")
+    if args.json:
+        print(json.dumps(out, indent=2))
+    return EXIT_OK
+
+
 def cmd_events(args) -> int:
     """Recent events; with --follow keep printing new ones (until --for seconds or Ctrl-C)."""
     import grpc
@@ -727,7 +743,9 @@ def _seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nlbfarm import __version__
     ap = argparse.ArgumentParser(prog="farmctl", description="operate an nlbfarm farm")
+    ap.add_argument("--version", action="version", version=f"farmctl {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def connection_opts(p):
@@ -805,6 +823,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--new-only", action="store_true", help="skip the events the node remembers")
     target_opts(ev)
     ev.set_defaults(func=cmd_events)
+
+    vr = sub.add_parser("version", help="the versions of farmctl and of the agent it talks to")
+    vr.add_argument("--client", action="store_true", help="only farmctl's own version (no agent call)")
+    target_opts(vr)
+    vr.set_defaults(func=cmd_version)
 
     lab = sub.add_parser("lab", help="a farm in network namespaces on this machine")
     lsub = lab.add_subparsers(dest="labcmd", required=True, metavar="LABCOMMAND")

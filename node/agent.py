@@ -1045,6 +1045,7 @@ class Agent:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="farmd", description="nlbfarm node agent")
+    ap.add_argument("--version", action="version", version=f"farmd {__version__}")
     ap.add_argument("--config", required=True, help="path to the YAML configuration")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--log-format", default="kv", choices=["kv", "json"])

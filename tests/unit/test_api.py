@@ -445,3 +445,28 @@ def test_regression_out_of_range_integers_are_clamped_not_an_unknown_error(serve
     assert (w.bucket, w.generation, w.node_id) == (0, U64, "n2")
     events = list(main.WatchEvents(farm_pb2.WatchEventsRequest(replay=True, follow=False), timeout=5))
     assert [e.seq for e in events] == [U64]
+
+
+def test_farmctl_version_shows_client_and_agent(capsys):
+    import json
+
+    from nlbfarm import __version__, cli
+    port, peer_port = _ports(2)
+    servers = serve_status(FakeAgent(), f"127.0.0.1:{port}", f"127.0.0.1:{peer_port}", TOKEN, None)
+    try:
+        assert cli.main(["version", "--target", f"127.0.0.1:{port}"]) == cli.EXIT_OK
+        assert capsys.readouterr().out == f"farmctl {__version__}\nfarmd 0.1.0 on n1 (127.0.0.1:{port})\n"
+        assert cli.main(["version", "--target", f"127.0.0.1:{port}", "--json"]) == cli.EXIT_OK
+        assert json.loads(capsys.readouterr().out) == {
+            "client": __version__, "agent": {"node_id": "n1", "version": "0.1.0", "target": f"127.0.0.1:{port}"}}
+    finally:
+        for s in servers:
+            s.stop(None)
+
+
+def test_farmctl_version_without_an_agent_names_the_target(capsys):
+    from nlbfarm import cli
+    (port,) = _ports(1)
+    assert cli.main(["version", "--target", f"127.0.0.1:{port}", "--rpc-timeout", "1"]) == cli.EXIT_ERROR
+    out, err = capsys.readouterr()
+    assert out.startswith("farmctl ") and f"127.0.0.1:{port}" in err and "Traceback" not in err

@@ -188,3 +188,32 @@ def test_regression_netns_reexec_tells_the_inner_farmctl_its_namespace(monkeypat
     (file, argv, env), = execs
     assert argv[:4] == ["ip", "netns", "exec", "nlbf-n1"] and argv[-2:] == ["drain", "n2"]
     assert env[cli.NETNS_ENV] == "nlbf-n1"
+
+
+def test_version_has_one_source():
+    """setup.cfg reads the version from the package; the installed metadata says the same."""
+    import configparser
+    from importlib.metadata import version
+    from pathlib import Path
+
+    import nlbfarm
+    cp = configparser.ConfigParser()
+    cp.read(Path(__file__).resolve().parents[2] / "setup.cfg")
+    assert cp["metadata"]["version"] == "attr: nlbfarm.__version__"
+    assert version("nlbfarm") == nlbfarm.__version__
+
+
+@pytest.mark.parametrize("prog, main", [("farmctl", cli.main), ("farmd", None)])
+def test_version_flag(prog, main, capsys):
+    import nlbfarm
+    if main is None:
+        from nlbfarm.node.agent import main
+    with pytest.raises(SystemExit) as ei:
+        main(["--version"])
+    assert ei.value.code == 0 and capsys.readouterr().out == f"{prog} {nlbfarm.__version__}\n"
+
+
+def test_farmctl_version_client_only_needs_no_agent(capsys):
+    import nlbfarm
+    assert cli.main(["version", "--client", "--target", "127.0.0.1:1"]) == cli.EXIT_OK
+    assert capsys.readouterr().out == f"farmctl {nlbfarm.__version__}\n"
