@@ -4,7 +4,6 @@ PY      := $(VENV)/bin/python
 PYTEST  := $(VENV)/bin/pytest
 # Debian's interpreter: the nftables binding exists only as python3-nftables.
 SYSPY   := /usr/bin/python3
-PROTO_OUT := proto/farm_pb2.py proto/farm_pb2_grpc.py
 
 .PHONY: all deps venv proto test unit faults safety demo bench lab-down clean
 
@@ -15,17 +14,16 @@ $(VENV)/.deb-stamp: deploy/scripts/install-debian-deps.sh
 	bash deploy/scripts/install-debian-deps.sh
 	mkdir -p $(VENV) && touch $@
 
-venv: $(VENV)/.stamp $(PROTO_OUT)
+venv: $(VENV)/.stamp
 $(VENV)/.stamp: $(VENV)/.deb-stamp setup.cfg pyproject.toml
 	test -x $(PY) || $(SYSPY) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-proto: $(PROTO_OUT)
-$(PROTO_OUT): proto/farm.proto $(VENV)/.stamp
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto proto/farm.proto
-	# generated stubs import their sibling as a top-level module; make it package-relative
-	sed -i 's/^import farm_pb2 as/from . import farm_pb2 as/' proto/farm_pb2_grpc.py
+# The stubs are committed (a wheel from a fresh clone needs them); regenerate
+# them after editing proto/farm.proto. A unit test checks they are current.
+proto: $(VENV)/.stamp
+	$(PY) deploy/scripts/gen_proto.py
 
 test: venv
 	$(PYTEST) -q
@@ -60,4 +58,4 @@ lab-down: venv
 	$(VENV)/bin/farmctl lab down
 
 clean:
-	rm -rf $(VENV) $(PROTO_OUT) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
