@@ -5,7 +5,7 @@ PYTEST  := $(VENV)/bin/pytest
 # Debian's interpreter: the nftables binding exists only as python3-nftables.
 SYSPY   := /usr/bin/python3
 
-.PHONY: all deps venv proto test unit faults safety demo bench lab-down clean
+.PHONY: all deps venv proto wheelhouse test unit faults safety demo bench lab-down clean
 
 all: venv
 
@@ -24,6 +24,13 @@ $(VENV)/.stamp: $(VENV)/.deb-stamp setup.cfg pyproject.toml
 # them after editing proto/farm.proto. A unit test checks they are current.
 proto: $(VENV)/.stamp
 	$(PY) deploy/scripts/gen_proto.py
+
+# What the Ansible role installs from (nlbfarm_wheelhouse): the nlbfarm wheel,
+# its dependencies, and nlbfarm-<version>.lock pinning every wheel by hash.
+# Build it where the nodes' Python and CPU are.
+wheelhouse: venv
+	$(PY) -m pip wheel -q --disable-pip-version-check -w wheelhouse .
+	$(PY) deploy/scripts/wheelhouse_lock.py wheelhouse
 
 test: venv
 	$(PYTEST) -q

@@ -72,6 +72,13 @@ def build_wheel(src_root: Path, version: str, wheelhouse: Path, deps: bool) -> N
     assert cp.returncode == 0, cp.stderr[-2000:]
 
 
+def lock_wheelhouse(wheelhouse: Path, *versions: str) -> None:
+    """nlbfarm-<version>.lock for each release in the wheelhouse, as make wheelhouse writes them."""
+    cp = subprocess.run([str(REPO / ".venv" / "bin" / "python"), str(REPO / "deploy/scripts/wheelhouse_lock.py"),
+                         str(wheelhouse), *versions], capture_output=True, text=True, timeout=300)
+    assert cp.returncode == 0, cp.stderr[-2000:]
+
+
 def inventory(lab: Lab, root: Path, wheelhouse: Path, version: str, hosts: list[str]) -> dict:
     first = lab.node_config(hosts[0])
     t = first["timing"]
@@ -159,6 +166,7 @@ def farm(tmp_path_factory):
         build_wheel(tmp, old, wheelhouse, deps=True)
         build_wheel(tmp, new, wheelhouse, deps=False)
         build_wheel(tmp, newer, wheelhouse, deps=False)
+        lock_wheelhouse(wheelhouse)
         yield lab, tmp, wheelhouse, old, new, newer
     finally:
         lab.down()
@@ -172,6 +180,23 @@ def write_inventory(farm, version: str, name: str, **group_vars) -> Path:
     data["all"]["children"]["nlbfarm_nodes"]["vars"].update(group_vars)
     inv.write_text(yaml.safe_dump(data, sort_keys=False))
     return inv
+
+
+def test_regression_an_install_by_name_from_a_public_index_is_refused(farm):
+    """The role's old default (no wheelhouse) ran `pip install nlbfarm==<version>` against
+    PyPI, where nobody publishes the name: whoever registers it would run code as root on
+    every node. It now refuses before it touches a node."""
+    _lab, tmp, _, old, *_ = farm
+    inv = write_inventory(farm, old, "inventory-by-name.yml", nlbfarm_wheelhouse="")
+    cp = playbook("install.yml", inv, timeout=120)
+    (tmp / "by-name.out").write_text(cp.stdout + cp.stderr)
+    assert cp.returncode != 0, cp.stdout[-3000:]
+    for n in NODES:
+        assert failed_task(cp.stdout, n).startswith("nlbfarm : Refuse an install by name from a package index"), \
+            cp.stdout[-3000:]
+        assert not (tmp / "hosts" / n).exists()
+    assert "refusing to install nlbfarm by name from a package index" in cp.stdout, cp.stdout[-3000:]
+    assert ran(cp.stdout, "Install from the wheelhouse") == [] and ran(cp.stdout, "Create the venv") == []
 
 
 def test_install_from_nothing(farm):
@@ -346,6 +371,29 @@ def test_a_node_that_does_not_come_back_aborts_the_rollout(farm):
         assert lab._alive(pids[n]), f"{n}'s farmd is gone"
     assert (tmp / "hosts" / "n1" / "etc/nlbfarm/farmd.yaml").read_text() != before["n1"]
     lab.wait_converged(["n2", "n3"], timeout=30)
+
+
+def test_a_wheel_that_differs_from_its_lock_is_refused(farm):
+    """A wheel changed after the controller locked it (on the controller, in transit or on
+    the node) is refused by pip's hash check; the node keeps its farmd and its version."""
+    lab, tmp, wheelhouse, old, *_ = farm
+    tampered = tmp / "wheelhouse-tampered"
+    shutil.copytree(wheelhouse, tampered)
+    version = old + ".post3"
+    build_wheel(tmp, version, tampered, deps=False)
+    lock_wheelhouse(tampered, version)
+    (wheel,) = tampered.glob(f"nlbfarm-{version}-*.whl")
+    with wheel.open("ab") as f:
+        f.write(b"\0")
+    inv = write_inventory(farm, version, "inventory-tampered.yml", nlbfarm_wheelhouse=str(tampered))
+    pid, before = farmd_pid(tmp, "n2"), versions(lab)["n2"]
+    cp = playbook("install.yml", inv, "--limit", "n2", timeout=200)
+    (tmp / "tampered.out").write_text(cp.stdout + cp.stderr)
+    assert cp.returncode != 0, cp.stdout[-3000:]
+    assert failed_task(cp.stdout, "n2").startswith("nlbfarm : Install from the wheelhouse, every wheel pinned"), \
+        cp.stdout[-3000:]
+    assert "DO NOT MATCH THE HASHES" in cp.stdout, cp.stdout[-3000:]
+    assert farmd_pid(tmp, "n2") == pid and lab._alive(pid) and versions(lab)["n2"] == before
 
 
 UPGRADE_LOAD_S = 160
