@@ -199,6 +199,22 @@ def test_regression_an_install_by_name_from_a_public_index_is_refused(farm):
     assert ran(cp.stdout, "Install from the wheelhouse") == [] and ran(cp.stdout, "Create the venv") == []
 
 
+@pytest.mark.parametrize("var, value, words", [
+    ("nlbfarm_restart_mode", "bounce", "nlbfarm_restart_mode must be one of: restart, reload, got: bounce"),
+    ("nlbfarm_vips", {"a": 1}, "nlbfarm_vips"),
+])
+def test_a_variable_of_the_wrong_type_or_choice_is_refused_by_name(farm, var, value, words):
+    """meta/argument_specs.yml: Ansible checks the variables before the role touches a node."""
+    _lab, tmp, _, old, *_ = farm
+    inv = write_inventory(farm, old, f"inventory-bad-{var}.yml", **{var: value})
+    cp = playbook("install.yml", inv, timeout=120)
+    assert cp.returncode != 0, cp.stdout[-3000:]
+    assert failed_task(cp.stdout, "n1").startswith("nlbfarm : Validating arguments against arg spec 'main'"), \
+        cp.stdout[-3000:]
+    assert words in cp.stdout, cp.stdout[-3000:]
+    assert not any((tmp / "hosts" / n).exists() for n in NODES)
+
+
 def test_install_from_nothing(farm):
     lab, tmp, _, old, *_ = farm
     for n in NODES:
