@@ -1,8 +1,10 @@
 """farmctl: the operator CLI.
 
 Exit codes: 0 healthy / done, 1 the farm answered but is not healthy,
-2 bad arguments, the node could not be reached or refused the call, 3 a lab
-operation failed.
+2 bad arguments or the agent refused the call, 3 a lab operation failed,
+4 nothing answered at the agent's address, 130 interrupted (Ctrl-C).
+Errors are one line on stderr (NLBFARM_DEBUG=1 adds the traceback of an
+unexpected one); progress goes to stderr, results to stdout.
 
 Changes (drain, undrain) send the agent's API token: --token-file, else the
 file named by $NLBFARM_TOKEN_FILE, else the configuration file's token_file,
@@ -31,9 +33,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from nlbfarm.errors import FarmError, LabError
+from nlbfarm.errors import AgentUnreachable, FarmError, LabError
 
-EXIT_OK, EXIT_UNHEALTHY, EXIT_ERROR, EXIT_LAB = 0, 1, 2, 3
+EXIT_OK, EXIT_UNHEALTHY, EXIT_ERROR, EXIT_LAB, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 DEFAULT_TOKEN_FILE = "/etc/nlbfarm/token"
 DEFAULT_CONFIG_FILE = "/etc/nlbfarm/farmctl.yaml"
 DEFAULT_TARGET = "127.0.0.1:7400"
@@ -229,6 +231,10 @@ def rpc_failure(conn: Connection, method: str, exc, what: str | None = None) -> 
         hint = tls_hint(conn, problem)
         if hint:
             return FarmError(f"{what}: {hint} ({code.name}: {details})")
+        return AgentUnreachable(f"{what}: nothing answers there ({code.name}: {details}); is farmd running "
+                                "and is this its status.listen?")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return AgentUnreachable(f"{what}: no answer in time ({code.name}: {details})")
     return FarmError(f"{what}: {code.name}: {details}")
 
 
@@ -237,9 +243,33 @@ def _channel(conn: Connection):
     return channel(conn.target, conn.tls)
 
 
+_INT64_TYPES = (3, 4, 6, 16, 18)  # FieldDescriptor.TYPE_INT64, UINT64, FIXED64, SFIXED64, SINT64
+
+
+def message_dict(msg) -> dict:
+    """A reply as a dict with every field, named as in the proto. 64-bit integers are numbers:
+    proto3's JSON mapping writes them as strings, which scripts then have to convert."""
+    from google.protobuf.json_format import MessageToDict
+    d = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return _numbers(msg.DESCRIPTOR, d)
+
+
+def _numbers(desc, d: dict) -> dict:
+    for f in desc.fields:
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        if f.type in _INT64_TYPES:
+            d[f.name] = [int(x) for x in v] if isinstance(v, list) else int(v)
+        elif f.message_type is not None and not f.message_type.GetOptions().map_entry:
+            for item in v if isinstance(v, list) else [v]:
+                if isinstance(item, dict):
+                    _numbers(f.message_type, item)
+    return d
+
+
 def fetch_status(target, timeout: float) -> dict:
     import grpc
-    from google.protobuf.json_format import MessageToDict
 
     from nlbfarm.proto import farm_pb2, farm_pb2_grpc
     conn = _as_conn(target)
@@ -249,7 +279,7 @@ def fetch_status(target, timeout: float) -> dict:
             resp = stub.GetStatus(farm_pb2.GetStatusRequest(), timeout=timeout)
         except grpc.RpcError as exc:
             raise rpc_failure(conn, "GetStatus", exc, f"cannot get status from {conn.target}") from None
-    return MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return message_dict(resp)
 
 
 def _stub(target):
@@ -365,8 +395,8 @@ def cmd_drain(args) -> int:
     while True:
         st = fetch_status(args.conn, args.rpc_timeout)
         done, line = drain_progress(st, args.node)
-        if line != last and not args.json:
-            print(line, flush=True)
+        if line != last:
+            print(line, file=sys.stderr, flush=True)  # progress; the result goes to stdout
             last = line
         if done:
             if args.json:
@@ -380,6 +410,9 @@ def cmd_drain(args) -> int:
         time.sleep(0.5)
 
 
+# Bounds on --from-file: what one batch reads and asks.
+MAX_FROM_FILE = 8 << 20
+MAX_CLIENTS = 100_000
 # Source ports sampled for a client given without a port: spread over the
 # whole range Linux, Windows and BSD clients pick ephemeral ports from.
 SAMPLE_PORTS = tuple(range(1024, 65536, 1009))
@@ -417,7 +450,15 @@ def cmd_which(args) -> int:
     """One client, or many (--from-file, one CLIENT:PORT per line) over a single connection."""
     from nlbfarm.proto import farm_pb2
     if args.from_file:
-        lines = open(args.from_file).read().split() if args.from_file != "-" else sys.stdin.read().split()
+        try:
+            with (open(args.from_file) if args.from_file != "-" else sys.stdin) as f:
+                lines = f.read(MAX_FROM_FILE + 1).split()
+        except OSError as exc:
+            raise FarmError(f"cannot read --from-file {args.from_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise FarmError(f"--from-file {args.from_file} is not text") from None
+        if len(lines) > MAX_CLIENTS:
+            raise FarmError(f"--from-file {args.from_file}: more than {MAX_CLIENTS} clients; split it")
         clients = [parse_client(x) for x in lines]
     elif args.client:
         clients = [parse_client(args.client)]
@@ -476,11 +517,8 @@ def cmd_members(args) -> int:
 
 
 def fetch_node(target, timeout: float) -> dict:
-    from google.protobuf.json_format import MessageToDict
-
     from nlbfarm.proto import farm_pb2
-    return MessageToDict(_rpc(target, "GetNode", farm_pb2.GetNodeRequest(), timeout),
-                         preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return message_dict(_rpc(target, "GetNode", farm_pb2.GetNodeRequest(), timeout))
 
 
 def render_node(v: dict) -> str:
@@ -542,7 +580,6 @@ def cmd_version(args) -> int:
 def cmd_events(args) -> int:
     """Recent events; with --follow keep printing new ones (until --for seconds or Ctrl-C)."""
     import grpc
-    from google.protobuf.json_format import MessageToDict
 
     from nlbfarm.proto import farm_pb2
     ch, stub = _stub(args.conn)
@@ -551,7 +588,7 @@ def cmd_events(args) -> int:
                                 timeout=args.for_seconds if args.follow else args.rpc_timeout)
         try:
             for ev in call:
-                e = MessageToDict(ev, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+                e = message_dict(ev)
                 print(json.dumps(e) if args.json else render_event(e), flush=True)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and args.follow:
@@ -568,19 +605,17 @@ def cmd_events(args) -> int:
 
 
 def cmd_table(args) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     from nlbfarm.proto import farm_pb2
-    t = MessageToDict(_rpc(args.conn, "GetTable", farm_pb2.GetTableRequest(), args.rpc_timeout),
-                      preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    t = message_dict(_rpc(args.conn, "GetTable", farm_pb2.GetTableRequest(), args.rpc_timeout))
     if args.json:
         print(json.dumps(t, indent=2))
         return EXIT_OK
     print(f"table generation {t['generation']}, {t['bucket_count']} buckets, {t['unowned']} unowned")
+    w = id_width(n["node_id"] for n in t["nodes"])
     for n in t["nodes"]:
         ranges = ", ".join(f"{r['first']}-{r['last']}" if r["first"] != r["last"] else str(r["first"])
                            for r in n["ranges"])
-        print(f"{n['node_id']:<12} {n['buckets']:>6} buckets: {ranges}")
+        print(f"{n['node_id']:<{w}} {n['buckets']:>6} buckets: {ranges}")
     return EXIT_OK
 
 
@@ -628,6 +663,11 @@ def status_healthy(st: dict) -> bool:
     return not local_problems(st) and not farm_problems(st)
 
 
+def id_width(ids) -> int:
+    """The node-id column: as wide as the longest id (node ids may be 64 characters)."""
+    return max([12, *(len(i) for i in ids)])
+
+
 def render_status(st: dict) -> str:
     b = int(st.get("bucket_count", 0)) or 1
     lines = [
@@ -638,14 +678,15 @@ def render_status(st: dict) -> str:
         f"fence {'open' if st.get('fence_open') else 'CLOSED'}, etcd {st.get('etcd_state')}",
         f"last cycle: {st.get('last_cycle', '')}",
         "",
-        f"{'MEMBER':<12} {'STATE':<9} {'WEIGHT':>6} {'BUCKETS':>8} {'SHARE':>7} {'APPLIED':>8} "
-        f"{'DRAINING':>9}  ADDRESSES",
     ]
+    w = id_width(m["id"] for m in st.get("members", []))
+    lines.append(f"{'MEMBER':<{w}} {'STATE':<9} {'WEIGHT':>6} {'BUCKETS':>8} {'SHARE':>7} {'APPLIED':>8} "
+                 f"{'DRAINING':>9}  ADDRESSES")
     for m in st.get("members", []):
         n = int(m.get("buckets", 0))
         draining = (f"{int(m.get('draining_connections', 0))} conns" if int(m.get("draining_buckets", 0))
                     else "-")
-        lines.append(f"{m['id']:<12} {m.get('state', ''):<9} {int(m.get('weight', 0)):>6} {n:>8} "
+        lines.append(f"{m['id']:<{w}} {m.get('state', ''):<9} {int(m.get('weight', 0)):>6} {n:>8} "
                      f"{100 * n / b:>6.1f}% {int(m.get('applied_generation', 0)):>8} {draining:>9}  "
                      f"{','.join(m.get('addresses', []))}")
     why = [f"  {m['id']}: {m['reason']}" for m in st.get("members", [])
@@ -742,29 +783,103 @@ def _seconds(text: str) -> float:
     return v
 
 
+def _subcommands(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            return dict(a.choices)
+    return {}
+
+
+def _options(p: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+    """(every option string, the ones that take a value)."""
+    opts, valued = [], []
+    for a in p._actions:
+        if a.option_strings and a.help != argparse.SUPPRESS:
+            opts += a.option_strings
+            if a.nargs != 0:
+                valued += a.option_strings
+    return opts, valued
+
+
+def completion_script(ap: argparse.ArgumentParser, shell: str) -> str:
+    """A bash completion function built from the parser: commands, subcommands, options, choices."""
+    cases, valued = [], set(_options(ap)[1])
+
+    def add(key: str, p: argparse.ArgumentParser):
+        opts, val = _options(p)
+        valued.update(val)
+        words = [*_subcommands(p), *opts]
+        choices = [c for a in p._actions if not a.option_strings and a.choices and not
+                   isinstance(a, argparse._SubParsersAction) for c in a.choices]
+        cases.append(f'        "{key}") words="{" ".join([*words, *choices])}" ;;')
+    add("", ap)
+    for name, p in _subcommands(ap).items():
+        add(name, p)
+        for sname, sp in _subcommands(p).items():
+            add(f"{name} {sname}", sp)
+    return f"""# bash completion for farmctl (farmctl completion bash)
+_farmctl() {{
+    local cur=${{COMP_WORDS[COMP_CWORD]}} prev=${{COMP_WORDS[COMP_CWORD-1]}} key="" skip="" w words
+    case " {' '.join(sorted(valued))} " in *" $prev "*) COMPREPLY=(); return 0 ;; esac
+    for w in "${{COMP_WORDS[@]:1:COMP_CWORD-1}}"; do
+        if [ -n "$skip" ]; then skip=""; continue; fi
+        case "$w" in
+            -*=*) ;;
+            -*) case " {' '.join(sorted(valued))} " in *" $w "*) skip=1 ;; esac ;;
+            *) case "$key" in "" | lab) key="${{key:+$key }}$w" ;; esac ;;
+        esac
+    done
+    case "$key" in
+{chr(10).join(cases)}
+        *) words="" ;;
+    esac
+    COMPREPLY=($(compgen -W "$words" -- "$cur"))
+}}
+complete -F _farmctl farmctl
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nlbfarm import __version__
-    ap = argparse.ArgumentParser(prog="farmctl", description="operate an nlbfarm farm")
+    ap = argparse.ArgumentParser(
+        prog="farmctl", description="operate an nlbfarm farm", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  farmctl status                           the farm as the local agent (127.0.0.1:7400) sees it
+  farmctl --target 10.0.0.11:7400 members  connection flags go before or after the command
+  farmctl drain web2 --wait                no new connections on web2; return once it serves none
+  farmctl which 203.0.113.7:51234          the bucket and node that serve this client
+  farmctl events --follow --for 60         joins, leaves, table changes and checks as they happen
+  source <(farmctl completion bash)        shell completion
+
+exit codes: 0 healthy or done, 1 the farm answered but is not healthy, 2 bad arguments or the
+agent refused the call, 3 a lab operation failed, 4 nothing answered at the agent's address,
+130 interrupted. Errors are one line on stderr; progress goes to stderr, results to stdout.""")
     ap.add_argument("--version", action="version", version=f"farmctl {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    def connection_opts(p):
-        p.add_argument("--target", metavar="HOST:PORT", help=f"the agent's gRPC address (default: $NLBFARM_TARGET, the "
+    def connection_opts(p, talks_to_agent=True):
+        # SUPPRESS on both levels: an option given before the subcommand is not
+        # overwritten by the subcommand's default (argparse copies those over).
+        if talks_to_agent:
+            p.set_defaults(talks_to_agent=True)
+        p.add_argument("--netns", default=argparse.SUPPRESS,
+                       help="run inside this network namespace (lab nodes)")
+        p.add_argument("--target", default=argparse.SUPPRESS, metavar="HOST:PORT", help=f"the agent's gRPC address (default: $NLBFARM_TARGET, the "
                                         f"configuration file, else {DEFAULT_TARGET})")
-        p.add_argument("--config", metavar="FILE", help="farmctl.yaml or farmd.yaml to take the target, TLS files and token "
+        p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="farmctl.yaml or farmd.yaml to take the target, TLS files and token "
                                         f"file from (default: $NLBFARM_CONFIG, else {DEFAULT_CONFIG_FILE} "
                                         "if it exists)")
-        p.add_argument("--tls-ca", metavar="FILE", help="speak TLS; verify the agent's certificate with this CA file "
+        p.add_argument("--tls-ca", metavar="FILE", default=argparse.SUPPRESS, help="speak TLS; verify the agent's certificate with this CA file "
                                         "(default: $NLBFARM_TLS_CA)")
-        p.add_argument("--tls-cert", metavar="FILE", help="client certificate for an agent with mutual TLS "
+        p.add_argument("--tls-cert", metavar="FILE", default=argparse.SUPPRESS, help="client certificate for an agent with mutual TLS "
                                           "(default: $NLBFARM_TLS_CERT)")
-        p.add_argument("--tls-key", metavar="FILE", help="the client certificate's key (default: $NLBFARM_TLS_KEY)")
-        p.add_argument("--tls-server-name", metavar="NAME", help="the name to expect in the agent's certificate instead of "
+        p.add_argument("--tls-key", metavar="FILE", default=argparse.SUPPRESS, help="the client certificate's key (default: $NLBFARM_TLS_KEY)")
+        p.add_argument("--tls-server-name", metavar="NAME", default=argparse.SUPPRESS, help="the name to expect in the agent's certificate instead of "
                                                  "the target's host (default: $NLBFARM_TLS_SERVER_NAME)")
 
+    connection_opts(ap, talks_to_agent=False)  # before the subcommand too: farmctl --target X status
     st = sub.add_parser("status", help="members, table generation and buckets per node, from one node")
     connection_opts(st)
-    st.add_argument("--netns", help="run the query inside this network namespace (lab nodes)")
     st.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the agent")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_status)
@@ -778,7 +893,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     def target_opts(p):
         connection_opts(p)
-        p.add_argument("--netns", help="run inside this network namespace (lab nodes)")
         p.add_argument("--rpc-timeout", type=float, default=5.0, help="seconds per call")
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -829,6 +943,14 @@ def build_parser() -> argparse.ArgumentParser:
     target_opts(vr)
     vr.set_defaults(func=cmd_version)
 
+    cp = sub.add_parser("completion", help="print a shell completion script",
+                        description="Print a completion script for farmctl's commands and options. "
+                                    "bash: source <(farmctl completion bash), or save it as "
+                                    "/etc/bash_completion.d/farmctl. zsh: autoload bashcompinit && "
+                                    "bashcompinit, then the same.")
+    cp.add_argument("shell", choices=["bash"])
+    cp.set_defaults(func=lambda a: print(completion_script(build_parser(), a.shell), end="") or EXIT_OK)
+
     lab = sub.add_parser("lab", help="a farm in network namespaces on this machine")
     lsub = lab.add_subparsers(dest="labcmd", required=True, metavar="LABCOMMAND")
     up = lsub.add_parser("up", help="create the lab and start etcd, agents and apps")
@@ -856,15 +978,31 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "netns", None):
         _reexec_in_netns(args.netns, _strip_netns(argv))
     try:
-        if hasattr(args, "tls_ca"):  # a command that talks to an agent
+        if getattr(args, "talks_to_agent", False):
             args.conn = connection(args)
         return args.func(args)
+    except KeyboardInterrupt:
+        print("farmctl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # farmctl ... | head
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except LabError as exc:
-        print(f"farmctl: {exc}", file=sys.stderr)
-        return EXIT_LAB
+        return _fail(exc, EXIT_LAB)
+    except AgentUnreachable as exc:
+        return _fail(exc, EXIT_UNREACHABLE)
     except FarmError as exc:
-        print(f"farmctl: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(exc, EXIT_ERROR)
+    except Exception as exc:  # noqa: BLE001 - an operator gets one line, never a traceback
+        if os.environ.get("NLBFARM_DEBUG"):
+            raise
+        return _fail(f"unexpected error: {type(exc).__name__}: {exc} (NLBFARM_DEBUG=1 shows where)", EXIT_ERROR)
+
+
+def _fail(exc, code: int) -> int:
+    """One line on stderr: the message, its own line breaks folded."""
+    print("farmctl: " + " ".join(str(exc).split()), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

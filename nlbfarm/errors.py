@@ -37,6 +37,10 @@ class NotFound(NetError):
     """The link, address or namespace does not exist."""
 
 
+class AgentUnreachable(FarmError):
+    """Nothing answered at the agent's address (farmctl's exit code 4)."""
+
+
 class LabError(FarmError):
     """The one-machine lab could not be brought up or down."""
 

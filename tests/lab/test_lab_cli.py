@@ -81,6 +81,6 @@ def test_bad_arguments_get_clear_errors(labdir):
     cp = farmctl("status", "--netns", "does-not-exist", check=False)
     assert cp.returncode == 2 and "network namespace 'does-not-exist' does not exist" in cp.stderr
     cp = farmctl("status", "--target", "127.0.0.1:1", "--timeout", "0.5", check=False)
-    assert cp.returncode == 2 and "cannot get status from 127.0.0.1:1" in cp.stderr
+    assert cp.returncode == 4 and "cannot get status from 127.0.0.1:1" in cp.stderr  # unreachable
     cp = farmctl("frobnicate", check=False)
     assert cp.returncode == 2 and "invalid choice" in cp.stderr

@@ -467,6 +467,6 @@ def test_farmctl_version_shows_client_and_agent(capsys):
 def test_farmctl_version_without_an_agent_names_the_target(capsys):
     from nlbfarm import cli
     (port,) = _ports(1)
-    assert cli.main(["version", "--target", f"127.0.0.1:{port}", "--rpc-timeout", "1"]) == cli.EXIT_ERROR
+    assert cli.main(["version", "--target", f"127.0.0.1:{port}", "--rpc-timeout", "1"]) == cli.EXIT_UNREACHABLE
     out, err = capsys.readouterr()
     assert out.startswith("farmctl ") and f"127.0.0.1:{port}" in err and "Traceback" not in err

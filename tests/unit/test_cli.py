@@ -217,3 +217,148 @@ def test_farmctl_version_client_only_needs_no_agent(capsys):
     import nlbfarm
     assert cli.main(["version", "--client", "--target", "127.0.0.1:1"]) == cli.EXIT_OK
     assert capsys.readouterr().out == f"farmctl {nlbfarm.__version__}\n"
+
+
+# ---- operator habits: global flags, one-line errors, exit codes, output streams ------------------
+
+@pytest.mark.parametrize("argv", [
+    ["--target", "10.0.0.9:7400", "status"],
+    ["status", "--target", "10.0.0.9:7400"],
+    ["--target", "10.0.0.1:1", "status", "--target", "10.0.0.9:7400"],  # the later one wins
+    ["--target=10.0.0.9:7400", "members", "--json"],
+])
+def test_connection_flags_before_or_after_the_subcommand(argv, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG_FILE", str(tmp_path / "absent.yaml"))
+    monkeypatch.delenv("NLBFARM_TARGET", raising=False)
+    args = cli.build_parser().parse_args(argv)
+    assert args.talks_to_agent and cli.connection(args).target == "10.0.0.9:7400"
+
+
+def test_without_a_target_flag_the_default_stays(monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG_FILE", str(tmp_path / "absent.yaml"))
+    monkeypatch.delenv("NLBFARM_TARGET", raising=False)
+    assert cli.connection(cli.build_parser().parse_args(["status"])).target == cli.DEFAULT_TARGET
+
+
+def test_regression_64_bit_fields_are_json_numbers():
+    """proto3's JSON mapping writes uint64 as strings; farmctl --json printed "generation": "7"."""
+    from nlbfarm.proto import farm_pb2
+    resp = farm_pb2.GetStatusResponse(generation=2 ** 40, bucket_count=64, members=[
+        farm_pb2.Member(id="n1", applied_generation=2 ** 40 - 1, buckets=64)])
+    d = cli.message_dict(resp)
+    assert d["generation"] == 2 ** 40 and d["members"][0]["applied_generation"] == 2 ** 40 - 1
+    assert d["bucket_count"] == 64 and d["members"][0]["buckets"] == 64
+    ev = cli.message_dict(farm_pb2.Event(seq=5, fields={"a": "b"}))
+    assert ev["seq"] == 5 and ev["fields"] == {"a": "b"}
+    view = cli.message_dict(farm_pb2.NodeView(counters=[farm_pb2.RuleCounter(packets=3, bytes=2 ** 50)]))
+    assert view["counters"][0] == {"vip": "", "rule": "", "packets": 3, "bytes": 2 ** 50}
+
+
+def one_line_error(capsys) -> str:
+    out = capsys.readouterr()
+    lines = out.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("farmctl: ") and "Traceback" not in out.err, out.err
+    return lines[0]
+
+
+def test_regression_which_from_a_missing_file_is_one_line(capsys, tmp_path):
+    assert cli.main(["which", "--from-file", str(tmp_path / "missing"), "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
+    assert "cannot read --from-file" in one_line_error(capsys)
+
+
+def test_which_from_a_binary_file_is_one_line(capsys, tmp_path):
+    f = tmp_path / "bin"
+    f.write_bytes(b"\xff\xfe\x00garbage")
+    assert cli.main(["which", "--from-file", str(f), "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
+    assert "is not text" in one_line_error(capsys)
+
+
+def _drain_fakes(monkeypatch, statuses):
+    monkeypatch.setattr(cli, "change_metadata", lambda args: ())
+    monkeypatch.setattr(cli, "_rpc", lambda *a, **k: SimpleNamespace(message="n2 is draining"))
+    it = iter(statuses)
+
+    def fetch(conn, timeout):
+        st = next(it)
+        if isinstance(st, BaseException):
+            raise st
+        return st
+    monkeypatch.setattr(cli, "fetch_status", fetch)
+    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+
+
+def _member(state, buckets, dbuckets, conns):
+    return {"members": [{"id": "n2", "state": state, "buckets": buckets, "draining_buckets": dbuckets,
+                         "draining_connections": conns}]}
+
+
+def test_regression_ctrl_c_during_drain_wait_is_one_line(monkeypatch, capsys):
+    _drain_fakes(monkeypatch, [_member("draining", 0, 3, 5), KeyboardInterrupt()])
+    assert cli.main(["drain", "n2", "--wait", "--target", "127.0.0.1:7400"]) == cli.EXIT_INTERRUPTED
+    out = capsys.readouterr()
+    assert out.err.splitlines()[-1] == "farmctl: interrupted" and "Traceback" not in out.err
+
+
+def test_drain_wait_progress_goes_to_stderr_and_the_result_to_stdout(monkeypatch, capsys):
+    _drain_fakes(monkeypatch, [_member("draining", 0, 3, 5), _member("draining", 0, 3, 1),
+                               _member("draining", 0, 0, 0)])
+    assert cli.main(["drain", "n2", "--wait", "--target", "127.0.0.1:7400"]) == cli.EXIT_OK
+    out = capsys.readouterr()
+    assert out.out == "n2 is drained: it serves no connection\n"
+    assert "5 connections left" in out.err and "1 connections left" in out.err
+
+
+def test_an_unexpected_error_is_one_line_unless_debugging(monkeypatch, capsys):
+    def boom(args):
+        raise ZeroDivisionError("division by zero\nsecond line")
+    monkeypatch.setattr(cli, "cmd_table", boom)
+    monkeypatch.delenv("NLBFARM_DEBUG", raising=False)
+    assert cli.main(["table", "--target", "127.0.0.1:1"]) == cli.EXIT_ERROR
+    line = one_line_error(capsys)
+    assert "unexpected error: ZeroDivisionError: division by zero second line" in line
+    monkeypatch.setenv("NLBFARM_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["table", "--target", "127.0.0.1:1"])
+
+
+def test_unreachable_agent_has_its_own_exit_code(capsys):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc = cli.main(["status", "--target", f"127.0.0.1:{port}", "--timeout", "1"])
+    assert rc == cli.EXIT_UNREACHABLE == 4
+    assert "nothing answers there" in one_line_error(capsys)
+
+
+def test_regression_long_node_ids_keep_the_columns_aligned():
+    long_id = "web-frontend-eu-west-1a-0042.example.com"
+    st = {"node_id": "n1", "cluster": "c", "bucket_count": 64, "members": [
+        {"id": long_id, "state": "active", "weight": 1, "buckets": 32, "applied_generation": 3},
+        {"id": "n2", "state": "active", "weight": 1, "buckets": 32, "applied_generation": 3}]}
+    header, *rows = cli.render_status(st).split("\n")[4:]
+    assert rows[0].startswith(long_id + " ") and rows[1].startswith("n2" + " " * (len(long_id) - 1))
+    assert header.index("STATE") == rows[0].index("active") == rows[1].index("active")
+
+
+@pytest.mark.parametrize("line, want", [
+    ("farmctl st", {"status"}),
+    ("farmctl --target 10.0.0.1:7400 dr", {"drain"}),
+    ("farmctl lab ", {"up", "status", "down", "-h", "--help"}),
+    ("farmctl lab up --n", {"--nodes"}),
+    ("farmctl drain n2 --wa", {"--wait", "--wait-timeout"}),
+    ("farmctl completion ", {"bash", "-h", "--help"}),
+    ("farmctl status --target ", set()),
+])
+def test_bash_completion(line, want, tmp_path):
+    import shutil
+    import subprocess
+    bash = shutil.which("bash")
+    script = tmp_path / "farmctl.bash"
+    script.write_text(cli.completion_script(cli.build_parser(), "bash"))
+    words = line.split(" ")
+    probe = (f"source {script}; COMP_WORDS=({' '.join(repr(w) for w in words)}); "
+             f"COMP_CWORD={len(words) - 1}; _farmctl; printf '%s\\n' \"${{COMPREPLY[@]}}\"")
+    cp = subprocess.run([bash, "-c", probe], capture_output=True, text=True, timeout=10)
+    assert cp.returncode == 0, cp.stderr
+    assert set(filter(None, cp.stdout.splitlines())) == want
