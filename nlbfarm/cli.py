@@ -843,6 +843,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nlbfarm import __version__
     ap = argparse.ArgumentParser(
         prog="farmctl", description="operate an nlbfarm farm", formatter_class=argparse.RawDescriptionHelpFormatter,
+        # The connection flags live here too: an abbreviation such as lab up's --tls must not be
+        # read as a prefix of --tls-ca at this level.
+        allow_abbrev=False,
         epilog="""examples:
   farmctl status                           the farm as the local agent (127.0.0.1:7400) sees it
   farmctl --target 10.0.0.11:7400 members  connection flags go before or after the command

@@ -362,3 +362,12 @@ def test_bash_completion(line, want, tmp_path):
     cp = subprocess.run([bash, "-c", probe], capture_output=True, text=True, timeout=10)
     assert cp.returncode == 0, cp.stderr
     assert set(filter(None, cp.stdout.splitlines())) == want
+
+
+def test_regression_a_subcommand_option_is_not_taken_for_a_global_prefix():
+    """With the connection flags on the top-level parser too, `lab up --tls` was refused as an
+    ambiguous abbreviation of --tls-ca, --tls-cert, ... (seen in CI)."""
+    args = cli.build_parser().parse_args(["lab", "up", "--tls", "--nodes", "2"])
+    assert args.tls is True and args.nodes == 2
+    args = cli.build_parser().parse_args(["lab", "up", "--ipv6"])
+    assert args.ipv6 is True
