@@ -219,8 +219,8 @@ class ClusterCache:
             items = {k: (kv.value, kv.mod_revision, kv.lease) for k, kv in ev.snapshot.items()}
             fork = None if ev.rewound else self.forked(items, ev.mod_revision)
             if fork is not None:
-                log.warning("etcd's history changed under the watch (key %s, revision %d, disagrees with what "
-                            "this node saw up to revision %d: a restore?): re-reading everything and trusting no "
+                log.warning("etcd history changed under the watch key=%s revision=%d seen_up_to=%d: the key "
+                            "disagrees with what this node saw (a restore?); re-reading everything and trusting no "
                             "applied record until its node writes it again", fork, ev.mod_revision, self._revision)
             self.reset(items, ev.mod_revision, authoritative=ev.rewound or fork is not None)
             return
@@ -251,5 +251,5 @@ class ClusterCache:
         for w in snap.warnings:
             if w not in self._warned and len(self._warned) < MAX_REMEMBERED_WARNINGS:
                 self._warned.add(w)
-                log.warning(w)
+                log.warning("etcd record problem detail=%s", w)
         return snap

@@ -674,27 +674,68 @@ class Config(_Strict):
         return f"{self.etcd.prefix.rstrip('/')}/{self.cluster.name}"
 
 
-def _format_errors(source: str, exc: ValidationError) -> str:
-    lines = []
+MAX_CONFIG_BYTES = 1 << 20  # a configuration is a few KB; refuse to parse a runaway file
+
+
+def yaml_lines(text: str) -> dict[tuple, int]:
+    """The line (1-based) of every mapping key and sequence item in a YAML text, by path.
+
+    Raises ConfigError for a key that appears twice in one mapping: PyYAML keeps
+    the last one silently, so a second ``timing:`` section would replace the first.
+    """
+    out: dict[tuple, int] = {}
+
+    def walk(node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                if name in seen:
+                    raise ConfigError(f"key {'.'.join(map(str, (*path, name)))!s} appears twice (lines "
+                                      f"{seen[name]} and {key.start_mark.line + 1}): YAML would keep only "
+                                      "the second")
+                seen[name] = key.start_mark.line + 1
+                out[(*path, name)] = key.start_mark.line + 1
+                walk(value, (*path, name))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                out[(*path, i)] = item.start_mark.line + 1
+                walk(item, (*path, i))
+
+    walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+    return out
+
+
+def _line_of(loc: tuple, lines: dict[tuple, int]) -> int | None:
+    """The line of the deepest part of ``loc`` the file has (a missing field: its section)."""
+    for n in range(len(loc), 0, -1):
+        if tuple(loc[:n]) in lines:
+            return lines[tuple(loc[:n])]
+    return None
+
+
+def _format_errors(source: str, exc: ValidationError, lines: dict[tuple, int] | None = None) -> str:
+    out = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        line = _line_of(tuple(err["loc"]), lines or {})
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling against the configuration reference)"
         elif err["type"] == "missing":
             msg = "required field is missing"
         msg = msg.removeprefix("Value error, ")
-        lines.append(f"  {where}: {msg}")
-    return f"invalid configuration in {source}:\n" + "\n".join(lines)
+        out.append(f"  {where}: {msg}" + (f" (line {line})" if line is not None else ""))
+    return f"invalid configuration in {source}:\n" + "\n".join(out)
 
 
-def parse_config(data: object, source: str = "<config>") -> Config:
+def parse_config(data: object, source: str = "<config>", lines: dict[tuple, int] | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"invalid configuration in {source}: the top level must be a mapping")
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(source, exc)) from None
+        raise ConfigError(_format_errors(source, exc, lines)) from None
 
 
 def load_config(path: str | Path) -> Config:
@@ -703,8 +744,29 @@ def load_config(path: str | Path) -> Config:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read configuration {p}: {exc.strerror}") from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"configuration {p} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
+        lines = yaml_lines(text) if text.strip() else {}
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"configuration {p} is not valid YAML: {exc}") from None
-    return parse_config(data, str(p))
+    except yaml.YAMLError as exc:  # its text names the line and column
+        raise ConfigError(f"configuration {p} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"configuration {p}: {exc}") from None
+    return parse_config(data, str(p), lines)
+
+
+def effective_yaml(cfg: Config) -> str:
+    """The configuration as farmd runs it: every field, defaults filled in (farmd --check --print)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
+
+
+def json_schema() -> dict:
+    """The JSON Schema of farmd.yaml, from the model (shipped as nlbfarm/farmd.schema.json)."""
+    schema = Config.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "farmd.yaml: the nlbfarm agent's configuration"
+    return schema
+
+
+SCHEMA_FILE = Path(__file__).with_name("farmd.schema.json")

@@ -7,11 +7,16 @@ so a test can kill exactly the child; SIGTERM stops the supervisor and its child
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+
+from nlbfarm.logs import setup_logging
+
+log = logging.getLogger("nlbfarm.supervise")
 
 
 def main(argv=None) -> int:
@@ -20,6 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--delay", type=float, default=1.0, help="seconds before a restart")
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
+    setup_logging("info", "kv")  # its lines share the child's log: the same logfmt
     cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
     if not cmd:
         ap.error("no command given")
@@ -40,8 +46,10 @@ def main(argv=None) -> int:
             f.write(str(child.pid))
         os.replace(args.pidfile + ".tmp", args.pidfile)
         rc = child.wait()
-        print(f"supervise: {cmd[0]} exited rc={rc}" + ("" if stopping else f", restarting in {args.delay}s"),
-              file=sys.stderr, flush=True)
+        if stopping:
+            log.info("child exited cmd=%s rc=%d", cmd[0], rc)
+        else:
+            log.warning("child exited cmd=%s rc=%d restart_in=%gs", cmd[0], rc, args.delay)
         if not stopping:
             time.sleep(args.delay)
     return 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -354,8 +355,8 @@ class Agent:
         except DataPlaneError:
             rewritten = False
         if not rewritten or self.dp.fence_expires_at - time.monotonic() > self.cfg.timing.fence_timeout:
-            log.warning("could not shorten the adopted fence element node=%s: peers keep waiting %d ms "
-                        "before certifying this agent dead", self.me, self._adopted_fence_ms)
+            log.warning("could not shorten the adopted fence element node=%s fence_ms=%d: peers keep waiting "
+                        "that long before certifying this agent dead", self.me, self._adopted_fence_ms)
             return
         try:
             kv, record = self.farm.member_record(self.me)
@@ -406,9 +407,9 @@ class Agent:
         verdict, due = judge(self.cache.snapshot().members.get(peer.id), peer.instance, True, refused_at, now, ft,
                              back, back_gone_at)
         if verdict is Verdict.STILL_CONNECTED:
-            log.warning("peer %s's listener %s refuses, but its agent's own connection to this node is open: "
-                        "it lives, not retired (does a firewall reject the peer port? filter it with drop)",
-                        peer.id, peer.addr)
+            log.warning("peer lives peer=%s addr=%s: its listener refuses, but its agent's own connection to "
+                        "this node is open: it lives, not retired (does a firewall reject the peer port? filter "
+                        "it with drop)", peer.id, peer.addr)
         if verdict is not Verdict.DEAD:
             return verdict, due
         try:
@@ -424,11 +425,11 @@ class Agent:
             # next keepalive finds them gone and it starts from nothing.
             self._revoke_quietly(kv.lease, applied.lease if applied else 0)
         except StoreError as exc:
-            log.warning("cannot retire dead peer %s yet reason=%s", peer.id, exc)
+            log.warning("cannot retire dead peer yet peer=%s reason=%s", peer.id, exc)
             return Verdict.WAIT, now + 0.5
         took = time.monotonic() - refused_at
-        log.warning("retired peer node=%s instance=%s: its listener refused %.2fs ago and its fence has closed",
-                    peer.id, peer.instance, took)
+        log.warning("retired peer node=%s instance=%s refused_ago=%.2fs: its listener refused and its fence "
+                    "has closed", peer.id, peer.instance, took)
         self.events.publish("peer_retired", peer.id, f"{self.me} retired {peer.id}: its agent died "
                             f"({took:.2f} s after its listener refused)")
         return Verdict.DEAD, due
@@ -529,7 +530,7 @@ class Agent:
         try:
             self._save_state(self.dp.current, self.dp.fence_expires_at if held else 0.0)
         except DataPlaneError as exc:
-            log.error("%s", exc)
+            log.error("restart fence write failed node=%s reason=%s", self.me, exc)
         self.handed_off = True
         left = max(0.0, self.dp.fence_expires_at - time.monotonic()) if held else 0.0
         log.info("handing over node=%s lease=%x window=%.1fs: the next farmd must start within it",
@@ -815,7 +816,7 @@ class Agent:
         snap = self.cache.snapshot()
         handed_over = self._handed_over(snap)
         if not handed_over and time.monotonic() - self.leave_started > self.cfg.timing.leave_timeout:
-            log.warning("leave timeout node=%s after %.0fs: peers did not take over; leaving anyway",
+            log.warning("leave timeout node=%s after=%.0fs: peers did not take over; leaving anyway",
                         self.me, self.cfg.timing.leave_timeout)
             return True
         # Established connections finish first; decide() ends them at
@@ -849,7 +850,7 @@ class Agent:
         # expired by itself first (at most fence_ms, as a certificate assumes).
         left = self.dp.fence_expires_at - time.monotonic() if self.dp.fence_expires_at else 0.0
         if left > 0:
-            log.warning("fence element still open node=%s: waiting %.2fs for it to expire before "
+            log.warning("fence element still open node=%s wait=%.2fs: waiting for it to expire before "
                         "releasing the lease", self.me, left)
             time.sleep(min(left, MAX_FENCE_MS / 1000))
         if self.vip.down():
@@ -1046,19 +1047,46 @@ class Agent:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="farmd", description="nlbfarm node agent")
     ap.add_argument("--version", action="version", version=f"farmd {__version__}")
-    ap.add_argument("--config", required=True, help="path to the YAML configuration")
+    ap.add_argument("--config", help="path to the YAML configuration (required unless --schema)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    ap.add_argument("--log-format", default="kv", choices=["kv", "json"])
+    ap.add_argument("--log-format", default="logfmt", choices=["logfmt", "kv", "json"],
+                    help="logfmt lines (kv is its old name) or JSON lines with the same keys")
     ap.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    ap.add_argument("--print", dest="print_config", action="store_true",
+                    help="with --check: print the effective configuration (every field, defaults filled in)")
+    ap.add_argument("--schema", action="store_true",
+                    help="print the JSON Schema of the configuration and exit (no --config needed)")
     args = ap.parse_args(argv)
+    if args.schema:
+        from nlbfarm.config import json_schema
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    if not args.config:
+        ap.error("--config is required")
+    if args.print_config and not args.check:
+        ap.error("--print goes with --check")
     setup_logging(args.log_level, args.log_format)
+
+    def refuse(exc: Exception, rc: int) -> int:
+        # --check talks to a person (or Ansible's validate): plain text. A running farmd's
+        # stderr is its log, where every line is logfmt.
+        if args.check:
+            print(f"farmd: {exc}", file=sys.stderr)
+        else:
+            log.error("refusing to start reason=%s", exc)
+        return rc
+
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
-        print(f"farmd: {exc}", file=sys.stderr)
-        return 2
+        return refuse(exc, 2)
     if args.check:
-        print(f"farmd: configuration {args.config} is valid")
+        if args.print_config:
+            from nlbfarm.config import effective_yaml
+            print(f"# farmd: configuration {args.config} is valid; effective values:")
+            print(effective_yaml(cfg), end="")
+        else:
+            print(f"farmd: configuration {args.config} is valid")
         return 0
 
     from nlbfarm.node.status import ReadyTracker, read_token, serve_status  # grpc only once we run
@@ -1066,15 +1094,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         token = read_token(cfg.status.token_file) if cfg.status.token_file else None
     except ConfigError as exc:
-        print(f"farmd: {exc}", file=sys.stderr)
-        return 2
+        return refuse(exc, 2)
     if token is None:
         log.warning("status.token_file is not set: drain and undrain through the API are refused")
     try:
         agent = Agent(cfg)  # builds the etcd store: its TLS files are read here
     except ConfigError as exc:
-        print(f"farmd: {exc}", file=sys.stderr)
-        return 2
+        return refuse(exc, 2)
     agent.ready = ReadyTracker()
 
     def on_signal(signum, _frame):
@@ -1109,15 +1135,13 @@ def main(argv: list[str] | None = None) -> int:
                  cfg.module.name, len(cfg.module.checks))
         agent.run_loop()
     except DuplicateMember as exc:
-        log.error("refusing to start: %s", exc)
-        print(f"farmd: {exc}", file=sys.stderr)
+        log.error("refusing to start reason=%s", exc)
         rc = 3
     except ConfigError as exc:
-        log.error("refusing to start: %s", exc)
-        print(f"farmd: {exc}", file=sys.stderr)
+        log.error("refusing to start reason=%s", exc)
         rc = 2
     except FarmError as exc:
-        log.error("stopping on error: %s", exc)
+        log.error("stopping on error reason=%s", exc)
         rc = 1
     finally:
         agent.stopping.set()

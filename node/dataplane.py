@@ -793,8 +793,8 @@ class DataPlane:
         outlive ``until``. Returns whether it stays."""
         done = self.clock()
         if until is not None and done + seconds > until:
-            log.warning("fence write took too long (%.3f s left before the deadline, element %.3f s): "
-                        "closing it", until - done, seconds)
+            log.warning("fence write took too long left=%.3fs element=%.3fs: closing it (the element could "
+                        "outlive its deadline)", until - done, seconds)
             self.run(build_fence_close(spec), "fence close")
             self.fence_expires_at = 0.0
             return False
@@ -866,7 +866,7 @@ class DataPlane:
         except Exception as exc:  # noqa: BLE001 - counters must never fail an apply
             # E.g. someone flushed our table: keep the old base (plus what
             # counters() last saw of that table) and go on.
-            log.debug("could not read counters before replacing the ruleset: %s", exc)
+            log.debug("could not read counters before replacing the ruleset reason=%s", exc)
             return {}
 
     def counters(self) -> list[RuleCounter]:

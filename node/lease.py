@@ -137,7 +137,7 @@ class LeaseKeeper:
                     fn()
                     return
                 except Exception:  # noqa: BLE001 - logged, then the loop starts again
-                    log.exception("%s thread failed node=%s; restarting it", name, self.me)
+                    log.exception("thread failed thread=%s node=%s; restarting it", name, self.me)
                     self._stop.wait(self.timing.fence_refresh)
         return run
 
@@ -155,7 +155,7 @@ class LeaseKeeper:
         now = self.clock()
         if now - self._loop_ok > self.timing.lease_ttl:
             if not v.loop_stuck:
-                log.error("reconcile loop stuck for %.1fs node=%s: not refreshing the lease",
+                log.error("reconcile loop stuck for=%.1fs node=%s: not refreshing the lease",
                           now - self._loop_ok, self.me)
             self._update(loop_stuck=True)
             return
@@ -235,7 +235,7 @@ class LeaseKeeper:
         state = ("unreachable for every peer: keeping the last table" if down_for_all
                  else f"unreachable from this node ({why}): stepping back")
         if state != self._etcd_state:
-            log.warning("etcd %s node=%s", state, self.me)
+            log.warning("etcd session state=%s node=%s", state, self.me)
         self._etcd_state = state
         with self._lock:
             self._view = after_probe(self._view, started, v.last_ok_sent, down_for_all, self.timing,

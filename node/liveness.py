@@ -437,8 +437,8 @@ class LivenessWatch:
             if endpoint is None:
                 if (node_id, peer.addr) not in self._unusable:
                     self._unusable.add((node_id, peer.addr))
-                    log.warning("peer %s advertises %r, not an IP address and port: its death cannot be "
-                                "certified (peers wait for its lease to expire)", node_id, peer.addr)
+                    log.warning("peer address unusable peer=%s addr=%s: not an IP address and port, so its death "
+                                "cannot be certified (peers wait for its lease to expire)", node_id, peer.addr)
                 continue
             self._states[node_id] = _State(peer, endpoint)
         sleep = IDLE_WAKE_S
@@ -448,8 +448,8 @@ class LivenessWatch:
                 outcome, sock = connect(st.endpoint, source=self.source)
                 if outcome is not Outcome.REFUSED:
                     # Something answers (or nothing at all) after all: no certificate.
-                    log.info("peer %s's listener %s answers again (%s): certificate withdrawn", st.peer.id,
-                             st.peer.addr, outcome.value)
+                    log.info("certificate withdrawn peer=%s addr=%s outcome=%s: its listener answers again",
+                             st.peer.id, st.peer.addr, outcome.value)
                     if sock is not None:
                         sock.close()
                     st.refused_at, st.next_try = None, self.clock()
@@ -460,7 +460,7 @@ class LivenessWatch:
                     sleep = min(sleep, RECHECK_S, max(0.0, due - self.clock()))
                     continue
                 if verdict is not Verdict.DEAD:
-                    log.info("peer %s's listener refused but it is not retired: %s", st.peer.id, verdict.value)
+                    log.info("peer not retired peer=%s verdict=%s: its listener refused", st.peer.id, verdict.value)
                 st.refused_at = None
                 st.next_try = now + RETRY_S
             if st.sock is None and now >= st.next_try:
@@ -502,8 +502,8 @@ class LivenessWatch:
             st.back_seen = self._back_open(st.endpoint[0]) is True
             return
         if outcome is Outcome.REFUSED and armed:
-            log.warning("peer %s's listener %s refused: its agent (%s) is dead; retiring it once its fence "
-                        "has closed", st.peer.id, st.peer.addr, st.peer.instance)
+            log.warning("peer listener refused peer=%s addr=%s instance=%s: its agent is dead; retiring it once "
+                        "its fence has closed", st.peer.id, st.peer.addr, st.peer.instance)
             st.refused_at, st.back_gone_at = now, None
             st.armed_until = 0.0
             return

@@ -150,7 +150,7 @@ class FarmModule:
     def _run(self, action: str, command: str | None) -> CommandResult:
         if command is None:
             return CommandResult(True, None, f"no {action} command", 0.0)
-        log.info("module %s module=%s", action, self.spec.name)
+        log.info("module command action=%s module=%s", action, self.spec.name)
         return run_command(command, self.spec.command_timeout, self._env)
 
     def start(self) -> CommandResult:

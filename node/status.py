@@ -105,7 +105,7 @@ class Auth:
                           f"{what} needs credentials: send 'authorization: Bearer <token>' "
                           "(farmctl --token-file)")
         if not hmac.compare_digest(value.strip().encode(), self._token):
-            log.warning("refused %s: wrong token peer=%s", what, context.peer())
+            log.warning("refused: wrong token call=%s peer=%s", what, context.peer())
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{what} refused: wrong token")
 
 
@@ -126,7 +126,7 @@ def clamp(value: int, field: FieldDescriptor) -> int:
     clamped = min(max(value, low), high)
     if clamped != value and field.full_name not in _clamp_warned:
         _clamp_warned.add(field.full_name)
-        log.warning("API field out of range field=%s value=%d: sent as %d", field.full_name, value, clamped)
+        log.warning("API field out of range field=%s value=%d sent=%d", field.full_name, value, clamped)
     return clamped
 
 

@@ -100,7 +100,7 @@ class ModuleSupervisor:
         if not withdrawn and now - self.failed_since < self.leave_timeout:
             return
         if m.on_failure == "stop":
-            log.warning("check failed node=%s action=stop: stopping %s and staying out of the farm",
+            log.warning("check failed node=%s action=stop module=%s: stopping it and staying out of the farm",
                         self.me, m.name)
             self.stopped = True
             self.run("stop")

@@ -86,8 +86,8 @@ class KeyDecoder:
         if outcome == "warn":
             log.warning("etcd key is not UTF-8, skipped key=%s", _key_repr(raw))
         elif outcome == "limit reached":
-            log.warning("more than %d distinct etcd keys are not UTF-8; skipping further ones "
-                        "without a warning each key=%s", self._limit, _key_repr(raw))
+            log.warning("too many etcd keys are not UTF-8 limit=%d key=%s: skipping further ones without a "
+                        "warning each", self._limit, _key_repr(raw))
         else:
             log.debug("etcd key is not UTF-8, skipped key=%s", _key_repr(raw))
 

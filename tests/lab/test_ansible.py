@@ -31,6 +31,7 @@ import yaml
 from nlbfarm.analysis import failures
 from nlbfarm.lab import ETCD_PREFIX, Lab, LabTiming
 
+from labkit import read_log
 from test_faults import HOLD_CONNS, SETTLE_S, Load, check_exactly_once, held_max, split_holds
 
 REPO = Path(__file__).resolve().parents[2]
@@ -277,7 +278,7 @@ def test_hitless_rolling_upgrade_under_load(farm):
     assert order == NODES, cp.stdout[-3000:]
     assert ran(cp.stdout, "Drain") == [] and ran(cp.stdout, "Undrain") == [], ran(cp.stdout, "Drain")
     for n in NODES:
-        log = (tmp / "hosts" / n / "run/nlbfarm/farmd.log").read_text(errors="replace")
+        log = read_log(tmp / "hosts" / n / "run/nlbfarm/farmd.log")
         assert f"adopted the previous agent's lease node={n}" in log, log[-3000:]
     broken, never = split_holds(holds)
     news = sorted(news + never, key=lambda r: r["t"])

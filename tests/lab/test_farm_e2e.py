@@ -15,6 +15,8 @@ from nlbfarm.analysis import failures, match_accepts, read_accepts, read_results
 from nlbfarm.lab import CLIENT_ADDR, Lab
 from nlbfarm.node import iplib
 
+from labkit import agent_log, log_records, logged
+
 NODES = ["n1", "n2", "n3"]
 
 
@@ -135,8 +137,7 @@ def test_sigterm_hands_over_and_removes_everything(lab, tmp_path):
         assert "198.18.0.100/32" not in iplib.addresses("eth0", lab.ns("n3"))
         tables = lab.run("n3", ["nft", "list", "tables"]).stdout
         assert "nlbfarm" not in tables
-        log = (lab.dir / "n3.agent.log").read_text()
-        assert "leaving node=n3" in log and "stopped node=n3" in log
+        assert logged(lab, "n3", "leaving", node="n3") and logged(lab, "n3", "stopped", node="n3")
         assert load.wait(60) == 0
     finally:
         if load.poll() is None:
@@ -168,7 +169,7 @@ def test_malformed_etcd_values_are_ignored_with_a_warning(lab, tmp_path):
         results = read_results(out)
         assert failures(results) == [] and set(shares(results)) == set(NODES)
         assert all(lab.alive(n) for n in NODES)
-        log = (lab.dir / "n1.agent.log").read_text()
+        log = agent_log(lab, "n1")
         assert "ignoring key=/nlbfarm/lab/members/zz reason=not bound to a lease" in log
         assert "ignoring key=/nlbfarm/lab/applied/n1x reason=not bound to a lease" in log
         assert "ignoring malformed value key=/nlbfarm/lab/members/zl reason=not valid JSON" in log
@@ -188,7 +189,7 @@ def test_ruleset_flushed_by_someone_else_is_rebuilt(lab, tmp_path):
         time.sleep(0.05)
     assert lab.fence_open("n1"), "farmd did not rebuild its tables after a flush"
     assert "table arp nlbfarm" in lab.run("n1", ["nft", "list", "tables"]).stdout
-    assert "rebuilding the ruleset" in (lab.dir / "n1.agent.log").read_text()
+    assert "rebuilding the ruleset" in agent_log(lab, "n1")
     out = tmp_path / "after-flush.jsonl"
     assert run_load(lab, out, count=300, duration=30).wait(60) == 0
     results = read_results(out)
@@ -212,3 +213,22 @@ def test_which_predicts_the_serving_node_for_1000_connections(lab, tmp_path):
     spread = json.loads(cp.stdout)
     assert spread["port"] is None and set(spread["nodes"]) == set(NODES)
     assert sum(spread["nodes"].values()) == spread["sampled_ports"] == 64
+
+
+def test_every_line_the_lab_wrote_is_logfmt(lab):
+    """Last in this module: every line the agents (and the supervisor) wrote through all the
+    tests above (kills, a graceful stop, hostile records, a flushed ruleset) is logfmt that a
+    strict parser reads, with the standard keys, an ISO time and a known level; the project's
+    own lines carry an event."""
+    from datetime import datetime
+    total = 0
+    for path in sorted(lab.dir.glob("*.agent.log")):
+        records = log_records(path)
+        assert len(records) > 5, path
+        for r in records:
+            datetime.strptime(r["ts"], "%Y-%m-%dT%H:%M:%S.%fZ")
+            assert r["level"] in ("debug", "info", "warning", "error", "critical"), r
+            if r["logger"].startswith("nlbfarm"):
+                assert r.get("event"), r
+        total += len(records)
+    assert total > 50

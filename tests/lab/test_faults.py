@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit import fresh_labs
+from labkit import agent_log, fresh_labs, logged
 from nlbfarm.analysis import failures, match_accepts, read_accepts, read_results
 from nlbfarm.node.dataplane import cluster_mac_for
 from nlbfarm.lab import CLIENT_ADDR, CLIENT_ADDR6, VIP, VIP6, Lab, LabTiming
@@ -126,7 +126,7 @@ def timeline(lab: Lab, nodes: list[str]) -> str:
     """The agents' decisions, for a failure message."""
     out = []
     for n in nodes:
-        lines = (lab.dir / f"{n}.agent.log").read_text().splitlines()
+        lines = agent_log(lab, n).splitlines()
         out += [f"{n}: {line}" for line in lines if "cycle" in line or "etcd" in line][-25:]
     return "\n".join(out)
 
@@ -282,7 +282,7 @@ def test_link_cut(make_lab, tmp_path):
         withdrawn["after_s"] = time.time()
 
     _crash_and_rejoin(lab, tmp_path, "n2", cut, lambda: lab.restore_link("n2"), "LAN link of one node cut")
-    log = (lab.dir / "n2.agent.log").read_text()
+    log = agent_log(lab, "n2")
     assert "link eth0 is down: fence closed, withdrawing from the farm" in log
 
 
@@ -320,7 +320,7 @@ def test_node_cut_off_from_etcd_only(make_lab, tmp_path):
     _crash_and_rejoin(lab, tmp_path, "n2", cut, lambda: lab.restore_etcd("n2"), "one node cut off from etcd")
     # When n2's fence closed, the table still gave n2 its buckets: nobody else served them yet.
     assert seen["n2_owner_when_fenced"] > 0
-    log = (lab.dir / "n2.agent.log").read_text()
+    log = agent_log(lab, "n2")
     assert "unreachable from this node (peer n1 reaches etcd)" in log or \
         "unreachable from this node (peer n3 reaches etcd)" in log
 
@@ -352,7 +352,7 @@ def _static(lab: Lab, tmp_path: Path, fault: str, outage) -> None:
     assert after.table.generation == before.table.generation
     assert after.table.owners == before.table.owners
     for n in nodes:
-        log = (lab.dir / f"{n}.agent.log").read_text()
+        log = agent_log(lab, n)
         assert "lease expired" not in log and "registered node" in log
         assert log.count("registered node") == 1, f"{n} registered again"
 
@@ -430,7 +430,7 @@ def test_etcd_restart_and_compaction_miss_no_table_change(make_lab, tmp_path):
     lab.restore_etcd("n1")
     snap = lab.wait_converged(["n1", "n2", "n3"], timeout=20)
     assert snap.table.generation > g1
-    log = (lab.dir / "n1.agent.log").read_text()
+    log = agent_log(lab, "n1")
     assert "registered node" in log and log.count("registered node") == 1, "n1 re-registered"
     record("etcd restarted, then compaction during a broken watch",
            {"failed": 0, "broken": 0, "recovery_s": 0.0, "missed_table_changes": 0})
@@ -487,8 +487,8 @@ def test_kill_9_of_one_agent_is_certified_and_taken_over_in_well_under_a_second(
     assert rec["recovered"], rec
     assert rec["recovery_s"] < 2.0, (rec, timeline(lab, ["n1", "n3"]))
     assert t_takeover - t_fault < lab.timing.lease_ttl, "the survivors waited for the lease"
-    logs = "".join((lab.dir / f"{n}.agent.log").read_text() for n in ("n1", "n3"))
-    assert "retired peer node=n2" in logs, logs[-3000:]
+    logs = "".join(agent_log(lab, n) for n in ("n1", "n3"))
+    assert any(logged(lab, n, "retired_peer", node="n2") for n in ("n1", "n3")), logs[-3000:]
     check_exactly_once(lab, news, ["n1", "n2", "n3"])
 
 
@@ -513,7 +513,7 @@ def test_regression_a_firewall_that_rejects_the_peer_port_of_a_live_node_is_no_c
         load.stop()
         lab.run("n2", ["nft", "delete table inet fwtest"], check=False)
     assert "n2" in snap.members, "a live node was retired"
-    logs = "".join((lab.dir / f"{n}.agent.log").read_text() for n in ("n1", "n3"))
+    logs = "".join(agent_log(lab, n) for n in ("n1", "n3"))
     assert "retired peer" not in logs
     assert "its agent's own connection to this node is open" in logs, logs[-3000:]
     assert failures(news) == [], failures(news)[:5]
@@ -532,5 +532,5 @@ def test_a_paused_agent_is_never_certified_dead(make_lab, tmp_path):
         assert "n2" not in lab.snapshot().members, "n2's lease never expired"
     finally:
         lab.kill("n2", "agent", sig=signal.SIGCONT, wait=0)
-    logs = "".join((lab.dir / f"{n}.agent.log").read_text() for n in ("n1", "n3"))
+    logs = "".join(agent_log(lab, n) for n in ("n1", "n3"))
     assert "retired peer" not in logs

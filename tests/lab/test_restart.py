@@ -14,7 +14,7 @@ import pytest
 
 from nlbfarm.analysis import failures, read_jsonl, read_results
 from nlbfarm.lab import Lab, LabTiming
-from labkit import fresh_labs
+from labkit import agent_log, fresh_labs, logged
 
 NODES = ["n1", "n2", "n3"]
 
@@ -42,8 +42,6 @@ def instance(lab, node):
     return m.instance if m else None
 
 
-def agent_log(lab, node) -> str:
-    return (lab.dir / f"{node}.agent.log").read_text(errors="replace")
 
 
 def restart_hitless(lab, node, timeout=15.0):
@@ -94,8 +92,8 @@ def test_restart_on_every_node_under_load_moves_nothing_and_fails_nothing(lab, t
     assert snap.table.generation == generation, "a restart wrote a new table generation"
     assert {n: lab.member_lease(n) for n in NODES} == leases, "a restart registered a new lease"
     for n in NODES:
-        log = agent_log(lab, n)
-        assert "handing over node=" + n in log and "adopted the previous agent's lease node=" + n in log
+        assert logged(lab, n, "handing_over", node=n)
+        assert logged(lab, n, "adopted_the_previous_agents_lease", node=n)
 
 
 def test_a_restart_refused_leaves_the_agent_running(lab):
@@ -125,7 +123,7 @@ def test_a_successor_too_late_registers_anew_and_the_farm_converges(lab):
     lab.start_agent("n3")
     snap = lab.wait_converged(NODES, timeout=40)
     assert lab.member_lease("n3") not in (None, state["lease_id"])
-    assert "not adopting the previous agent's lease node=n3" in agent_log(lab, "n3")
+    assert logged(lab, "n3", "not_adopting_the_previous_agents_lease", node="n3"), agent_log(lab, "n3")[-3000:]
     assert snap.members["n3"].state == "active"
 
 

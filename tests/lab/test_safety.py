@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 import test_faults as faults
-from labkit import fresh_labs
+from labkit import agent_log, fresh_labs
 from test_farm_e2e import assert_exactly_once
 from test_faults import LIFETIME, SETTLE_S, Load, _crash_and_rejoin, check_exactly_once, split_holds, timeline
 
@@ -174,8 +174,6 @@ def crash_and_rejoin(lab: Lab, tmp_path: Path, victim: str, crash, rejoin, fault
     return None
 
 
-def agent_log(lab: Lab, node: str) -> str:
-    return (lab.dir / f"{node}.agent.log").read_text(errors="replace")
 
 
 def log_times(log: str, needle: str) -> list[float]:
@@ -619,7 +617,7 @@ def test_regression_restart_with_live_old_lease_is_refused_then_joins(make_lab, 
     log = agent_log(lab, "n2")
     refused = log_times(log, "already registered")
     assert refused, "the new agent was never refused while the old lease lived:\n" + log[-3000:]
-    assert "exited rc=3" in log, log[-3000:]
+    assert re.search(r"child exited cmd=\S+ rc=3 ", log), log[-3000:]  # the supervisor saw it refuse
     # Refused while the old registration lived, registered only once it was gone.
     assert min(refused) < seen["last_alive"], (refused, seen)
     regs = [t for t in log_times(log, "registered node=n2") if t > t_kill]

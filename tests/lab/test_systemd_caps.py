@@ -28,6 +28,8 @@ import pytest
 from nlbfarm.lab import CLIENT_ADDR, VIP, Lab
 from nlbfarm.node.dataplane import cluster_mac_for
 
+from labkit import agent_log
+
 CAPS = "net_admin,net_raw"
 # The same limits as the unit: bounding set, ambient set, no new privileges.
 SETPRIV = ("setpriv", f"--bounding-set=-all,+{CAPS.replace(',', ',+')}",
@@ -95,7 +97,7 @@ def test_agent_serves_with_only_net_admin_and_net_raw(lab):
                   if "table" in t}
         assert {("inet", "nlbfarm"), ("arp", "nlbfarm")} <= tables
         assert f"{VIP}/32" in lab.run(n, ["ip", "-o", "addr", "show", "dev", "eth0"]).stdout
-        log = (lab.dir / f"{n}.agent.log").read_text()
+        log = agent_log(lab, n)
         assert "CAP_NET_RAW" not in log and "Operation not permitted" not in log, log[-2000:]
     # The VIP answers from both nodes.
     seen = set()
@@ -129,7 +131,7 @@ def test_agent_runs_on_a_read_only_file_system(lab):
         assert list(lab.run_dir.glob(f"farmd-*-{n}.json")), f"{n} wrote no hand-off state"
         assert str(lab.dir).startswith("/") and "ro" in seen[max((m for m in seen if str(lab.dir).startswith(m)),
                                                                  key=len)]
-        log = (lab.dir / f"{n}.agent.log").read_text()
+        log = agent_log(lab, n)
         assert "Read-only file system" not in log, log[-2000:]
 
 

@@ -32,6 +32,8 @@ from nlbfarm.analysis import failures, read_results, shares
 from nlbfarm.lab import (CLUSTER_NAME, ETCD_ADDR, ETCD_CA, ETCD_CLIENT, ETCD_PREFIX, ETCD_USER, FARM_CA,
                          PEER_PORT, Lab, node_addr)
 
+from labkit import agent_log, read_log
+
 NODES = ["n1", "n2", "n3"]
 # Beyond the lease TTL: etcd's lease reaping tick, the survivors' next cycle and
 # two table generations (takeover, then every survivor applying it).
@@ -115,7 +117,7 @@ def test_the_tls_farm_converges_and_serves_through_the_vip(lab, tmp_path):
     assert stat.S_IMODE(os.stat(etcd["password_file"]).st_mode) == 0o600
     assert status["tls_client_ca_file"] == lab.tls_cert(FARM_CA).crt
     for n in NODES:
-        log = (lab.dir / f"{n}.agent.log").read_text()
+        log = agent_log(lab, n)
         assert "transport=mutual TLS" in log, f"{n}'s API is not on mutual TLS"
         assert f"registered node={n}" in log
     results = load(lab, tmp_path / "load.jsonl")
@@ -228,4 +230,7 @@ def test_the_etcd_password_never_reaches_a_log(lab):
         assert password not in text, f"the etcd password is in {path}"
         assert root_password not in text, f"etcd's root password is in {path}"
     # Not vacuous: every agent authenticated to etcd and registered (n3 twice, after its kill).
-    assert all("registered node=" in p.read_text() for p in agent_logs)
+    for p in agent_logs:  # as written, and as a log pipeline reads it (logfmt unquoted)
+        text = read_log(p)
+        assert password not in text and root_password not in text, f"the etcd password is in {p}"
+        assert "registered node=" in text

@@ -101,7 +101,7 @@ def test_farmd_check_exits_nonzero_and_changes_nothing(tmp_path, capsys):
                    "timing: {lease_ttl: 2, fence_timeout: 2}\n")
     assert main(["--config", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "timing: fence_timeout (2 s) must be less than lease_ttl (2 s)" in err
+    assert "timing: fence_timeout (2 s) must be less than lease_ttl (2 s) (line 4)" in err
 
 
 def test_a_fence_shorter_than_two_keepalives_is_refreshed_on_its_own_tick():

@@ -96,6 +96,7 @@ def test_wheel_from_a_fresh_clone_has_the_stubs_and_license(built):
         names = set(zf.namelist())
         entry_points = zf.read(f"nlbfarm-{nlbfarm.__version__}.dist-info/entry_points.txt").decode()
     assert {"nlbfarm/proto/farm_pb2.py", "nlbfarm/proto/farm_pb2_grpc.py", "nlbfarm/proto/farm.proto",
+            "nlbfarm/farmd.schema.json",
             "nlbfarm/node/agent.py", "nlbfarm/coordinator/table.py", "nlbfarm/cli.py"} <= names
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names), names
     assert "farmd = nlbfarm.node.agent:main" in entry_points and "farmctl = nlbfarm.cli:main" in entry_points
