@@ -25,6 +25,7 @@ strips and records as the entry's priority.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ RESERVED = ("ts", "level", "logger", "event", "msg", "exc")
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
+@functools.lru_cache(maxsize=1024)  # every record splits its format string: literals, a bounded set
 def split_format(fmt: str) -> tuple[str, list[tuple[str, str, str]]] | None:
     """``(text, [(key, conversion, unit), ...])`` of a log format string, or None when a
     conversion stands outside a ``key=%x`` field (its text would hold a value)."""
@@ -127,10 +129,6 @@ def logfmt_value(value) -> str:
 class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return " ".join(f"{k}={logfmt_value(v)}" for k, v in record_fields(record).items())
-
-
-# The name the agent's --log-format kv has always used.
-KeyValueFormatter = LogfmtFormatter
 
 
 class JsonFormatter(logging.Formatter):

@@ -1135,11 +1135,9 @@ def main(argv: list[str] | None = None) -> int:
                  cfg.module.name, len(cfg.module.checks))
         agent.run_loop()
     except DuplicateMember as exc:
-        log.error("refusing to start reason=%s", exc)
-        rc = 3
+        rc = refuse(exc, 3)
     except ConfigError as exc:
-        log.error("refusing to start reason=%s", exc)
-        rc = 2
+        rc = refuse(exc, 2)
     except FarmError as exc:
         log.error("stopping on error reason=%s", exc)
         rc = 1
